@@ -1,0 +1,53 @@
+"""The `specforge` command: thin wrappers that parse a config and call one function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _common(p: argparse.ArgumentParser):
+    p.add_argument("--target", default=None, help="preset name (configs/targets) or a checkpoint folder")
+    p.add_argument("--config", default=None, help="a YAML recipe merged over the preset")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4 data.max_length=1024")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="specforge", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("train", help="train an EAGLE-3 draft head")
+    _common(p)
+    p.add_argument("--mode", choices=["online", "offline"], default=None)
+    p = sub.add_parser("prepare-data", help="answer the training prompts with the target itself")
+    _common(p)
+    p = sub.add_parser("build-vocab", help="build the draft vocabulary (d2t/t2d) from the training data")
+    _common(p)
+    args = parser.parse_args(argv)
+
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if getattr(args, "mode", None):
+        overrides.append(f"train.mode={args.mode}")
+    cfg = load_config(args.target, args.config, overrides)
+    from .data.conversations import DataError
+
+    try:
+        if args.cmd == "train":
+            from .eagle3.train import train
+
+            train(cfg)
+        elif args.cmd == "prepare-data":
+            from .eagle3.train import prepare_data
+
+            prepare_data(cfg)
+        elif args.cmd == "build-vocab":
+            from .eagle3.train import build_vocab_cmd
+
+            build_vocab_cmd(cfg)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: conversations -> chat-template tokens with an assistant-only loss mask -> draft vocab."""

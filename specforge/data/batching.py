@@ -1,0 +1,46 @@
+"""Batches of tokenised samples: seeded shuffle, length bucketing, right padding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T] 1 on real tokens
+    loss_mask: torch.Tensor  # [B, T] bool, assistant tokens
+
+    def to(self, device):
+        return Batch(*(x.to(device) for x in (self.input_ids, self.attention_mask, self.loss_mask)))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(samples, pad_id: int = 0) -> Batch:
+    t = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), t), pad_id, dtype=torch.long)
+    att = torch.zeros(len(samples), t, dtype=torch.long)
+    mask = torch.zeros(len(samples), t, dtype=torch.bool)
+    for i, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids[i, :n], att[i, :n], mask[i, :n] = s.input_ids, 1, s.loss_mask
+    return Batch(ids, att, mask)
+
+
+def epoch_batches(num_samples: int, lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Index lists for one epoch: shuffled with (seed, epoch), sorted by length inside windows of
+    32 batches so rows of a batch have similar lengths, then the batches shuffled again."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_samples, generator=g).tolist()
+    window = batch_size * 32
+    batches = []
+    for w in range(0, num_samples, window):
+        chunk = sorted(order[w:w + window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in perm]

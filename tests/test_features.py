@@ -1,0 +1,39 @@
+"""Online features from forward hooks equal what the target reports when asked for all hidden states."""
+
+import torch
+
+from specforge.eagle3.ttt import soft_labels
+from specforge.targets import FeatureCapture, default_aux_layers
+
+from .conftest import tiny_target
+
+
+def test_hooks_capture_aux_and_final_hidden_states():
+    target = tiny_target()
+    ids = torch.randint(0, 256, (2, 10))
+    att = torch.ones_like(ids)
+    att[1, 7:] = 0
+    layers = default_aux_layers(target.config.num_hidden_layers)
+    assert layers == [2, 4, 5]
+    cap = FeatureCapture(target, layers)
+    feats = cap.run(ids, att)
+    ref = target(input_ids=ids, attention_mask=att, output_hidden_states=True)
+    want = torch.cat([ref.hidden_states[j] for j in layers], dim=-1)
+    torch.testing.assert_close(feats.aux, want, rtol=0, atol=0)
+    # The final norm output times lm_head gives the target's logits.
+    torch.testing.assert_close(feats.final @ target.lm_head.weight.T, ref.logits, rtol=1e-6, atol=1e-5)
+    assert not feats.aux.requires_grad and not feats.final.requires_grad
+    cap.remove()
+    assert not any(layer._forward_pre_hooks for layer in target.model.layers)
+
+
+def test_soft_labels_restricted_to_draft_vocab():
+    torch.manual_seed(0)
+    final = torch.randn(2, 5, 64, dtype=torch.float64)
+    w = torch.randn(256, 64, dtype=torch.float64)
+    draft_ids = torch.tensor([0, 3, 7, 100, 255])
+    lab = soft_labels(final, w, draft_ids, chunk=3)
+    full = final @ w.T
+    torch.testing.assert_close(lab.logits, full[..., draft_ids])
+    torch.testing.assert_close(lab.lse, torch.logsumexp(full, -1))
+    assert torch.equal(lab.argmax, full.argmax(-1))

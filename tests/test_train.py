@@ -1,0 +1,85 @@
+"""The training loop and the CLI, end to end on tiny random-weight targets with the real tokenizer."""
+
+import json
+
+import pytest
+import torch
+
+from specforge.cli import main
+from specforge.config import load_config
+from specforge.eagle3.checkpoint import load_draft
+from specforge.eagle3.train import train
+
+TOPICS = ["the sea", "a red fox", "prime numbers", "the moon", "bread", "a river", "rain", "chess"]
+
+
+def write_conversations(path, n=16):
+    with open(path, "w") as f:
+        for i in range(n):
+            topic = TOPICS[i % len(TOPICS)]
+            f.write(json.dumps({"messages": [
+                {"role": "user", "content": f"Tell me about {topic}."},
+                {"role": "assistant", "content": f"Here is a short note about {topic}. It is one of many "
+                                                 f"things worth knowing, and {topic} appears in stories."}]}) + "\n")
+    return path
+
+
+def test_overfit_loss_falls(tmp_path, tiny_target_folder):
+    data = write_conversations(tmp_path / "d.jsonl", n=8)
+    cfg = load_config(str(tiny_target_folder), overrides=[
+        f"out_dir={tmp_path / 'run'}", f"data.train_path={data}", "data.eval_every=1000",
+        "train.max_steps=60", "train.lr=3e-3", "train.warmup_steps=5", "train.batch_size=4",
+        "train.ttt_length=3", "target.draft.draft_vocab_size=512"])
+    train(cfg)
+    losses = json.loads((tmp_path / "run" / "metrics.json").read_text())["train_losses"]
+    assert len(losses) == 60
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_cli_end_to_end_writes_checkpoint_and_events(tmp_path, tiny_target_folder, capsys):
+    """prepare-data (generation by the tiny target), vocab, training, eval, checkpoint, TensorBoard."""
+    out = tmp_path / "run"
+    main(["train", "--target", str(tiny_target_folder), f"out_dir={out}", "prepare.limit=6",
+          "prepare.max_new_tokens=12", "train.max_steps=3", "train.batch_size=2", "data.eval_every=3",
+          "train.save_interval=2", "target.draft.draft_vocab_size=1024"])
+    prepared = [json.loads(line) for line in (out / "prepared.jsonl").read_text().splitlines()]
+    assert len(prepared) == 6 and all(c["messages"][-1]["role"] == "assistant" for c in prepared)
+    assert (out / "vocab.safetensors").is_file()
+    for ckpt in (out / "draft", out / "checkpoints" / "step_0000002"):
+        cfg = json.loads((ckpt / "config.json").read_text())
+        assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["draft_vocab_size"] == 1024
+        assert (ckpt / "model.safetensors").is_file()
+    draft = load_draft(out / "draft")  # loads without the target (no embedding inside): shapes check out
+    assert draft.lm_head.weight.shape == (1024, 64)
+    events = list((out / "tb").glob("events.out.tfevents.*"))
+    assert events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ["train/loss_0", "train/acc_6", "train/lr", "train/grad_norm", "train/tokens_per_s",
+                "eval/acc_0", "eval/chain_accept_len_5"]:
+        assert tag in tags
+    assert len(acc.Scalars("train/loss_0")) == 3
+    assert "chain acceptance-length estimate" in capsys.readouterr().out
+
+
+def test_llama4_scout_preset_resolves_and_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    cfg = load_config("llama4-scout")
+    assert cfg.target.hub_id == "meta-llama/Llama-4-Scout-17B-16E-Instruct"
+    assert cfg.target.aux_layer_ids == [2, 24, 45] and cfg.target.draft.intermediate_size == 32768
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--target", "llama4-scout", "--mode", "online", f"out_dir={tmp_path}"])
+    msg = str(e.value)
+    assert "llama4-scout" in msg and "not present" in msg and "target.path" in msg
+
+
+def test_bad_target_and_bad_override():
+    with pytest.raises(SystemExit, match="neither a preset"):
+        load_config("no-such-model")
+    with pytest.raises(SystemExit, match="train.no_such_key|no_such_key"):
+        load_config(overrides=["train.no_such_key=1"])
+    with pytest.raises(SystemExit, match="train.lr"):
+        load_config(overrides=["train.lr=fast"])

@@ -1,0 +1,89 @@
+"""TTT equals inference: step k of the unroll computes what a chain of k+1 draft tokens computes."""
+
+import torch
+
+from specforge.eagle3.draft import causal_attention
+from specforge.eagle3.ttt import SoftLabels, shift_left, ttt_loss, ttt_unroll
+
+from .conftest import tiny_draft, tiny_target
+
+
+class KVCache:
+    """Plain growing KV cache (what decoding uses): every query sees all cached keys up to itself."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def __call__(self, q, k, v):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return causal_attention(q, self.k, self.v)
+
+
+def chain_logits(draft, ids, aux, anchor, depth):
+    """Run the draft as a chain from `anchor`: features for positions <= anchor, then `depth` more draft
+    tokens fed with the true next tokens. Returns logits at each depth 0..depth."""
+    cache = KVCache()
+    pos = torch.arange(anchor + 1)[None].expand(ids.shape[0], -1)
+    h = draft.layer(draft.embed(ids[:, 1:anchor + 2]), draft.fc(aux[:, :anchor + 1]), pos, cache)
+    h = h[:, -1:]
+    out = [draft.logits(h)[:, 0]]
+    for k in range(1, depth + 1):
+        tok = ids[:, anchor + 1 + k:anchor + 2 + k]
+        h = draft.layer(draft.embed(tok), h, torch.full_like(tok, anchor + k), cache)
+        out.append(draft.logits(h)[:, 0])
+    return out
+
+
+def test_ttt_step_k_equals_chain_depth_k():
+    target = tiny_target(dtype=torch.float64)
+    draft = tiny_draft(target, dtype=torch.float64)
+    torch.manual_seed(0)
+    b, t, steps = 2, 14, 5
+    ids = torch.randint(0, 256, (b, t))
+    aux = torch.randn(b, t, 192, dtype=torch.float64)
+    ttt = [draft.logits(h) for _, h in ttt_unroll(draft, ids, aux, steps)]
+    checked = 0
+    for anchor in range(t - 2):
+        depth = min(steps - 1, t - 2 - anchor)  # input token anchor+1+k must exist
+        for k, logits in enumerate(chain_logits(draft, ids, aux, anchor, depth)):
+            torch.testing.assert_close(ttt[k][:, anchor], logits, rtol=1e-9, atol=1e-11)
+            checked += 1
+    assert checked > 40
+
+
+def test_ttt_loss_against_direct_computation():
+    """Loss and accuracy of step k computed directly from the chain logits, position by position."""
+    target = tiny_target(dtype=torch.float64)
+    draft = tiny_draft(target, dtype=torch.float64)
+    torch.manual_seed(1)
+    b, t, steps = 1, 12, 3
+    ids = torch.randint(0, 256, (b, t))
+    aux = torch.randn(b, t, 192, dtype=torch.float64)
+    full = torch.randn(b, t, 256, dtype=torch.float64) * 3
+    draft_ids = torch.arange(64) + draft.d2t
+    labels = SoftLabels(full[..., draft_ids], torch.logsumexp(full, -1), full.argmax(-1))
+    loss_mask = torch.zeros(b, t, dtype=torch.bool)
+    loss_mask[:, 4:] = True
+    total, stats = ttt_loss(draft, ids, loss_mask, aux, labels, steps, 0.8, mask_out_of_vocab=False)
+    want_total = 0.0
+    for k in range(steps):
+        ces, correct, n = [], 0, 0
+        for anchor in range(t):
+            p = anchor + 1 + k  # the target position whose distribution the draft matches
+            if p + 1 >= t or not loss_mask[0, p + 1]:
+                continue
+            logits = chain_logits(draft, ids, aux, anchor, k)[k][0]
+            soft = torch.softmax(labels.logits[0, p], -1)
+            ces.append(-(soft * torch.log_softmax(logits, -1)).sum())
+            correct += int(draft_ids[logits.argmax()] == labels.argmax[0, p])
+            n += 1
+        torch.testing.assert_close(stats[k].loss, torch.stack(ces).mean())
+        assert int(stats[k].correct) == correct and int(stats[k].count) == n
+        want_total += 0.8 ** k * torch.stack(ces).mean()
+    torch.testing.assert_close(total, want_total)
+
+
+def test_shift_left():
+    x = torch.arange(6).view(1, 6)
+    assert shift_left(x, 2).tolist() == [[2, 3, 4, 5, 0, 0]]
