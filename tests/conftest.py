@@ -34,8 +34,8 @@ def tiny_draft(target, draft_vocab=64, seed=1, dtype=torch.float32, std=0.2, **s
                        target.config.vocab_size, [2, 4, 5])
     draft = Eagle3Draft(cfg, target.model.embed_tokens)
     init_draft_weights(draft, seed=seed, std=std)
-    # A non-trivial vocab map: every other target id.
-    ids = torch.arange(draft_vocab) * 2
+    # A non-trivial vocab map: evenly spaced target ids.
+    ids = torch.arange(draft_vocab) * max(1, cfg.vocab_size // draft_vocab)
     t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool)
     t2d[ids] = True
     draft.set_vocab(ids - torch.arange(draft_vocab), t2d)

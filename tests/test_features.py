@@ -37,3 +37,7 @@ def test_soft_labels_restricted_to_draft_vocab():
     torch.testing.assert_close(lab.logits, full[..., draft_ids])
     torch.testing.assert_close(lab.lse, torch.logsumexp(full, -1))
     assert torch.equal(lab.argmax, full.argmax(-1))
+    needed = torch.rand(2, 5) > 0.5
+    part = soft_labels(final, w, draft_ids, needed, chunk=2)
+    torch.testing.assert_close(part.logits[needed], lab.logits[needed])
+    assert (part.logits[~needed] == 0).all() and torch.equal(part.argmax[needed], lab.argmax[needed])

@@ -22,7 +22,7 @@ from ..data.vocab import build_vocab, count_tokens, coverage, load_vocab, save_v
 from ..targets import FeatureCapture, aux_layer_ids, decoder_parts, load_target, resolve_device
 from .checkpoint import load_draft, save_draft
 from .draft import Eagle3Draft, draft_config, init_draft_weights, param_count
-from .ttt import soft_labels, ttt_loss
+from .ttt import shift_left, soft_labels, ttt_loss
 
 
 def prepared_path(cfg: Config) -> Path:
@@ -113,7 +113,9 @@ class OnlineFeatures:
 
     def __call__(self, batch):
         f = self.capture.run(batch.input_ids, batch.attention_mask)
-        return f.aux, soft_labels(f.final, self.lm_head_weight, self.draft_ids)
+        # Labels are needed where the next token is trained on (the TTT loss never looks elsewhere).
+        needed = shift_left(batch.loss_mask, 1, False)
+        return f.aux, soft_labels(f.final, self.lm_head_weight, self.draft_ids, needed)
 
 
 def run_batch(cfg: Config, draft, features, batch, device):

@@ -27,20 +27,27 @@ class SoftLabels:
 
 @torch.no_grad()
 def soft_labels(final_hidden: torch.Tensor, lm_head_weight: torch.Tensor, draft_ids: torch.Tensor,
-                chunk: int = 1024) -> SoftLabels:
-    """Target logits from its final (normed) hidden state, chunked over tokens so full-vocab logits of
-    at most `chunk` positions exist at a time."""
+                needed: torch.Tensor | None = None, chunk: int = 1024) -> SoftLabels:
+    """Target logits from its final (normed) hidden state at the `needed` positions (all if None; zeros
+    elsewhere), chunked over tokens so full-vocab logits of at most `chunk` positions exist at a time."""
     b, t, h = final_hidden.shape
-    flat = final_hidden.reshape(-1, h)
+    if needed is None:
+        needed = torch.ones(b, t, dtype=torch.bool, device=final_hidden.device)
+    rows = final_hidden[needed]
     out_logits, out_lse, out_arg = [], [], []
-    for s in range(0, flat.shape[0], chunk):
-        full = flat[s:s + chunk] @ lm_head_weight.t()
+    for s in range(0, rows.shape[0], chunk):
+        full = rows[s:s + chunk] @ lm_head_weight.t()
         full = full.to(torch.promote_types(full.dtype, torch.float32))
         out_lse.append(torch.logsumexp(full, dim=-1))
         out_arg.append(full.argmax(-1))
         out_logits.append(full[:, draft_ids])
-    return SoftLabels(torch.cat(out_logits).view(b, t, -1), torch.cat(out_lse).view(b, t),
-                      torch.cat(out_arg).view(b, t))
+    dt = torch.promote_types(final_hidden.dtype, torch.float32)
+    logits = final_hidden.new_zeros(b, t, draft_ids.numel(), dtype=dt)
+    lse = final_hidden.new_zeros(b, t, dtype=dt)
+    argmax = torch.zeros(b, t, dtype=torch.long, device=final_hidden.device)
+    if out_logits:
+        logits[needed], lse[needed], argmax[needed] = torch.cat(out_logits), torch.cat(out_lse), torch.cat(out_arg)
+    return SoftLabels(logits, lse, argmax)
 
 
 def shift_left(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
@@ -113,23 +120,23 @@ def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tenso
     total = 0.0
     stats: list[StepStats] = []
     for k, hidden in ttt_unroll(draft, input_ids, aux_hidden, steps):
+        # Only scored positions go through norm + lm_head: the [tokens, draft_vocab] logits are the
+        # largest tensors of the step, and padding and prompt tokens need none.
         valid = shift_left(pred_mask, k + 1, False)
-        tgt_logits = shift_left(labels.logits, k + 1)
-        tgt_arg = shift_left(labels.argmax, k + 1)
-        tgt_lse = shift_left(labels.lse, k + 1)
-        loss_valid = valid & shift_left(in_vocab, k + 1, False) if mask_out_of_vocab else valid
-        logits = draft.logits(hidden)
+        rows = valid.nonzero(as_tuple=True)
+        b_idx, t_idx = rows[0], rows[1] + k + 1  # the target position whose distribution is matched
+        logits = draft.logits(hidden[rows])
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         logq = F.log_softmax(logits, dim=-1)
-        p = torch.softmax(tgt_logits, dim=-1)
-        ce = -(p * logq).sum(-1)
-        n_loss = loss_valid.sum()
-        loss_k = (ce * loss_valid).sum() / n_loss.clamp(min=1)
+        tgt_logits = labels.logits[b_idx, t_idx]
+        tgt_arg = labels.argmax[b_idx, t_idx]
+        ce = -(torch.softmax(tgt_logits, dim=-1) * logq).sum(-1)
+        weight = in_vocab[b_idx, t_idx].to(ce.dtype) if mask_out_of_vocab else torch.ones_like(ce)
+        loss_k = (ce * weight).sum() / weight.sum().clamp(min=1)
         total = total + (step_weight ** k) * loss_k
         with torch.no_grad():
-            pred = draft.draft_to_target(logits.argmax(-1))
-            correct = ((pred == tgt_arg) & valid).sum()
-            p_full = torch.exp(tgt_logits - tgt_lse.unsqueeze(-1))  # target probs (full-vocab normalised)
-            accept = (torch.minimum(p_full, logq.exp()).sum(-1) * valid).sum()
-        stats.append(StepStats(loss_k.detach(), correct, accept, valid.sum()))
+            correct = (draft.draft_to_target(logits.argmax(-1)) == tgt_arg).sum()
+            p_full = torch.exp(tgt_logits - labels.lse[b_idx, t_idx].unsqueeze(-1))  # full-vocab target probs
+            accept = torch.minimum(p_full, logq.exp()).sum()
+        stats.append(StepStats(loss_k.detach(), correct, accept, torch.tensor(len(ce))))
     return total, stats

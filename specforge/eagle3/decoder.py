@@ -1,0 +1,280 @@
+"""Speculative decoding with an EAGLE-3 draft: chain or tree drafting, greedy or sampled verification.
+
+One round: the draft reads the target features of the tokens accepted last round (its step-0 input, as
+in training), proposes a tree of candidate tokens (a chain is the tree with topk=1), the target scores
+the whole tree in one forward under an ancestor mask, and the longest path the target agrees with is
+kept, plus the target's own next token (the bonus). Rejected entries are dropped from both KV caches by
+moving the accepted path's entries into place; the rest lie past the new length and are masked out.
+
+Plain decoding uses the same target forward one token at a time, so on the CPU in float32 greedy
+speculative output equals plain greedy output token for token."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .draft import Eagle3Draft
+from .static_target import StaticTarget
+
+
+@dataclass
+class DecodeStats:
+    new_tokens: int = 0
+    target_forwards: int = 0  # after the prompt's prefill
+    accept_lengths: list[int] = field(default_factory=list)  # tokens produced per target forward (bonus included)
+    seconds: float = 0.0
+
+
+@dataclass
+class Tree:
+    tokens: torch.Tensor  # [T] target ids; index 0 is the root (the token the target produced last)
+    parents: list[int]  # parent tree index of each node (-1 for the root)
+    depths: torch.Tensor  # [T]
+    draft_probs: Optional[list[torch.Tensor]] = None  # sampling: q over the draft vocab at each chain depth
+
+
+class SpecDecoder:
+    """Batch size 1. `spec_steps` draft forwards per round; `topk` children per expanded node;
+    `num_draft_tokens` tree nodes verified per round (root included; chain: spec_steps + 1)."""
+
+    def __init__(self, target_model, draft: Eagle3Draft, aux_layer_ids: list[int], max_len: int = 2048,
+                 spec_steps: int = 5, topk: int = 1, num_draft_tokens: Optional[int] = None,
+                 temperature: float = 0.0, seed: int = 0):
+        if temperature > 0 and topk != 1:
+            raise ValueError("speculative sampling is built for chain drafting (topk=1) only")
+        self.spec_steps, self.topk, self.temperature, self.seed = spec_steps, topk, temperature, seed
+        self.num_draft_tokens = num_draft_tokens or spec_steps + 1
+        max_nodes = 1 + sum(topk ** d if d == 1 else topk * topk for d in range(1, spec_steps + 1))
+        if self.num_draft_tokens > max_nodes:
+            raise ValueError(f"num_draft_tokens={self.num_draft_tokens} exceeds the {max_nodes} nodes that "
+                             f"spec_steps={spec_steps}, topk={topk} can propose")
+        self.max_len = max_len
+        self.target = StaticTarget(target_model, aux_layer_ids, max_len + self.num_draft_tokens)
+        self.draft = draft
+        w = draft.fc.weight
+        cfg = draft.config
+        self.draft_slots = max_len + spec_steps * topk + 1
+        shape = (1, cfg.num_key_value_heads, self.draft_slots, cfg.head_dim)
+        self.dk = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        self.dv = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        self.device = w.device
+        self.draft_ids = torch.arange(draft.d2t.numel(), device=self.device) + draft.d2t
+
+    # ---- the two forwards, each over its static cache ----
+
+    def _target(self, tokens, positions, slots, mask):
+        return self.target(tokens[None], positions[None], slots, mask[None])
+
+    def _draft(self, tokens, hidden, positions, slots, mask):
+        def attend(q, k, v):
+            self.dk.index_copy_(2, slots, k)
+            self.dv.index_copy_(2, slots, v)
+            return F.scaled_dot_product_attention(q, self.dk, self.dv, attn_mask=mask[None, None],
+                                                  enable_gqa=q.shape[1] != k.shape[1])
+
+        return self.draft.layer(self.draft.embed(tokens[None]), hidden, positions[None], attend)
+
+    def _prefix_mask(self, rows: int, length: int, slots: int) -> torch.Tensor:
+        return (torch.arange(slots, device=self.device) < length).expand(rows, slots).clone()
+
+    # ---- plain decoding ----
+
+    @torch.no_grad()
+    def generate_plain(self, prompt: list[int], max_new_tokens: int, eos_id: Optional[int] = None,
+                       seed: Optional[int] = None):
+        """The baseline: one target forward per token, same forward as verification."""
+        gen = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        t0 = time.perf_counter()
+        logits, _ = self._prefill(prompt)
+        out, stats = [], DecodeStats()
+        n = len(prompt)
+        tok = self._pick(logits, gen)
+        while True:
+            out.append(tok)
+            if tok == eos_id or len(out) >= max_new_tokens or n + 1 >= self.max_len:
+                break
+            slots = torch.tensor([n], device=self.device)
+            mask = self._prefix_mask(1, n + 1, self.target.k_cache.shape[3])
+            logits, _ = self._target(torch.tensor([tok], device=self.device), slots, slots, mask)
+            stats.target_forwards += 1
+            stats.accept_lengths.append(1)
+            n += 1
+            tok = self._pick(logits[0, -1], gen)
+        stats.new_tokens, stats.seconds = len(out), time.perf_counter() - t0
+        self.cache_len = n
+        return out, stats
+
+    def _pick(self, logits, gen) -> int:
+        if self.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    def _prefill(self, prompt: list[int]):
+        m = len(prompt)
+        if m + 1 >= self.max_len:
+            raise ValueError(f"prompt of {m} tokens does not fit max_len={self.max_len}")
+        idx = torch.arange(m, device=self.device)
+        slots = self.target.k_cache.shape[3]
+        mask = torch.arange(slots, device=self.device)[None, :] <= idx[:, None]
+        logits, aux = self._target(torch.tensor(prompt, device=self.device), idx, idx, mask)
+        return logits[0, -1], aux[0]
+
+    # ---- speculative decoding ----
+
+    @torch.no_grad()
+    def generate(self, prompt: list[int], max_new_tokens: int, eos_id: Optional[int] = None,
+                 seed: Optional[int] = None):
+        gen = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        t0 = time.perf_counter()
+        logits, aux = self._prefill(prompt)
+        n = len(prompt)  # tokens in the target's cache
+        seq = list(prompt)
+        first = self._pick(logits, gen)
+        out, stats = [first], DecodeStats()
+        pending_aux, draft_len = aux, 0  # target features of positions draft_len..n-1, not yet read by the draft
+        while first != eos_id and len(out) < max_new_tokens and n + self.num_draft_tokens + 1 < self.max_len:
+            tokens_after = torch.tensor((seq + out)[draft_len + 1:n + 1], device=self.device)
+            root_hidden = self._draft_prefill(pending_aux, tokens_after, draft_len, n)
+            draft_len = n
+            tree = self._propose(out[-1], root_hidden, n, gen)
+            path, bonus, verify_aux = self._verify(tree, n, gen)
+            # Keep the accepted path in the target cache: slots n + path -> n, n+1, ...
+            src = n + torch.tensor(path, device=self.device)
+            dst = n + torch.arange(len(path), device=self.device)
+            self.target.move_slots(src, dst)
+            pending_aux = verify_aux[torch.tensor(path, device=self.device)]
+            accepted = [int(tree.tokens[i]) for i in path[1:]] + [bonus]
+            stats.target_forwards += 1
+            stats.accept_lengths.append(len(accepted))
+            seq_before = len(out)
+            for tok in accepted:
+                out.append(tok)
+                if tok == eos_id or len(out) >= max_new_tokens:
+                    break
+            n += len(path)
+            if out[-1] == eos_id or len(out) >= max_new_tokens:
+                stats.accept_lengths[-1] = len(out) - seq_before
+                break
+        stats.new_tokens, stats.seconds = len(out), time.perf_counter() - t0
+        self.cache_len, self.draft_len = n, draft_len
+        return out, stats
+
+    def _draft_prefill(self, aux, tokens_after, start: int, n: int) -> torch.Tensor:
+        """Step 0 for positions start..n-1: target features there plus the token after each."""
+        pos = torch.arange(start, n, device=self.device)
+        mask = torch.arange(self.draft_slots, device=self.device)[None, :] <= pos[:, None]
+        hidden = self.draft.fc(aux[None].to(self.draft.fc.weight.dtype))
+        h = self._draft(tokens_after, hidden, pos, pos, mask)
+        return h[0, -1]
+
+    def _propose(self, root_token: int, root_hidden: torch.Tensor, n: int, gen) -> Tree:
+        """Best-first tree (EAGLE-2 style): expand the `topk` best frontier nodes per depth, then keep the
+        `num_draft_tokens - 1` highest cumulative log-probability nodes."""
+        k, steps = self.topk, self.spec_steps
+        tokens, parents, depths, scores = [], [], [], []  # candidate pool (tree index = pool index + 1)
+        draft_slot: dict[int, int] = {}  # pool index -> draft cache slot of its expanded entry
+        node_hidden: dict[int, torch.Tensor] = {}  # pool index -> draft output of its expanded entry
+        probs = [] if self.temperature > 0 else None
+        frontier = [-1]  # pool indices to expand; -1 = root
+        hidden = root_hidden[None]  # [len(frontier), H]
+        for depth in range(1, steps + 1):
+            logits = self.draft.logits(hidden).float()  # [F, Vd]
+            if self.temperature > 0:
+                q = torch.softmax(logits[0].cpu() / self.temperature, dim=-1)
+                choice = torch.multinomial(q, 1, generator=gen)
+                probs.append(q)
+                cand = [(-1.0, frontier[0], int(choice))]
+            else:
+                logp = torch.log_softmax(logits, dim=-1)
+                top = logp.topk(k, dim=-1)
+                base = [0.0 if f < 0 else scores[f] for f in frontier]
+                cand = [(base[i] + float(top.values[i, j]), frontier[i], int(top.indices[i, j]))
+                        for i in range(len(frontier)) for j in range(k)]
+            first_new = len(tokens)
+            for score, parent, draft_id in cand:
+                tokens.append(int(self.draft_ids[draft_id]))
+                parents.append(parent)
+                depths.append(depth)
+                scores.append(score)
+            if depth == steps:
+                break
+            new = list(range(first_new, len(tokens)))
+            frontier = sorted(new, key=lambda i: (-scores[i], i))[:k]
+            # One draft forward over the frontier: each node sees the prefix and its own ancestors.
+            slots = torch.tensor([n + (depth - 1) * k + j for j in range(len(frontier))], device=self.device)
+            mask = self._prefix_mask(len(frontier), n, self.draft_slots)
+            parent_hidden = []
+            for row, node in enumerate(frontier):
+                draft_slot[node] = int(slots[row])
+                a = node
+                while a >= 0:
+                    mask[row, draft_slot[a]] = True
+                    a = parents[a]
+                parent_hidden.append(root_hidden if parents[node] < 0 else node_hidden[parents[node]])
+            toks = torch.tensor([tokens[i] for i in frontier], device=self.device)
+            pos = torch.full((len(frontier),), n - 1 + depth, device=self.device)
+            out = self._draft(toks, torch.stack(parent_hidden)[None], pos, slots, mask)[0]
+            for row, node in enumerate(frontier):
+                node_hidden[node] = out[row]
+            hidden = out
+        # Keep the best nodes; a child never outscores its parent, and ties go to the shallower node,
+        # so the kept set is closed under ancestors.
+        keep = sorted(range(len(tokens)), key=lambda i: (-scores[i], depths[i], i))[: self.num_draft_tokens - 1]
+        keep = sorted(keep, key=lambda i: (depths[i], i))
+        index = {p: t + 1 for t, p in enumerate(keep)}
+        tree_parents = [-1] + [0 if parents[p] < 0 else index[parents[p]] for p in keep]
+        tree_tokens = torch.tensor([root_token] + [tokens[p] for p in keep], device=self.device)
+        tree_depths = torch.tensor([0] + [depths[p] for p in keep], device=self.device)
+        return Tree(tree_tokens, tree_parents, tree_depths, probs)
+
+    def _verify(self, tree: Tree, n: int, gen):
+        """Target forward over the tree; returns (accepted tree path from the root, bonus token, aux)."""
+        t = len(tree.parents)
+        slots = n + torch.arange(t, device=self.device)
+        mask = self._prefix_mask(t, n, self.target.k_cache.shape[3])
+        for i in range(t):
+            a = i
+            while a >= 0:
+                mask[i, n + a] = True
+                a = tree.parents[a]
+        logits, aux = self._target(tree.tokens, n + tree.depths, slots, mask)
+        logits, aux = logits[0], aux[0]
+        if self.temperature > 0:
+            return self._accept_sampled(tree, logits, gen) + (aux,)
+        children: dict[int, list[int]] = {}
+        for i, p in enumerate(tree.parents[1:], 1):
+            children.setdefault(p, []).append(i)
+        path, node = [0], 0
+        choice = logits.argmax(-1).tolist()
+        while True:
+            nxt = [c for c in children.get(node, []) if int(tree.tokens[c]) == choice[node]]
+            if not nxt:
+                break
+            node = nxt[0]
+            path.append(node)
+        return path, choice[node], aux
+
+    def _accept_sampled(self, tree: Tree, logits, gen):
+        """Speculative sampling on a chain: accept draft token x with probability min(1, p(x)/q(x)); on
+        rejection sample from max(0, p - q) renormalised; after a full accept, sample the bonus from p."""
+        p_all = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
+        d2t = self.draft_ids.cpu()
+        path = [0]
+        for i in range(1, len(tree.parents)):
+            p = p_all[i - 1]
+            q = torch.zeros_like(p)
+            q[d2t] = tree.draft_probs[i - 1]
+            x = int(tree.tokens[i])
+            r = float(torch.rand(1, generator=gen))
+            if r * float(q[x]) < float(p[x]):
+                path.append(i)
+                continue
+            residual = (p - q).clamp(min=0)
+            return path, int(torch.multinomial(residual / residual.sum(), 1, generator=gen))
+        return path, int(torch.multinomial(p_all[len(path) - 1], 1, generator=gen))
