@@ -22,13 +22,28 @@ def main(argv=None):
     _common(p)
     p = sub.add_parser("build-vocab", help="build the draft vocabulary (d2t/t2d) from the training data")
     _common(p)
-    args = parser.parse_args(argv)
+    p = sub.add_parser("bench", help="speculative decoding: acceptance length and speedup on a prompt set")
+    _common(p)
+    p.add_argument("--spec-steps", type=int, default=None, help="draft steps per round (bench.spec_steps)")
+    p.add_argument("--topk", type=int, default=None, help="tree drafting: children per node (bench.topk)")
+    p.add_argument("--num-draft-tokens", type=int, default=None, help="tree nodes verified per round")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--draft", default=None, help="draft checkpoint folder (default: the latest trained)")
+    p.add_argument("--prompts", default=None, help="JSONL of prompts (default: the bundled bench set)")
+    # key=value overrides may come before or after the flags.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
     from .config import load_config
 
-    overrides = list(args.overrides)
+    overrides = list(args.overrides) + extra
     if getattr(args, "mode", None):
         overrides.append(f"train.mode={args.mode}")
+    for flag in ("spec_steps", "topk", "num_draft_tokens", "temperature", "draft", "prompts"):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"bench.{flag}={getattr(args, flag)}")
     cfg = load_config(args.target, args.config, overrides)
     from .data.conversations import DataError
 
@@ -45,6 +60,10 @@ def main(argv=None):
             from .eagle3.train import build_vocab_cmd
 
             build_vocab_cmd(cfg)
+        elif args.cmd == "bench":
+            from .bench import run_bench
+
+            run_bench(cfg)
     except DataError as e:
         sys.exit(f"error: {e}")
 

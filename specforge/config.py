@@ -61,6 +61,9 @@ class PrepareConfig:
     temperature: float = 0.0
     seed: int = 0
     limit: Optional[int] = None  # use only the first n prompts
+    # Generation precision. bf16 halves the time on CPUs with bf16 instructions; the answers are still the
+    # target's own (training then reads the target's features and labels in the training precision).
+    dtype: str = "bfloat16"
 
 
 @dataclass
@@ -84,6 +87,26 @@ class TrainConfig:
     save_interval: Optional[int] = None  # steps between checkpoints; None = at the end only
     save_dtype: str = "bfloat16"
     init_from: Optional[str] = None  # start from a serving-format draft checkpoint
+    # Start the draft's lm_head and final norm from the target's (its draft-vocab rows): the draft then
+    # only has to learn to land in the target's own output space, which speeds early training a lot.
+    init_head_from_target: bool = True
+
+
+@dataclass
+class BenchConfig:
+    prompts: Optional[str] = None  # JSONL of prompts ("turns", "messages" or "conversations"); None = bundled
+    draft: Optional[str] = None  # serving-format draft folder; None = <out_dir>/draft (the latest trained)
+    out: Optional[str] = None  # None = <out_dir>/bench
+    spec_steps: int = 5
+    topk: int = 1  # 1 = chain drafting
+    num_draft_tokens: Optional[int] = None  # tree nodes verified per round; None = spec_steps + 1
+    temperature: float = 0.0
+    seed: int = 0
+    max_new_tokens: int = 128
+    max_len: int = 2048
+    limit: Optional[int] = None  # only the first n prompts
+    baseline: bool = True  # also run plain decoding (speedup, and the losslessness check at greedy)
+    cuda_graphs: bool = True  # on a GPU, replay the target and draft steps from CUDA graphs
 
 
 @dataclass
@@ -92,6 +115,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     out_dir: Optional[str] = None  # None = outputs/<target name>
     device: str = "auto"
 

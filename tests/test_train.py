@@ -83,3 +83,20 @@ def test_bad_target_and_bad_override():
         load_config(overrides=["train.no_such_key=1"])
     with pytest.raises(SystemExit, match="train.lr"):
         load_config(overrides=["train.lr=fast"])
+
+
+def test_bench_cli_writes_reports(tmp_path, tiny_target_folder):
+    """Train a moment, then `specforge bench` on two bundled prompts: reports and losslessness."""
+    out = tmp_path / "run"
+    data = write_conversations(tmp_path / "d.jsonl", n=4)
+    main(["train", "--target", str(tiny_target_folder), f"out_dir={out}", f"data.train_path={data}",
+          "train.max_steps=2", "target.draft.draft_vocab_size=512", "train.save_dtype=float32"])
+    main(["bench", "--target", str(tiny_target_folder), f"out_dir={out}", "--spec-steps", "3",
+          "bench.limit=2", "bench.max_new_tokens=12"])
+    res = json.loads((out / "bench" / "results.json").read_text())
+    overall = res["by_category"]["overall"]
+    assert overall["turns"] == 4  # two prompts of two turns each
+    assert overall["outputs_differing"] == 0
+    assert overall["accept_length"] >= 1.0 and len(overall["accept_rate_by_position"]) == 3
+    assert (out / "bench" / "plot.png").stat().st_size > 1000
+    assert "| overall |" in (out / "bench" / "results.md").read_text()

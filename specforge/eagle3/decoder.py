@@ -44,7 +44,7 @@ class SpecDecoder:
 
     def __init__(self, target_model, draft: Eagle3Draft, aux_layer_ids: list[int], max_len: int = 2048,
                  spec_steps: int = 5, topk: int = 1, num_draft_tokens: Optional[int] = None,
-                 temperature: float = 0.0, seed: int = 0):
+                 temperature: float = 0.0, seed: int = 0, cuda_graphs: bool = False):
         if temperature > 0 and topk != 1:
             raise ValueError("speculative sampling is built for chain drafting (topk=1) only")
         self.spec_steps, self.topk, self.temperature, self.seed = spec_steps, topk, temperature, seed
@@ -64,11 +64,27 @@ class SpecDecoder:
         self.dv = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.device = w.device
         self.draft_ids = torch.arange(draft.d2t.numel(), device=self.device) + draft.d2t
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict = {}
 
-    # ---- the two forwards, each over its static cache ----
+    # ---- the forwards, each over its static cache; replayed from CUDA graphs where enabled ----
+
+    def _run(self, key, fn, *args):
+        """fn(*args), from a CUDA graph captured on first use with these very inputs. Capturing is
+        idempotent: the forward writes the same cache slots with the same values as the real call."""
+        if not self.cuda_graphs or key is None:
+            return fn(*args)
+        call = self._graphs.get(key)
+        if call is None:
+            call = self._graphs[key] = CapturedCall(fn, args)
+        else:
+            call.replay(args)
+        return tuple(o.clone() for o in call.outputs) if isinstance(call.outputs, tuple) else call.outputs.clone()
 
     def _target(self, tokens, positions, slots, mask):
-        return self.target(tokens[None], positions[None], slots, mask[None])
+        fn = lambda t, p, s, m: self.target(t[None], p[None], s, m[None])  # noqa: E731
+        return self._run(("target", len(tokens)) if len(tokens) <= self.num_draft_tokens else None,
+                         fn, tokens, positions, slots, mask)
 
     def _draft(self, tokens, hidden, positions, slots, mask):
         def attend(q, k, v):
@@ -169,9 +185,13 @@ class SpecDecoder:
         """Step 0 for positions start..n-1: target features there plus the token after each."""
         pos = torch.arange(start, n, device=self.device)
         mask = torch.arange(self.draft_slots, device=self.device)[None, :] <= pos[:, None]
-        hidden = self.draft.fc(aux[None].to(self.draft.fc.weight.dtype))
-        h = self._draft(tokens_after, hidden, pos, pos, mask)
-        return h[0, -1]
+
+        def fn(aux, toks, pos, mask):
+            hidden = self.draft.fc(aux[None].to(self.draft.fc.weight.dtype))
+            return self._draft(toks, hidden, pos, pos, mask)[0, -1]
+
+        key = ("draft_prefill", n - start) if n - start <= self.spec_steps + 1 else None
+        return self._run(key, fn, aux, tokens_after, pos, mask)
 
     def _propose(self, root_token: int, root_hidden: torch.Tensor, n: int, gen) -> Tree:
         """Best-first tree (EAGLE-2 style): expand the `topk` best frontier nodes per depth, then keep the
@@ -219,7 +239,8 @@ class SpecDecoder:
                 parent_hidden.append(root_hidden if parents[node] < 0 else node_hidden[parents[node]])
             toks = torch.tensor([tokens[i] for i in frontier], device=self.device)
             pos = torch.full((len(frontier),), n - 1 + depth, device=self.device)
-            out = self._draft(toks, torch.stack(parent_hidden)[None], pos, slots, mask)[0]
+            out = self._run(("draft_step", len(frontier)), lambda *a: self._draft(*a)[0],
+                            toks, torch.stack(parent_hidden)[None], pos, slots, mask)
             for row, node in enumerate(frontier):
                 node_hidden[node] = out[row]
             hidden = out
@@ -278,3 +299,24 @@ class SpecDecoder:
             residual = (p - q).clamp(min=0)
             return path, int(torch.multinomial(residual / residual.sum(), 1, generator=gen))
         return path, int(torch.multinomial(p_all[len(path) - 1], 1, generator=gen))
+
+
+class CapturedCall:
+    """A CUDA graph of fn over static input buffers; replay copies new inputs into them first."""
+
+    def __init__(self, fn, args):
+        self.inputs = [a.clone() for a in args]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn(*self.inputs)  # warm-up: kernels chosen, workspaces allocated
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = fn(*self.inputs)
+        self.graph.replay()
+
+    def replay(self, args):
+        for buf, a in zip(self.inputs, args):
+            buf.copy_(a)
+        self.graph.replay()

@@ -19,7 +19,7 @@ from ..data.conversations import DataError, bundled_path, needs_answers, read_js
 from ..data.regenerate import regenerate
 from ..data.template import ensure_chat_template, tokenize_conversation
 from ..data.vocab import build_vocab, count_tokens, coverage, load_vocab, save_vocab
-from ..targets import FeatureCapture, aux_layer_ids, decoder_parts, load_target, resolve_device
+from ..targets import FeatureCapture, aux_layer_ids, decoder_parts, load_target, resolve_device, resolve_dtype
 from .checkpoint import load_draft, save_draft
 from .draft import Eagle3Draft, draft_config, init_draft_weights, param_count
 from .ttt import shift_left, soft_labels, ttt_loss
@@ -32,8 +32,9 @@ def prepared_path(cfg: Config) -> Path:
 def prepare_data(cfg: Config, model=None, tok=None) -> Path:
     """Answer the prompts with the target and write the conversations as JSONL."""
     device = resolve_device(cfg.device)
-    if model is None:
-        model, tok = load_target(cfg.target, device)
+    dtype = resolve_dtype(cfg.prepare.dtype, device)
+    if model is None or next(model.parameters()).dtype != dtype:
+        model, tok = load_target(cfg.target, device, dtype)
     ensure_chat_template(tok, cfg.data.chat_template)
     src = cfg.prepare.prompts or bundled_path("train_prompts.jsonl")
     convs = list(read_jsonl(src))[: cfg.prepare.limit]
@@ -79,7 +80,7 @@ def vocab_for(cfg: Config, samples, target_vocab: int, draft_vocab: int):
 
 
 def build_draft(cfg: Config, target, d2t, t2d) -> Eagle3Draft:
-    embed, _, _, lm_head = decoder_parts(target)
+    embed, _, norm, lm_head = decoder_parts(target)
     dcfg = draft_config(target.config, cfg.target.draft, embed.weight.shape[0], aux_layer_ids(cfg.target, target))
     if cfg.train.init_from:
         draft = load_draft(cfg.train.init_from, embed, device=embed.weight.device)
@@ -87,6 +88,11 @@ def build_draft(cfg: Config, target, d2t, t2d) -> Eagle3Draft:
         draft = Eagle3Draft(dcfg, embed)
         init_draft_weights(draft, seed=cfg.train.seed)
         draft.set_vocab(d2t, t2d)
+        if cfg.train.init_head_from_target:
+            with torch.no_grad():
+                draft_ids = torch.arange(d2t.numel()) + d2t
+                draft.lm_head.weight.copy_(lm_head.weight[draft_ids.to(lm_head.weight.device)].float())
+                draft.norm.weight.copy_(norm.weight.float())
     return draft.to(embed.weight.device, dtype=torch.float32)
 
 
