@@ -75,13 +75,14 @@ def main():
     ap.add_argument("--tree", default="4,16", help="topk,num_draft_tokens for the tree verify row")
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs (to see what they buy)")
     args = ap.parse_args()
     name, target, draft, ids = build(args)
     s = args.spec_steps
     k, t_nodes = (int(x) for x in args.tree.split(","))
     bw = copy_bandwidth()
     weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
-    dec = SpecDecoder(target, draft, ids, max_len=args.context + 64, spec_steps=s, cuda_graphs=True)
+    dec = SpecDecoder(target, draft, ids, max_len=args.context + 64, spec_steps=s, cuda_graphs=not args.eager)
     n = args.context
     dev = dec.device
     rows = {}
@@ -124,7 +125,8 @@ def main():
     c = rows["draft step, chain (1 token + lm_head + top-k)"] / dec_ms
     v = rows[f"target verify, chain (S+1={s + 1} tokens)"] / dec_ms - 1
     prefill = rows[f"draft prefill of accepted tokens ({s + 1})"] / dec_ms
-    print(f"\n## {name}: {torch.cuda.get_device_name()}, bf16, context {n}, CUDA graphs")
+    mode = "eager" if args.eager else "CUDA graphs"
+    print(f"\n## {name}: {torch.cuda.get_device_name()}, bf16, context {n}, {mode}")
     print(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bw / 1e12:.2f} TB/s, weight-read floor {floor:.3f} ms")
     print("| step | ms | vs decode step |")
     print("|---|---|---|")
