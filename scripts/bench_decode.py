@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-from specforge.config import DraftConfig, load_config
+from specforge.config import load_config
 from specforge.eagle3.checkpoint import load_draft
 from specforge.eagle3.decoder import SpecDecoder
 from specforge.eagle3.draft import Eagle3Draft, draft_config, init_draft_weights

@@ -18,6 +18,12 @@ def main(argv=None):
     p = sub.add_parser("train", help="train an EAGLE-3 draft head")
     _common(p)
     p.add_argument("--mode", choices=["online", "offline"], default=None)
+    p.add_argument("--hidden", default=None, help="offline: the dump-hidden folder (train.hidden)")
+    p.add_argument("--data", default=None, help="training JSONL (data.train_path)")
+    p = sub.add_parser("dump-hidden", help="run the target once and store its features for offline training")
+    _common(p)
+    p.add_argument("--data", default=None, help="training JSONL (data.train_path)")
+    p.add_argument("--out", default=None, help="dump folder (dump.out)")
     p = sub.add_parser("prepare-data", help="answer the training prompts with the target itself")
     _common(p)
     p = sub.add_parser("build-vocab", help="build the draft vocabulary (d2t/t2d) from the training data")
@@ -41,9 +47,12 @@ def main(argv=None):
     overrides = list(args.overrides) + extra
     if getattr(args, "mode", None):
         overrides.append(f"train.mode={args.mode}")
-    for flag in ("spec_steps", "topk", "num_draft_tokens", "temperature", "draft", "prompts"):
+    flags = {"spec_steps": "bench.spec_steps", "topk": "bench.topk", "num_draft_tokens": "bench.num_draft_tokens",
+             "temperature": "bench.temperature", "draft": "bench.draft", "prompts": "bench.prompts",
+             "hidden": "train.hidden", "data": "data.train_path", "out": "dump.out"}
+    for flag, key in flags.items():
         if getattr(args, flag, None) is not None:
-            overrides.append(f"bench.{flag}={getattr(args, flag)}")
+            overrides.insert(0, f"{key}={getattr(args, flag)}")
     cfg = load_config(args.target, args.config, overrides)
     from .data.conversations import DataError
 
@@ -60,6 +69,10 @@ def main(argv=None):
             from .eagle3.train import build_vocab_cmd
 
             build_vocab_cmd(cfg)
+        elif args.cmd == "dump-hidden":
+            from .dump import dump_hidden
+
+            dump_hidden(cfg)
         elif args.cmd == "bench":
             from .bench import run_bench
 

@@ -67,8 +67,18 @@ class PrepareConfig:
 
 
 @dataclass
+class DumpConfig:
+    out: Optional[str] = None  # None = <out_dir>/hidden
+    dtype: str = "bfloat16"  # bfloat16 | float32 | float8 (e4m3 with a per-token scale: half the bytes)
+    shard_tokens: int = 65536  # a shard closes once it holds this many tokens (whole samples only)
+    batch_size: int = 8
+
+
+@dataclass
 class TrainConfig:
     mode: str = "online"  # online | offline
+    hidden: Optional[str] = None  # offline: the dump folder; None = <out_dir>/hidden
+    shuffle_window: int = 8  # offline: shards held in memory at once (samples are shuffled within it)
     ttt_length: int = 7
     step_weight: float = 0.8  # loss weight of TTT step k is step_weight**k
     mask_out_of_vocab: bool = True  # drop positions whose target argmax is outside the draft vocab from the loss
@@ -114,6 +124,7 @@ class Config:
     target: TargetConfig = field(default_factory=TargetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    dump: DumpConfig = field(default_factory=DumpConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     out_dir: Optional[str] = None  # None = outputs/<target name>

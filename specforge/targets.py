@@ -111,6 +111,72 @@ def load_target(cfg: TargetConfig, device: torch.device, dtype: Optional[torch.d
     return model, tok
 
 
+@dataclass
+class TargetHead:
+    """What training needs of a target besides its features: its config, the token embedding (shared,
+    frozen, with the draft), the final norm and the lm_head (for the soft labels)."""
+
+    config: object
+    embed: nn.Embedding
+    norm: nn.Module
+    lm_head_weight: torch.Tensor
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "TargetHead":
+        embed, _, norm, lm_head = decoder_parts(model)
+        return cls(model.config, embed, norm, lm_head.weight)
+
+
+def load_target_head(cfg: TargetConfig, device: torch.device, dtype: Optional[torch.dtype] = None) -> TargetHead:
+    """Only the embedding, final norm and lm_head, read from the checkpoint's safetensors files: offline
+    training never holds the whole target."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from .eagle3.draft import RMSNorm
+
+    folder = Path(target_folder(cfg))
+    config = AutoConfig.from_pretrained(folder)
+    tc = text_config(config)
+    dtype = dtype or resolve_dtype(cfg.dtype, device)
+    wanted = {"embed": "embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+    found: dict = {}
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SystemExit(f"target {cfg.name}: no .safetensors files in {folder}")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                for part, suffix in wanted.items():
+                    if part not in found and key.endswith(suffix) and "vision" not in key:
+                        found[part] = st.get_tensor(key)
+    if "lm_head" not in found and "embed" in found:  # tied embeddings
+        found["lm_head"] = found["embed"]
+    missing = [wanted[p] for p in wanted if p not in found]
+    if missing:
+        raise SystemExit(f"target {cfg.name}: {folder} has no tensor named *{', *'.join(missing)}")
+    embed = nn.Embedding.from_pretrained(found["embed"].to(device=device, dtype=dtype), freeze=True)
+    norm = RMSNorm(tc.hidden_size, tc.rms_norm_eps).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(found["norm"])
+    norm.requires_grad_(False)
+    lm_head = found["lm_head"].to(device=device, dtype=dtype)
+    return TargetHead(config, embed, norm, lm_head)
+
+
+ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps")
+
+
+def config_sha256(config) -> str:
+    """A fingerprint of the target's architecture (which features a dump holds and what they mean)."""
+    import hashlib
+
+    tc = text_config(config)
+    fields = {k: getattr(tc, k, None) for k in ARCH_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def decoder_parts(model: nn.Module):
     """(embed_tokens, layers, final norm, lm_head) of an HF causal LM of the Llama family."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -135,6 +201,7 @@ def aux_layer_ids(cfg: TargetConfig, model: nn.Module) -> list[int]:
 class Features:
     aux: torch.Tensor  # [B, T, 3H] hidden states entering the aux layers, concatenated
     final: torch.Tensor  # [B, T, H] output of the target's final norm (lm_head input)
+    prenorm: torch.Tensor  # [B, T, H] input of the final norm (what offline dumps store)
 
 
 class FeatureCapture:
@@ -159,6 +226,7 @@ class FeatureCapture:
         return hook
 
     def _final_hook(self, module, args, output):
+        self._store["prenorm"] = args[0]
         self._store["final"] = output
 
     def remove(self):
@@ -172,9 +240,9 @@ class FeatureCapture:
         base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
         base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         aux = torch.cat([self._store[j] for j in self.layer_ids], dim=-1)
-        final = self._store["final"]
+        feats = Features(aux=aux, final=self._store["final"], prenorm=self._store["prenorm"])
         self._store.clear()
-        return Features(aux=aux, final=final)
+        return feats
 
 
 def save_json(path: Path, obj) -> None:

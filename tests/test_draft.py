@@ -133,3 +133,22 @@ def test_speculators_layout_loads(tmp_path):
     again = load_draft(tmp_path / "spec", target.model.embed_tokens)
     ids, aux = torch.randint(0, 256, (1, 8)), torch.randn(1, 8, 192)
     assert torch.equal(_step0_logits(draft, ids, aux), _step0_logits(again, ids, aux))
+
+
+def test_rope_scaling_and_wide_heads_round_trip(tmp_path):
+    """A Llama-3-style target (llama3 rope scaling, head_dim * heads != hidden, untied lm_head)."""
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    target = tiny_target(head_dim=32, rope_parameters=rope, max_position_embeddings=512)
+    draft = tiny_draft(target)
+    assert draft.config.head_dim == 32 and draft.midlayer.self_attn.q_proj.weight.shape == (128, 128)
+    # The draft's rope frequencies are the target's (scaled), not the plain ones.
+    torch.testing.assert_close(draft.rotary_emb.inv_freq, target.model.rotary_emb.inv_freq)
+    save_draft(draft, tmp_path / "d", dtype=torch.float32)
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert cfg["rope_theta"] == 500000.0 and cfg["rope_scaling"]["rope_type"] == "llama3"
+    assert cfg["rope_scaling"]["factor"] == 8.0 and cfg["head_dim"] == 32
+    again = load_draft(tmp_path / "d", target.model.embed_tokens)
+    torch.testing.assert_close(again.rotary_emb.inv_freq, draft.rotary_emb.inv_freq)
+    ids, aux = torch.randint(0, 256, (1, 40)), torch.randn(1, 40, 192)
+    assert torch.equal(_step0_logits(draft, ids, aux), _step0_logits(again, ids, aux))

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from specforge.cli import main
 from specforge.config import load_config

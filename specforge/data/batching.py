@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Optional
 
 import torch
 
@@ -12,9 +13,12 @@ class Batch:
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T] 1 on real tokens
     loss_mask: torch.Tensor  # [B, T] bool, assistant tokens
+    aux: Optional[torch.Tensor] = None  # [B, T, 3H] offline features
+    prenorm: Optional[torch.Tensor] = None  # [B, T, H]
 
     def to(self, device):
-        return Batch(*(x.to(device) for x in (self.input_ids, self.attention_mask, self.loss_mask)))
+        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                        for f in fields(self)})
 
     @property
     def num_tokens(self) -> int:
@@ -29,7 +33,18 @@ def collate(samples, pad_id: int = 0) -> Batch:
     for i, s in enumerate(samples):
         n = len(s.input_ids)
         ids[i, :n], att[i, :n], mask[i, :n] = s.input_ids, 1, s.loss_mask
-    return Batch(ids, att, mask)
+    batch = Batch(ids, att, mask)
+    if samples[0].aux is not None:
+        batch.aux = _pad([s.aux for s in samples], t)
+        batch.prenorm = _pad([s.prenorm for s in samples], t)
+    return batch
+
+
+def _pad(rows, t: int) -> torch.Tensor:
+    out = rows[0].new_zeros(len(rows), t, rows[0].shape[-1])
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
 
 
 def epoch_batches(num_samples: int, lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:

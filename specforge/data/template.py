@@ -20,6 +20,8 @@ class Sample:
     input_ids: torch.Tensor  # [T] int64
     loss_mask: torch.Tensor  # [T] bool, True on assistant tokens
     id: str = ""
+    aux: Optional[torch.Tensor] = None  # [T, 3H] offline features, read back from a dump
+    prenorm: Optional[torch.Tensor] = None  # [T, H]
 
 
 def ensure_chat_template(tokenizer, template_file: Optional[str] = None) -> None:

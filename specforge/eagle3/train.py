@@ -19,7 +19,10 @@ from ..data.conversations import DataError, bundled_path, needs_answers, read_js
 from ..data.regenerate import regenerate
 from ..data.template import ensure_chat_template, tokenize_conversation
 from ..data.vocab import build_vocab, count_tokens, coverage, load_vocab, save_vocab
-from ..targets import FeatureCapture, aux_layer_ids, decoder_parts, load_target, resolve_device, resolve_dtype
+from ..data.shards import load_manifest, read_shard, read_tokens
+from ..targets import (FeatureCapture, TargetHead, aux_layer_ids, config_sha256, decoder_parts,
+                       default_aux_layers, load_target, load_target_head, resolve_device, resolve_dtype,
+                       text_config)
 from .checkpoint import load_draft, save_draft
 from .draft import Eagle3Draft, draft_config, init_draft_weights, param_count
 from .ttt import shift_left, soft_labels, ttt_loss
@@ -49,8 +52,9 @@ def prepare_data(cfg: Config, model=None, tok=None) -> Path:
     return path
 
 
-def load_splits(cfg: Config, model, tok):
-    """(train, eval) conversations. Without data.train_path, the bundled prompts answered by the target."""
+def all_conversations(cfg: Config, model, tok):
+    """The training conversations before the held-out split. Without data.train_path: the bundled
+    prompts answered by the target (prepared once, then read back)."""
     path = cfg.data.train_path
     if path is None:
         path = prepared_path(cfg)
@@ -61,10 +65,22 @@ def load_splits(cfg: Config, model, tok):
     if unanswered:
         raise DataError(f"{unanswered[0]}: conversation has no assistant turn "
                         f"({len(unanswered)} such; run `specforge prepare-data` to answer prompts)")
+    return convs
+
+
+def is_held_out(cfg: Config, index: int) -> bool:
+    """Without data.eval_path, every eval_every-th conversation is held out for evaluation."""
+    k = cfg.data.eval_every
+    return cfg.data.eval_path is None and k > 0 and index % k == k - 1
+
+
+def load_splits(cfg: Config, model, tok):
+    """(train, eval) conversations."""
+    convs = all_conversations(cfg, model, tok)
     if cfg.data.eval_path:
         return convs, list(read_jsonl(cfg.data.eval_path))
-    k = cfg.data.eval_every
-    return [c for i, c in enumerate(convs) if i % k != k - 1], [c for i, c in enumerate(convs) if i % k == k - 1]
+    return ([c for i, c in enumerate(convs) if not is_held_out(cfg, i)],
+            [c for i, c in enumerate(convs) if is_held_out(cfg, i)])
 
 
 def vocab_for(cfg: Config, samples, target_vocab: int, draft_vocab: int):
@@ -79,21 +95,21 @@ def vocab_for(cfg: Config, samples, target_vocab: int, draft_vocab: int):
     return d2t, t2d
 
 
-def build_draft(cfg: Config, target, d2t, t2d) -> Eagle3Draft:
-    embed, _, norm, lm_head = decoder_parts(target)
-    dcfg = draft_config(target.config, cfg.target.draft, embed.weight.shape[0], aux_layer_ids(cfg.target, target))
+def build_draft(cfg: Config, head: TargetHead, aux_ids: list[int], d2t, t2d) -> Eagle3Draft:
+    embed = head.embed
+    device = embed.weight.device
     if cfg.train.init_from:
-        draft = load_draft(cfg.train.init_from, embed, device=embed.weight.device)
-    else:
-        draft = Eagle3Draft(dcfg, embed)
-        init_draft_weights(draft, seed=cfg.train.seed)
-        draft.set_vocab(d2t, t2d)
-        if cfg.train.init_head_from_target:
-            with torch.no_grad():
-                draft_ids = torch.arange(d2t.numel()) + d2t
-                draft.lm_head.weight.copy_(lm_head.weight[draft_ids.to(lm_head.weight.device)].float())
-                draft.norm.weight.copy_(norm.weight.float())
-    return draft.to(embed.weight.device, dtype=torch.float32)
+        return load_draft(cfg.train.init_from, embed, device=device)
+    dcfg = draft_config(head.config, cfg.target.draft, embed.weight.shape[0], aux_ids)
+    draft = Eagle3Draft(dcfg, embed)
+    init_draft_weights(draft, seed=cfg.train.seed)
+    draft.set_vocab(d2t, t2d)
+    if cfg.train.init_head_from_target:
+        with torch.no_grad():
+            draft_ids = (torch.arange(d2t.numel()) + d2t).to(head.lm_head_weight.device)
+            draft.lm_head.weight.copy_(head.lm_head_weight[draft_ids].float())
+            draft.norm.weight.copy_(head.norm.weight.float())
+    return draft.to(device, dtype=torch.float32)
 
 
 def lr_lambda(cfg: Config, total_steps: int):
@@ -109,23 +125,108 @@ def lr_lambda(cfg: Config, total_steps: int):
 
 
 class OnlineFeatures:
-    """Target features for a batch, computed by running the target with hooks."""
+    """Features of a batch by running the target with hooks."""
 
-    def __init__(self, target, layer_ids, draft: Eagle3Draft):
+    def __init__(self, target, layer_ids):
         self.capture = FeatureCapture(target, layer_ids)
-        _, _, _, lm_head = decoder_parts(target)
-        self.lm_head_weight = lm_head.weight
-        self.draft_ids = torch.arange(draft.d2t.numel(), device=draft.d2t.device) + draft.d2t
 
     def __call__(self, batch):
         f = self.capture.run(batch.input_ids, batch.attention_mask)
-        # Labels are needed where the next token is trained on (the TTT loss never looks elsewhere).
-        needed = shift_left(batch.loss_mask, 1, False)
-        return f.aux, soft_labels(f.final, self.lm_head_weight, self.draft_ids, needed)
+        return f.aux, f.final
+
+    def close(self):
+        self.capture.remove()
 
 
-def run_batch(cfg: Config, draft, features, batch, device):
-    aux, labels = features(batch)
+class OfflineFeatures:
+    """Features of a batch read back from a dump; the target's final norm is applied here."""
+
+    def __init__(self, norm):
+        self.norm = norm
+
+    def __call__(self, batch):
+        with torch.no_grad():
+            return batch.aux, self.norm(batch.prenorm)
+
+    def close(self):
+        pass
+
+
+class MemorySource:
+    """Tokenised samples in memory (online mode)."""
+
+    def __init__(self, train_samples, eval_samples, batch_size: int, seed: int, pad_id: int):
+        self.train, self.eval = train_samples, eval_samples
+        self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
+        self.lengths = [len(s.input_ids) for s in train_samples]
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.train) / self.batch_size)
+
+    def train_batches(self, epoch: int):
+        for idx in epoch_batches(len(self.train), self.lengths, self.batch_size, self.seed, epoch):
+            yield collate([self.train[i] for i in idx], self.pad_id)
+
+    def eval_batches(self):
+        for i in range(0, len(self.eval), self.batch_size):
+            yield collate(self.eval[i:i + self.batch_size], self.pad_id)
+
+
+class ShardSource:
+    """Samples streamed from a dump (offline mode): each epoch visits the shards in a seeded order,
+    `window` shards at a time, and shuffles the samples inside a window, so memory holds at most `window`
+    shards whatever the dataset size. A window holding every shard gives the batches of MemorySource."""
+
+    def __init__(self, cfg: Config, folder: Path, manifest, window: int, pad_id: int):
+        self.cfg, self.folder, self.manifest, self.window, self.pad_id = cfg, folder, manifest, window, pad_id
+        self.batch_size, self.seed = cfg.train.batch_size, cfg.train.seed
+        self.starts = [0]
+        for s in manifest.shards:
+            self.starts.append(self.starts[-1] + s["samples"])
+        self.counts = [sum(1 for i in range(a, b) if not is_held_out(cfg, i))
+                       for a, b in zip(self.starts[:-1], self.starts[1:])]
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.manifest.shards), generator=g).tolist()
+
+    def _windows(self, epoch: int):
+        order = self._order(epoch)
+        return [sorted(order[w:w + self.window]) for w in range(0, len(order), self.window)]
+
+    def steps_per_epoch(self) -> int:
+        return sum(math.ceil(sum(self.counts[i] for i in win) / self.batch_size) for win in self._windows(0))
+
+    def _samples(self, shards, held_out: bool):
+        out = []
+        for i in shards:
+            for j, s in enumerate(read_shard(self.folder, self.manifest.shards[i], self.manifest.identity.dtype)):
+                if is_held_out(self.cfg, self.starts[i] + j) == held_out:
+                    out.append(s)
+        return out
+
+    def train_batches(self, epoch: int):
+        for w, shards in enumerate(self._windows(epoch)):
+            samples = self._samples(shards, held_out=False)
+            lengths = [len(s.input_ids) for s in samples]
+            for idx in epoch_batches(len(samples), lengths, self.batch_size, self.seed + w, epoch):
+                yield collate([samples[i] for i in idx], self.pad_id)
+
+    def eval_batches(self):
+        pending = []
+        for i in range(len(self.manifest.shards)):
+            pending += self._samples([i], held_out=True)
+            while len(pending) >= self.batch_size:
+                yield collate(pending[:self.batch_size], self.pad_id)
+                pending = pending[self.batch_size:]
+        if pending:
+            yield collate(pending, self.pad_id)
+
+
+def run_batch(cfg: Config, draft, features, head: TargetHead, draft_ids, batch, device):
+    aux, final = features(batch)
+    # Labels only where the next token is trained on (the TTT loss never looks elsewhere).
+    labels = soft_labels(final, head.lm_head_weight, draft_ids, shift_left(batch.loss_mask, 1, False))
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         return ttt_loss(draft, batch.input_ids, batch.loss_mask, aux, labels, cfg.train.ttt_length,
                         cfg.train.step_weight, cfg.train.mask_out_of_vocab)
@@ -149,60 +250,88 @@ def summarize(stats_list) -> dict:
 
 
 @torch.no_grad()
-def evaluate(cfg, draft, features, samples, device, pad_id) -> dict:
+def evaluate(cfg, draft, features, head, draft_ids, source, device) -> dict:
     draft.eval()
-    stats = []
-    for i in range(0, len(samples), cfg.train.batch_size):
-        batch = collate(samples[i:i + cfg.train.batch_size], pad_id).to(device)
-        stats.append(run_batch(cfg, draft, features, batch, device)[1])
+    stats = [run_batch(cfg, draft, features, head, draft_ids, b.to(device), device)[1]
+             for b in source.eval_batches()]
     draft.train()
-    return summarize(stats)
+    return summarize(stats) if stats else {}
+
+
+def online_setup(cfg: Config, device):
+    """The target in memory; features come from hooks on it."""
+    target, tok = load_target(cfg.target, device)
+    ensure_chat_template(tok, cfg.data.chat_template)
+    train_convs, eval_convs = load_splits(cfg, target, tok)
+    tokenize = lambda convs: [tokenize_conversation(tok, c, cfg.data.max_length) for c in convs]  # noqa: E731
+    train_samples, eval_samples = tokenize(train_convs), tokenize(eval_convs)
+    head = TargetHead.from_model(target)
+    ids = aux_layer_ids(cfg.target, target)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    source = MemorySource(train_samples, eval_samples, cfg.train.batch_size, cfg.train.seed, pad_id)
+    return head, ids, OnlineFeatures(target, ids), source, train_samples
+
+
+def offline_setup(cfg: Config, device):
+    """Features from a dump; of the target only the embedding, final norm and lm_head are loaded."""
+    from ..dump import dump_dir
+
+    folder = Path(cfg.train.hidden) if cfg.train.hidden else dump_dir(cfg)
+    manifest = load_manifest(folder)
+    if manifest is None:
+        raise SystemExit(f"{folder}: no dump here (run `specforge dump-hidden` first, or pass --hidden DIR)")
+    if not manifest.complete:
+        raise SystemExit(f"{folder}: the dump is incomplete ({len(manifest.shards)} shards); rerun dump-hidden")
+    head = load_target_head(cfg.target, device)
+    ident = manifest.identity
+    want_ids = list(cfg.target.aux_layer_ids) if cfg.target.aux_layer_ids else default_aux_layers(
+        text_config(head.config).num_hidden_layers)
+    if ident.target_config_sha256 != config_sha256(head.config) or ident.aux_layer_ids != want_ids:
+        raise SystemExit(f"{folder} was dumped from target {ident.target!r} (layers {ident.aux_layer_ids}); "
+                         f"this run trains for {cfg.target.name!r} (layers {want_ids}): refusing to mix them")
+    source = ShardSource(cfg, folder, manifest, cfg.train.shuffle_window, pad_id=0)
+    vocab_samples = [s for i, e in enumerate(manifest.shards) for j, s in enumerate(read_tokens(folder, e))
+                     if not is_held_out(cfg, source.starts[i] + j)]
+    return head, ident.aux_layer_ids, OfflineFeatures(head.norm), source, vocab_samples
 
 
 def train(cfg: Config) -> Path:
-    if cfg.train.mode != "online":
-        raise SystemExit(f"train.mode={cfg.train.mode!r}: only 'online' is built so far "
-                         "(offline training from `dump-hidden` shards is a separate issue)")
+    """Train a draft; returns the folder of the final checkpoint (serving format)."""
+    if cfg.train.mode not in ("online", "offline"):
+        raise SystemExit(f"train.mode={cfg.train.mode!r}: choose online or offline")
     from torch.utils.tensorboard import SummaryWriter
 
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.train.seed)
     out = cfg.output_dir()
     out.mkdir(parents=True, exist_ok=True)
-    target, tok = load_target(cfg.target, device)
-    ensure_chat_template(tok, cfg.data.chat_template)
-    train_convs, eval_convs = load_splits(cfg, target, tok)
-    tokenize = lambda convs: [tokenize_conversation(tok, c, cfg.data.max_length) for c in convs]  # noqa: E731
-    train_samples, eval_samples = tokenize(train_convs), tokenize(eval_convs)
-    embed, _, _, _ = decoder_parts(target)
-    vocab_size = embed.weight.shape[0]
-    d2t, t2d = vocab_for(cfg, train_samples, vocab_size, min(cfg.target.draft.draft_vocab_size, vocab_size))
-    draft = build_draft(cfg, target, d2t, t2d)
-    features = OnlineFeatures(target, aux_layer_ids(cfg.target, target), draft)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    setup = online_setup if cfg.train.mode == "online" else offline_setup
+    head, ids, features, source, vocab_samples = setup(cfg, device)
+    vocab_size = head.embed.weight.shape[0]
+    d2t, t2d = vocab_for(cfg, vocab_samples, vocab_size, min(cfg.target.draft.draft_vocab_size, vocab_size))
+    draft = build_draft(cfg, head, ids, d2t, t2d)
+    draft_ids = torch.arange(draft.d2t.numel(), device=draft.d2t.device) + draft.d2t
 
-    lengths = [len(s.input_ids) for s in train_samples]
-    per_epoch = math.ceil(len(train_samples) / cfg.train.batch_size)
-    total = cfg.train.max_steps or per_epoch * cfg.train.epochs
+    total = cfg.train.max_steps or source.steps_per_epoch() * cfg.train.epochs
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                             weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     writer = SummaryWriter(str(out / "tb"))
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
-    print(f"train: target {cfg.target.name} on {device}, draft {param_count(draft) / 1e6:.1f}M params, "
-          f"{len(train_samples)} train / {len(eval_samples)} eval conversations, {total} steps", flush=True)
+    print(f"train ({cfg.train.mode}): target {cfg.target.name} on {device}, draft "
+          f"{param_count(draft) / 1e6:.1f}M params, {total} steps", flush=True)
 
     step, losses = 0, []
     bar = tqdm(total=total, desc="train", unit="step")
     t_last, tokens_since = time.perf_counter(), 0
     epoch = 0
     while step < total:
-        for idx in epoch_batches(len(train_samples), lengths, cfg.train.batch_size, cfg.train.seed, epoch):
+        for batch in source.train_batches(epoch):
             if step >= total:
                 break
-            batch = collate([train_samples[i] for i in idx], pad_id).to(device)
-            loss, stats = run_batch(cfg, draft, features, batch, device)
+            batch = batch.to(device)
+            loss, stats = run_batch(cfg, draft, features, head, draft_ids, batch, device)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
             opt.step()
@@ -217,7 +346,7 @@ def train(cfg: Config) -> Path:
                 tps = tokens_since / (now - t_last)
                 t_last, tokens_since = now, 0
                 m = summarize([stats])
-                writer.add_scalar("train/loss", float(loss), step)
+                writer.add_scalar("train/loss", loss.item(), step)
                 for k in range(cfg.train.ttt_length):
                     writer.add_scalar(f"train/loss_{k}", m[f"loss_{k}"], step)
                     writer.add_scalar(f"train/acc_{k}", m[f"acc_{k}"], step)
@@ -225,27 +354,26 @@ def train(cfg: Config) -> Path:
                 writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
                 writer.add_scalar("train/grad_norm", float(grad_norm), step)
                 writer.add_scalar("train/tokens_per_s", tps, step)
-                bar.set_postfix(loss=f"{float(loss):.3f}", acc0=f"{m['acc_0']:.2f}", tok_s=f"{tps:.0f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc0=f"{m['acc_0']:.2f}", tok_s=f"{tps:.0f}")
             bar.update(1)
-            if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and eval_samples:
-                _log_eval(writer, evaluate(cfg, draft, features, eval_samples, device, pad_id), step)
+            if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+                _log_eval(writer, evaluate(cfg, draft, features, head, draft_ids, source, device), step)
             if cfg.train.save_interval and step % cfg.train.save_interval == 0:
                 save_draft(draft, out / "checkpoints" / f"step_{step:07d}", getattr(torch, cfg.train.save_dtype))
         epoch += 1
     bar.close()
-    metrics = {"steps": step, "train_losses": losses}
-    if eval_samples:
-        metrics["eval"] = evaluate(cfg, draft, features, eval_samples, device, pad_id)
-        _log_eval(writer, metrics["eval"], step)
+    metrics = {"steps": step, "train_losses": losses, "eval": evaluate(cfg, draft, features, head, draft_ids,
+                                                                       source, device)}
+    _log_eval(writer, metrics["eval"], step)
     writer.close()
-    features.capture.remove()
+    features.close()
     final = save_draft(draft, out / "draft", getattr(torch, cfg.train.save_dtype),
-                       extra={"target": cfg.target.name, "steps": step})
+                       extra={"target": cfg.target.name, "steps": step, "mode": cfg.train.mode})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if eval_samples:
-        ev = metrics["eval"]
+    ev = metrics["eval"]
+    if ev:
         accs = " ".join(f"{ev[f'acc_{k}']:.3f}" for k in range(cfg.train.ttt_length))
-        print(f"eval ({len(eval_samples)} held-out): acc_0..{cfg.train.ttt_length - 1} = {accs}; "
+        print(f"eval (held-out): acc_0..{cfg.train.ttt_length - 1} = {accs}; "
               f"chain acceptance-length estimate (5 steps) = {ev['chain_accept_len_5']:.2f}", flush=True)
     print(f"train: draft written to {final}", flush=True)
     return final

@@ -1,0 +1,180 @@
+"""Offline features on disk: what `specforge dump-hidden` writes and offline training reads back.
+
+A dump folder holds shards `shard_00000.safetensors`, ... (many samples each, tokens concatenated) and
+`manifest.json` (what the dump was made from, and each shard's sample count, tokens and sha256). A shard
+is written under a temporary name, flushed and renamed, and only then entered in the manifest (itself
+replaced atomically), so a dump killed at any moment resumes after its last complete shard."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .template import Sample
+
+MANIFEST = "manifest.json"
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclass
+class DumpIdentity:
+    """What a dump was made from. A resumed dump, or training that reads one, must match it."""
+
+    target: str
+    target_config_sha256: str
+    aux_layer_ids: list[int]
+    dtype: str  # bfloat16 | float32 | float8 (e4m3 with a per-token scale)
+    data_sha256: str  # the tokenised samples (ids and loss masks) themselves
+    num_samples: int
+
+
+@dataclass
+class Manifest:
+    identity: DumpIdentity
+    shard_tokens: int
+    shards: list[dict] = field(default_factory=list)
+    complete: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return sum(s["tokens"] for s in self.shards)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s["bytes"] for s in self.shards)
+
+    def save(self, folder: Path) -> None:
+        tmp = folder / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps({**asdict(self), "num_tokens": self.tokens, "num_bytes": self.bytes}, indent=2))
+        _fsync(tmp)
+        os.replace(tmp, folder / MANIFEST)
+
+
+def load_manifest(folder: str | Path) -> Manifest | None:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        return Manifest(identity=DumpIdentity(**raw["identity"]), shard_tokens=raw["shard_tokens"],
+                        shards=raw["shards"], complete=raw["complete"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise SystemExit(f"{path}: not a specforge dump manifest ({e})") from None
+
+
+def check_identity(have: DumpIdentity, want: DumpIdentity, folder) -> None:
+    diff = [f"{k}: dump has {v!r}, this run {getattr(want, k)!r}" for k, v in asdict(have).items()
+            if v != getattr(want, k)]
+    if diff:
+        raise SystemExit(f"{folder} holds a dump of other features; refusing to mix them:\n  " + "\n  ".join(diff))
+
+
+def shard_bounds(lengths: list[int], shard_tokens: int) -> list[int]:
+    """Sample index boundaries of the shards: fixed by the data alone, so a resumed dump cuts the same."""
+    bounds, acc = [0], 0
+    for i, n in enumerate(lengths):
+        acc += n
+        if acc >= shard_tokens:
+            bounds.append(i + 1)
+            acc = 0
+    if bounds[-1] != len(lengths):
+        bounds.append(len(lengths))
+    return bounds
+
+
+def samples_sha256(samples) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(s.input_ids.to(torch.int64).numpy().tobytes())
+        h.update(s.loss_mask.to(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def encode(x: torch.Tensor, dtype: str) -> dict:
+    """Hidden states [N, D] as stored: bf16/fp32 as is; fp8 e4m3 with one float32 scale per token."""
+    if dtype == "float8":
+        scale = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+        return {"": (x.float() / scale).to(torch.float8_e4m3fn), "scale": scale.squeeze(-1)}
+    return {"": x.to(getattr(torch, dtype))}
+
+
+def decode(tensors: dict, name: str, dtype: str) -> torch.Tensor:
+    x = tensors[name]
+    if dtype == "float8":
+        return x.float() * tensors[name + ".scale"][:, None]
+    return x
+
+
+def write_shard(folder: Path, index: int, samples: list[Sample], dtype: str) -> dict:
+    """Samples with their features (aux [T, 3H], prenorm [T, H]), tokens concatenated."""
+    name = f"shard_{index:05d}.safetensors"
+    lengths = torch.tensor([len(s.input_ids) for s in samples])
+    tensors = {
+        "input_ids": torch.cat([s.input_ids for s in samples]).to(torch.int32),
+        "loss_mask": torch.cat([s.loss_mask for s in samples]).to(torch.uint8),
+        "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+    }
+    for key in ("aux", "prenorm"):
+        for suffix, t in encode(torch.cat([getattr(s, key) for s in samples]), dtype).items():
+            tensors[key + (f".{suffix}" if suffix else "")] = t.contiguous()
+    tmp = folder / (name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "specforge-hidden", "dtype": dtype})
+    _fsync(tmp)
+    os.replace(tmp, folder / name)
+    return {"file": name, "samples": len(samples), "tokens": int(lengths.sum()),
+            "bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+
+
+def _check_size(path: Path, entry: dict) -> None:
+    """A cheap first check (no full read): a missing or truncated shard."""
+    if not path.is_file():
+        raise SystemExit(f"{path}: shard listed in the manifest is missing")
+    if path.stat().st_size != entry["bytes"]:
+        raise SystemExit(f"{path}: corrupt or truncated shard ({path.stat().st_size} bytes on disk, the manifest "
+                         f"says {entry['bytes']}; its checksum cannot match)")
+
+
+def read_shard(folder: Path, entry: dict, dtype: str, verify: bool = True) -> list[Sample]:
+    path = Path(folder) / entry["file"]
+    _check_size(path, entry)
+    if verify and file_sha256(path) != entry["sha256"]:
+        raise SystemExit(f"{path}: checksum mismatch (corrupt or truncated shard); rerun dump-hidden after "
+                         f"deleting it and its manifest entry, or the whole dump")
+    try:
+        t = load_file(str(path))
+    except Exception as e:
+        raise SystemExit(f"{path}: unreadable shard ({e})") from None
+    off = t["offsets"].tolist()
+    aux, prenorm = decode(t, "aux", dtype), decode(t, "prenorm", dtype)
+    return [Sample(t["input_ids"][a:b].long(), t["loss_mask"][a:b].bool(), aux=aux[a:b], prenorm=prenorm[a:b])
+            for a, b in zip(off[:-1], off[1:])]
+
+
+def read_tokens(folder: Path, entry: dict) -> list[Sample]:
+    """Only the ids and loss masks of a shard (for the draft vocab), without reading the features."""
+    from safetensors import safe_open
+
+    path = Path(folder) / entry["file"]
+    _check_size(path, entry)
+    with safe_open(str(path), framework="pt") as st:
+        ids, mask, off = st.get_tensor("input_ids"), st.get_tensor("loss_mask"), st.get_tensor("offsets").tolist()
+    return [Sample(ids[a:b].long(), mask[a:b].bool()) for a, b in zip(off[:-1], off[1:])]
