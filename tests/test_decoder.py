@@ -46,10 +46,13 @@ def trained_draft(target):
 PROMPTS = [[5, 17, 99, 3], [200, 1, 1, 7, 8, 9, 10], [42], [13, 250, 77, 77, 12, 0]]
 
 
-@pytest.mark.parametrize("steps, topk, tokens", [(1, 1, None), (3, 1, None), (5, 1, None),
-                                                   (3, 2, 6), (4, 3, 10), (5, 4, 16)])
-def test_greedy_speculative_equals_plain_greedy(target, trained_draft, steps, topk, tokens):
-    dec = SpecDecoder(target, trained_draft, AUX, max_len=160, spec_steps=steps, topk=topk, num_draft_tokens=tokens)
+@pytest.mark.parametrize("steps, topk, tokens, fast_chain", [
+    (1, 1, None, True), (3, 1, None, True), (5, 1, None, True), (3, 1, None, False), (5, 1, None, False),
+    (3, 2, 6, False), (4, 3, 10, False), (5, 4, 16, False)])
+def test_greedy_speculative_equals_plain_greedy(target, trained_draft, steps, topk, tokens, fast_chain):
+    dec = SpecDecoder(target, trained_draft, AUX, max_len=160, spec_steps=steps, topk=topk, num_draft_tokens=tokens,
+                      fast_chain=fast_chain)
+    assert dec.fast_chain == (fast_chain and topk == 1)
     lengths = []
     for p in PROMPTS:
         plain, _ = dec.generate_plain(p, 60)
@@ -102,12 +105,15 @@ def oracle_propose(dec, target, seq_ref):
 
 
 @pytest.mark.parametrize("steps", [1, 3, 5])
-def test_oracle_draft_reaches_full_acceptance(target, trained_draft, steps):
-    dec = SpecDecoder(target, trained_draft, AUX, max_len=160, spec_steps=steps)
+@pytest.mark.parametrize("fast_chain", [True, False])
+def test_oracle_draft_reaches_full_acceptance(target, trained_draft, steps, fast_chain):
+    dec = SpecDecoder(target, trained_draft, AUX, max_len=160, spec_steps=steps, fast_chain=fast_chain)
     prompt = PROMPTS[0]
     plain, _ = dec.generate_plain(prompt, 40)
     seq_ref = [prompt + plain]
-    dec._propose = oracle_propose(dec, target, seq_ref)
+    oracle = oracle_propose(dec, target, seq_ref)
+    dec._propose = oracle
+    dec._propose_chain = lambda root, hidden, n_t: oracle(root, hidden, int(n_t), None).tokens
     spec, stats = dec.generate(prompt, 40)
     assert spec == plain
     assert all(a == steps + 1 for a in stats.accept_lengths[:-1])

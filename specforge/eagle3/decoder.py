@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from .draft import Eagle3Draft
+from .draft import Eagle3Draft, grouped_attention
 from .static_target import StaticTarget
 
 
@@ -44,7 +43,7 @@ class SpecDecoder:
 
     def __init__(self, target_model, draft: Eagle3Draft, aux_layer_ids: list[int], max_len: int = 2048,
                  spec_steps: int = 5, topk: int = 1, num_draft_tokens: Optional[int] = None,
-                 temperature: float = 0.0, seed: int = 0, cuda_graphs: bool = False):
+                 temperature: float = 0.0, seed: int = 0, cuda_graphs: bool = False, fast_chain: bool = True):
         if temperature > 0 and topk != 1:
             raise ValueError("speculative sampling is built for chain drafting (topk=1) only")
         self.spec_steps, self.topk, self.temperature, self.seed = spec_steps, topk, temperature, seed
@@ -66,6 +65,10 @@ class SpecDecoder:
         self.draft_ids = torch.arange(draft.d2t.numel(), device=self.device) + draft.d2t
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict = {}
+        # Greedy chains take a path that keeps tokens on the device: one host sync per round.
+        self.fast_chain = fast_chain and topk == 1 and temperature <= 0
+        self._slots_t = torch.arange(self.target.k_cache.shape[3], device=self.device)
+        self._slots_d = torch.arange(self.draft_slots, device=self.device)
 
     # ---- the forwards, each over its static cache; replayed from CUDA graphs where enabled ----
 
@@ -90,8 +93,7 @@ class SpecDecoder:
         def attend(q, k, v):
             self.dk.index_copy_(2, slots, k)
             self.dv.index_copy_(2, slots, v)
-            return F.scaled_dot_product_attention(q, self.dk, self.dv, attn_mask=mask[None, None],
-                                                  enable_gqa=q.shape[1] != k.shape[1])
+            return grouped_attention(q, self.dk, self.dv, mask[None])
 
         return self.draft.layer(self.draft.embed(tokens[None]), hidden, positions[None], attend)
 
@@ -114,16 +116,25 @@ class SpecDecoder:
             out.append(tok)
             if tok == eos_id or len(out) >= max_new_tokens or n + 1 >= self.max_len:
                 break
-            slots = torch.tensor([n], device=self.device)
-            mask = self._prefix_mask(1, n + 1, self.target.k_cache.shape[3])
-            logits, _ = self._target(torch.tensor([tok], device=self.device), slots, slots, mask)
+            logits = self._decode_step(tok, n)
             stats.target_forwards += 1
             stats.accept_lengths.append(1)
             n += 1
-            tok = self._pick(logits[0, -1], gen)
+            tok = self._pick(logits, gen)
         stats.new_tokens, stats.seconds = len(out), time.perf_counter() - t0
         self.cache_len = n
         return out, stats
+
+    def _decode_step(self, tok: int, n: int) -> torch.Tensor:
+        """One plain step: token `tok` at position n; returns the next-token logits."""
+
+        def step(tok_t, n_t):
+            mask = self._slots_t[None, :] <= n_t
+            logits, _ = self.target(tok_t[None], n_t[None], n_t, mask[None])
+            return logits[0, -1]
+
+        return self._run(("decode",), step, torch.tensor([tok], device=self.device),
+                         torch.tensor([n], device=self.device))
 
     def _pick(self, logits, gen) -> int:
         if self.temperature <= 0:
@@ -158,14 +169,18 @@ class SpecDecoder:
             tokens_after = torch.tensor((seq + out)[draft_len + 1:n + 1], device=self.device)
             root_hidden = self._draft_prefill(pending_aux, tokens_after, draft_len, n)
             draft_len = n
-            tree = self._propose(out[-1], root_hidden, n, gen)
-            path, bonus, verify_aux = self._verify(tree, n, gen)
-            # Keep the accepted path in the target cache: slots n + path -> n, n+1, ...
-            src = n + torch.tensor(path, device=self.device)
-            dst = n + torch.arange(len(path), device=self.device)
-            self.target.move_slots(src, dst)
-            pending_aux = verify_aux[torch.tensor(path, device=self.device)]
-            accepted = [int(tree.tokens[i]) for i in path[1:]] + [bonus]
+            if self.fast_chain:
+                accepted, pending_aux = self._chain_round(out[-1], root_hidden, n)
+                path = range(len(accepted))
+            else:
+                tree = self._propose(out[-1], root_hidden, n, gen)
+                path, bonus, verify_aux = self._verify(tree, n, gen)
+                # Keep the accepted path in the target cache: slots n + path -> n, n+1, ...
+                src = n + torch.tensor(path, device=self.device)
+                dst = n + torch.arange(len(path), device=self.device)
+                self.target.move_slots(src, dst)
+                pending_aux = verify_aux[torch.tensor(path, device=self.device)]
+                accepted = [int(tree.tokens[i]) for i in path[1:]] + [bonus]
             stats.target_forwards += 1
             stats.accept_lengths.append(len(accepted))
             seq_before = len(out)
@@ -183,15 +198,57 @@ class SpecDecoder:
 
     def _draft_prefill(self, aux, tokens_after, start: int, n: int) -> torch.Tensor:
         """Step 0 for positions start..n-1: target features there plus the token after each."""
-        pos = torch.arange(start, n, device=self.device)
-        mask = torch.arange(self.draft_slots, device=self.device)[None, :] <= pos[:, None]
+        steps = torch.arange(n - start, device=self.device)
 
-        def fn(aux, toks, pos, mask):
+        def fn(aux, toks, start_t):  # positions and mask are built on the device (inside the graph)
+            pos = start_t + steps
+            mask = self._slots_d[None, :] <= pos[:, None]
             hidden = self.draft.fc(aux[None].to(self.draft.fc.weight.dtype))
             return self._draft(toks, hidden, pos, pos, mask)[0, -1]
 
         key = ("draft_prefill", n - start) if n - start <= self.spec_steps + 1 else None
-        return self._run(key, fn, aux, tokens_after, pos, mask)
+        return self._run(key, fn, aux, tokens_after, torch.tensor([start], device=self.device))
+
+    def _chain_round(self, root_token: int, root_hidden: torch.Tensor, n: int):
+        """Greedy chain: draft S tokens and verify them with every token kept on the device; one host sync
+        at the end reads the accepted count, the bonus and the tokens. Returns (accepted tokens including
+        the bonus, target features of the accepted positions)."""
+        n_t = torch.tensor([n], device=self.device)
+        chain = self._propose_chain(root_token, root_hidden, n_t)
+        s = self.spec_steps
+        offsets = torch.arange(s + 1, device=self.device)
+
+        def verify(tokens, n_t):
+            pos = n_t + offsets
+            mask = self._slots_t[None, :] <= pos[:, None]
+            logits, aux = self.target(tokens[None], pos[None], pos, mask[None])
+            choice = logits[0].argmax(-1)
+            agree = (tokens[1:] == choice[:-1]).long().cumprod(0)
+            accepted = agree.sum()
+            return torch.cat([accepted[None], choice[accepted][None], tokens[1:]]), aux[0]
+
+        summary, aux = self._run(("chain_verify",), verify, chain, n_t)
+        summary = summary.tolist()  # the one host sync of the round
+        a, bonus = summary[0], summary[1]
+        return summary[2:2 + a] + [bonus], aux[:a + 1]
+
+    def _propose_chain(self, root_token: int, root_hidden: torch.Tensor, n_t: torch.Tensor) -> torch.Tensor:
+        """[root, d_1 .. d_S] as a device tensor. Draft token d_k sits at position n-1+k, cache slot n+k-1;
+        it sees the prefix and the chain before it (exactly the TTT step-k pattern)."""
+        tok = self.draft_ids[self.draft.logits(root_hidden[None]).argmax(-1)]
+        tokens = [torch.tensor([root_token], device=self.device), tok]
+        hidden = root_hidden[None, None]
+        for depth in range(1, self.spec_steps):
+            def step(tok, hidden, n_t, depth=depth):
+                pos = n_t - 1 + depth
+                slot = n_t + depth - 1
+                mask = (self._slots_d < n_t) | ((self._slots_d >= n_t) & (self._slots_d <= slot))
+                h = self._draft(tok, hidden, pos, slot, mask[None])
+                return self.draft_ids[self.draft.logits(h[0]).argmax(-1)], h
+
+            tok, hidden = self._run(("chain_step", depth), step, tok, hidden, n_t)
+            tokens.append(tok)
+        return torch.cat(tokens)
 
     def _propose(self, root_token: int, root_hidden: torch.Tensor, n: int, gen) -> Tree:
         """Best-first tree (EAGLE-2 style): expand the `topk` best frontier nodes per depth, then keep the

@@ -178,6 +178,18 @@ def causal_attention(q, k, v, mask: Optional[torch.Tensor] = None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def grouped_attention(q, k, v, mask: torch.Tensor):
+    """Attention of q [B, Hq, S, D] over a KV cache k, v [B, Hkv, L, D] under a boolean mask [B, S, L]
+    (True = attend). Query heads sharing a kv head are folded into the row dimension, so no repeated K/V
+    and no GQA special case: one plain attention with Hkv heads and Hq/Hkv*S rows."""
+    b, hq, s, d = q.shape
+    hk = k.shape[1]
+    g = hq // hk
+    rows = mask[:, None, None].expand(b, 1, g, s, mask.shape[-1]).reshape(b, 1, g * s, mask.shape[-1])
+    o = F.scaled_dot_product_attention(q.reshape(b, hk, g * s, d), k, v, attn_mask=rows)
+    return o.view(b, hq, s, d)
+
+
 def init_draft_weights(draft: Eagle3Draft, seed: Optional[int] = None, std: float = 0.02) -> None:
     """Normal(0, std) for linear weights, ones for norms (what HF Llama init does)."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None

@@ -8,11 +8,10 @@ an explicit boolean mask over slots. That one mechanism serves a decode step (1 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..targets import decoder_parts, text_config
-from .draft import apply_rope
+from .draft import apply_rope, grouped_attention
 
 
 class StaticTarget(nn.Module):
@@ -49,7 +48,6 @@ class StaticTarget(nn.Module):
         h = self.embed_tokens(tokens)
         cos, sin = self.rope(h, positions)
         aux = {}
-        attn_mask = mask[:, None]
         for i, layer in enumerate(self.layers):
             if i in self.aux_layer_ids:
                 aux[i] = h
@@ -64,8 +62,7 @@ class StaticTarget(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             self.k_cache[i].index_copy_(2, slots, k)
             self.v_cache[i].index_copy_(2, slots, v)
-            o = F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=attn_mask,
-                                               enable_gqa=self.num_heads != self.num_kv_heads)
+            o = grouped_attention(q, self.k_cache[i], self.v_cache[i], mask)
             h = h + a.o_proj(o.transpose(1, 2).reshape(b, s, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = self.lm_head(self.norm(h))
