@@ -96,7 +96,12 @@ def main():
 
     rows["target decode step (1 token)"] = time_ms(target_step(1))
     rows[f"target verify, chain (S+1={s + 1} tokens)"] = time_ms(target_step(s + 1))
+    chain_dec = dec
+    # A decoder set up for the tree, so that its T-token verify is captured too.
+    dec = SpecDecoder(target, draft, ids, max_len=args.context + 64, spec_steps=s, topk=k, num_draft_tokens=t_nodes,
+                      cuda_graphs=not args.eager)
     rows[f"target verify, tree (T={t_nodes} tokens)"] = time_ms(target_step(t_nodes))
+    dec = chain_dec
     hid = torch.randn(1, draft.config.hidden_size, device=dev, dtype=torch.bfloat16)
 
     def draft_step(rows_):

@@ -178,15 +178,19 @@ def causal_attention(q, k, v, mask: Optional[torch.Tensor] = None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def grouped_attention(q, k, v, mask: torch.Tensor):
-    """Attention of q [B, Hq, S, D] over a KV cache k, v [B, Hkv, L, D] under a boolean mask [B, S, L]
+def group_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """A boolean mask [B, S, L] repeated for the `groups` query heads that share a kv head: [B, 1, G*S, L]."""
+    b, s, length = mask.shape
+    return mask[:, None, None].expand(b, 1, groups, s, length).reshape(b, 1, groups * s, length)
+
+
+def grouped_attention(q, k, v, rows_mask: torch.Tensor):
+    """Attention of q [B, Hq, S, D] over a KV cache k, v [B, Hkv, L, D]; `rows_mask` from `group_mask`
     (True = attend). Query heads sharing a kv head are folded into the row dimension, so no repeated K/V
     and no GQA special case: one plain attention with Hkv heads and Hq/Hkv*S rows."""
     b, hq, s, d = q.shape
     hk = k.shape[1]
-    g = hq // hk
-    rows = mask[:, None, None].expand(b, 1, g, s, mask.shape[-1]).reshape(b, 1, g * s, mask.shape[-1])
-    o = F.scaled_dot_product_attention(q.reshape(b, hk, g * s, d), k, v, attn_mask=rows)
+    o = F.scaled_dot_product_attention(q.reshape(b, hk, hq // hk * s, d), k, v, attn_mask=rows_mask)
     return o.view(b, hq, s, d)
 
 
