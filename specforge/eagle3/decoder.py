@@ -225,7 +225,8 @@ class SpecDecoder:
             choice = logits[0].argmax(-1)
             agree = (tokens[1:] == choice[:-1]).long().cumprod(0)
             accepted = agree.sum()
-            return torch.cat([accepted[None], choice[accepted][None], tokens[1:]]), aux[0]
+            bonus = choice.index_select(0, accepted[None])  # no host sync: this runs inside a graph
+            return torch.cat([accepted[None], bonus, tokens[1:]]), aux[0]
 
         summary, aux = self._run(("chain_verify",), verify, chain, n_t)
         summary = summary.tolist()  # the one host sync of the round
