@@ -191,7 +191,7 @@ def grouped_attention(q, k, v, rows_mask: torch.Tensor):
     b, hq, s, d = q.shape
     hk = k.shape[1]
     o = F.scaled_dot_product_attention(q.reshape(b, hk, hq // hk * s, d), k, v, attn_mask=rows_mask)
-    return o.view(b, hq, s, d)
+    return o.reshape(b, hq, s, d)
 
 
 def init_draft_weights(draft: Eagle3Draft, seed: Optional[int] = None, std: float = 0.02) -> None:
