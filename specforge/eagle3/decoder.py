@@ -198,7 +198,7 @@ class SpecDecoder:
 
     def _draft_prefill(self, aux, tokens_after, start: int, n: int) -> torch.Tensor:
         """Step 0 for positions start..n-1: target features there plus the token after each."""
-        steps = torch.arange(n - start, device=self.device)
+        steps = self._slots_d[:n - start]  # a view of a persistent tensor: a captured graph may read it later
 
         def fn(aux, toks, start_t):  # positions and mask are built on the device (inside the graph)
             pos = start_t + steps
@@ -216,7 +216,7 @@ class SpecDecoder:
         n_t = torch.tensor([n], device=self.device)
         chain = self._propose_chain(root_token, root_hidden, n_t)
         s = self.spec_steps
-        offsets = torch.arange(s + 1, device=self.device)
+        offsets = self._slots_d[:s + 1]  # persistent, as the captured graph reads it on every replay
 
         def verify(tokens, n_t):
             pos = n_t + offsets
@@ -360,7 +360,9 @@ class SpecDecoder:
 
 
 class CapturedCall:
-    """A CUDA graph of fn over static input buffers; replay copies new inputs into them first."""
+    """A CUDA graph of fn over static input buffers; replay copies new inputs into them first.
+    Any other tensor fn reads must outlive the graph (a module buffer, not a temporary of the first call):
+    replays read the memory the capture saw."""
 
     def __init__(self, fn, args):
         self.inputs = [a.clone() for a in args]
