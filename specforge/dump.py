@@ -6,9 +6,11 @@ complete or absent, and a rerun of the same command continues after the last com
 from __future__ import annotations
 
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from .config import Config
@@ -19,6 +21,7 @@ from .data.template import Sample, ensure_chat_template, tokenize_conversation
 from .targets import FeatureCapture, aux_layer_ids, config_sha256, load_target, resolve_device
 
 DUMP_DTYPES = ("bfloat16", "float32", "float8")
+WRITERS = 2  # shards being written at once (hashing and file writes release the GIL)
 
 
 def dump_dir(cfg: Config) -> Path:
@@ -68,16 +71,17 @@ def write_dump(target, samples: list[Sample], ids: list[int], identity: DumpIden
     total = sum(len(s.input_ids) for s in samples)
     bar = tqdm(total=total, initial=manifest.tokens, desc="dump-hidden", unit="tok", unit_scale=True)
     t0, tokens0 = time.perf_counter(), manifest.tokens
-    # One writer thread: shard i is serialised, hashed and written while the target computes shard i+1.
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        pending = None
+    # Writer threads: shards are serialised, hashed and written while the target computes the next ones;
+    # the manifest still takes them in order, so it never lists a shard after a missing one.
+    pending = deque()
+    with ThreadPoolExecutor(max_workers=WRITERS) as writer:
         for index in range(done, num_shards):
             rows = _features(capture, samples[bounds[index]:bounds[index + 1]], batch_size, device)
-            if pending is not None:
-                _record(manifest, pending.result(), out, bar, t0, tokens0)
-            pending = writer.submit(write_shard, out, index, rows, identity.dtype)
-        if pending is not None:
-            _record(manifest, pending.result(), out, bar, t0, tokens0)
+            while len(pending) >= WRITERS:
+                _record(manifest, pending.popleft().result(), out, bar, t0, tokens0)
+            pending.append(writer.submit(write_shard, out, index, rows, identity.dtype))
+        while pending:
+            _record(manifest, pending.popleft().result(), out, bar, t0, tokens0)
     bar.close()
     capture.remove()
     manifest.complete = True
@@ -96,16 +100,27 @@ def _record(manifest: Manifest, entry: dict, out: Path, bar, t0: float, tokens0:
 
 
 def _features(capture: FeatureCapture, chunk: list[Sample], batch_size: int, device) -> list[Sample]:
-    """Target features of each sample, batched by similar length; returned in the chunk's order."""
+    """Target features of each sample, batched by similar length; returned in the chunk's order.
+    On a GPU the copies to the host go to pinned memory without blocking, so the next batch's forward is
+    queued at once; one synchronisation at the end of the shard."""
     order = sorted(range(len(chunk)), key=lambda i: len(chunk[i].input_ids))
     rows: list = [None] * len(chunk)
+    cuda = torch.device(device).type == "cuda"
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         batch = collate([chunk[i] for i in idx]).to(device)
         f = capture.run(batch.input_ids, batch.attention_mask)
-        aux, prenorm = f.aux.cpu(), f.prenorm.cpu()
+        aux, prenorm = _to_host(f.aux, cuda), _to_host(f.prenorm, cuda)
         for r, i in enumerate(idx):
             n = len(chunk[i].input_ids)
-            rows[i] = Sample(chunk[i].input_ids, chunk[i].loss_mask, chunk[i].id, aux[r, :n].clone(),
-                             prenorm[r, :n].clone())
+            rows[i] = Sample(chunk[i].input_ids, chunk[i].loss_mask, chunk[i].id, aux[r, :n], prenorm[r, :n])
+    if cuda:
+        torch.cuda.current_stream().synchronize()
     return rows
+
+
+def _to_host(x: torch.Tensor, cuda: bool) -> torch.Tensor:
+    if not cuda:
+        return x.clone()  # the capture's tensors are reused by the next forward
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    return host.copy_(x, non_blocking=True)
