@@ -244,8 +244,3 @@ class FeatureCapture:
         self._store.clear()
         return feats
 
-
-def save_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)

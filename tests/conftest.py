@@ -14,6 +14,17 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 from specforge.eagle3.draft import Eagle3Draft, draft_config, init_draft_weights
 
 
+def causal_attention(q, k, v):
+    """Plain causal attention with grouped kv heads, queries aligned to the last keys: the reference
+    attention the tests run the draft with (step 0 over a prefix, then a chain over a growing cache)."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    tq, tk = q.shape[-2], k.shape[-2]
+    mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def tiny_llama_config(vocab_size=256, **kw) -> LlamaConfig:
     base = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,

@@ -6,9 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from specforge.eagle3.checkpoint import load_draft, save_draft
-from specforge.eagle3.draft import causal_attention
 
-from .conftest import tiny_draft, tiny_target
+from .conftest import causal_attention, tiny_draft, tiny_target
 
 
 def reference_draft_logits(sd, embed_w, ids_next, aux, cfg):

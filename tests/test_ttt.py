@@ -2,10 +2,9 @@
 
 import torch
 
-from specforge.eagle3.draft import causal_attention
 from specforge.eagle3.ttt import SoftLabels, shift_left, ttt_loss, ttt_unroll
 
-from .conftest import tiny_draft, tiny_target
+from .conftest import causal_attention, tiny_draft, tiny_target
 
 
 class KVCache:

@@ -6,7 +6,6 @@ folder that exists is complete."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -154,8 +153,3 @@ def load_draft(folder: str | Path, embed_tokens: Optional[nn.Embedding] = None,
         raise SystemExit(f"{folder}: tensors do not match an EAGLE-3 draft (missing {missing}, unexpected {unexpected})")
     return draft.to(device=device, dtype=dtype)
 
-
-def save_atomic_torch(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

@@ -5,7 +5,6 @@ This is the only definition of the draft forward. Training (TTT, `ttt.py`) and d
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch
@@ -166,18 +165,6 @@ def apply_rope(x, cos, sin):
     return x * cos + rotated * sin
 
 
-def causal_attention(q, k, v, mask: Optional[torch.Tensor] = None):
-    """Plain attention with grouped kv heads; `mask` is boolean [.., Tq, Tk] (True = attend) or None for causal
-    with queries aligned to the last keys. Used by decoding with a KV cache."""
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
-    if mask is None:
-        tq, tk = q.shape[-2], k.shape[-2]
-        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
 def group_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
     """A boolean mask [B, S, L] repeated for the `groups` query heads that share a kv head: [B, 1, G*S, L]."""
     b, s, length = mask.shape
@@ -209,5 +196,3 @@ def init_draft_weights(draft: Eagle3Draft, seed: Optional[int] = None, std: floa
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
-
-__all__ = ["Eagle3Draft", "draft_config", "causal_attention", "init_draft_weights", "apply_rope", "math"]
