@@ -45,9 +45,12 @@ def test_online_and_offline_training_give_the_same_losses(tmp_path, tiny_target_
                                rtol=1e-5, atol=1e-5)
     for key in ("loss_0", "acc_0", "acc_2"):
         assert abs(on["eval"][key] - off["eval"][key]) < 1e-4
-    # Both runs built the same draft vocabulary.
-    assert torch.equal(load_file(str(tmp_path / "online" / "vocab.safetensors"))["d2t"],
-                       load_file(str(tmp_path / "offline" / "vocab.safetensors"))["d2t"])
+    # Both runs built the same draft vocabulary, and so does `build-vocab` from the dump.
+    online_d2t = load_file(str(tmp_path / "online" / "vocab.safetensors"))["d2t"]
+    assert torch.equal(online_d2t, load_file(str(tmp_path / "offline" / "vocab.safetensors"))["d2t"])
+    main(["build-vocab", "--target", str(tiny_target_folder), f"out_dir={tmp_path / 'v'}", f"data.train_path={data}",
+          "data.eval_every=5", "target.draft.draft_vocab_size=512", "train.mode=offline", f"train.hidden={dump}"])
+    assert torch.equal(online_d2t, load_file(str(tmp_path / "v" / "vocab.safetensors"))["d2t"])
 
 
 def test_small_window_streams_every_sample_once(tmp_path, tiny_target_folder, data):

@@ -20,8 +20,7 @@ from ..data.regenerate import regenerate
 from ..data.template import ensure_chat_template, tokenize_conversation
 from ..data.vocab import build_vocab, count_tokens, coverage, load_vocab, save_vocab
 from ..data.shards import load_manifest, read_shard, read_tokens
-from ..targets import (FeatureCapture, TargetHead, aux_layer_ids, config_sha256, decoder_parts,
-                       default_aux_layers, load_target, load_target_head, resolve_device, resolve_dtype,
+from ..targets import (FeatureCapture, TargetHead, aux_layer_ids, config_sha256, default_aux_layers, load_target, load_target_head, resolve_device, resolve_dtype,
                        text_config)
 from .checkpoint import load_draft, save_draft
 from .draft import Eagle3Draft, draft_config, init_draft_weights, param_count
@@ -83,8 +82,12 @@ def load_splits(cfg: Config, model, tok):
             [c for i, c in enumerate(convs) if is_held_out(cfg, i)])
 
 
+def vocab_path(cfg: Config) -> Path:
+    return Path(cfg.data.vocab_path) if cfg.data.vocab_path else cfg.output_dir() / "vocab.safetensors"
+
+
 def vocab_for(cfg: Config, samples, target_vocab: int, draft_vocab: int):
-    path = Path(cfg.data.vocab_path) if cfg.data.vocab_path else cfg.output_dir() / "vocab.safetensors"
+    path = vocab_path(cfg)
     if path.is_file():
         return load_vocab(path, target_vocab, draft_vocab)
     counts = count_tokens(samples, target_vocab)
@@ -385,14 +388,13 @@ def _log_eval(writer, m: dict, step: int):
 
 
 def build_vocab_cmd(cfg: Config) -> Path:
-    """`specforge build-vocab`: (re)build d2t/t2d from the loss-masked tokens of the training data."""
-    device = resolve_device(cfg.device)
-    target, tok = load_target(cfg.target, device)
-    ensure_chat_template(tok, cfg.data.chat_template)
-    train_convs, _ = load_splits(cfg, target, tok)
-    samples = [tokenize_conversation(tok, c, cfg.data.max_length) for c in train_convs]
-    path = Path(cfg.data.vocab_path) if cfg.data.vocab_path else cfg.output_dir() / "vocab.safetensors"
+    """`specforge build-vocab`: (re)build d2t/t2d from the loss-masked tokens of the training data, read
+    the way training reads it (online: tokenised conversations; offline: the dump's ids and masks)."""
+    setup = online_setup if cfg.train.mode == "online" else offline_setup
+    head, _, features, _, samples = setup(cfg, resolve_device(cfg.device))
+    features.close()
+    path = vocab_path(cfg)
     path.unlink(missing_ok=True)
-    vocab_size = decoder_parts(target)[0].weight.shape[0]
+    vocab_size = head.embed.weight.shape[0]
     vocab_for(cfg, samples, vocab_size, min(cfg.target.draft.draft_vocab_size, vocab_size))
     return path
