@@ -67,8 +67,10 @@ class SpecDecoder:
         self._graphs: dict = {}
         # Greedy chains take a path that keeps tokens on the device: one host sync per round.
         self.fast_chain = fast_chain and topk == 1 and temperature <= 0
-        self._slots_t = torch.arange(self.target.k_cache.shape[3], device=self.device)
-        self._slots_d = torch.arange(self.draft_slots, device=self.device)
+        # Slot indices of both caches, persistent (captured graphs read them on every replay).
+        self._arange = torch.arange(max(self.target.k_cache.shape[3], self.draft_slots), device=self.device)
+        self._slots_t = self._arange[:self.target.k_cache.shape[3]]
+        self._slots_d = self._arange[:self.draft_slots]
 
     # ---- the forwards, each over its static cache; replayed from CUDA graphs where enabled ----
 
@@ -98,7 +100,8 @@ class SpecDecoder:
         return self.draft.layer(self.draft.embed(tokens[None]), hidden, positions[None], attend)
 
     def _prefix_mask(self, rows: int, length: int, slots: int) -> torch.Tensor:
-        return (torch.arange(slots, device=self.device) < length).expand(rows, slots).clone()
+        """[rows, slots] boolean, True on the first `length` slots (a fresh tensor, for the caller to edit)."""
+        return (self._arange[:slots] < length).expand(rows, slots).clone()
 
     # ---- plain decoding ----
 
@@ -147,8 +150,7 @@ class SpecDecoder:
         if m + 1 >= self.max_len:
             raise ValueError(f"prompt of {m} tokens does not fit max_len={self.max_len}")
         idx = torch.arange(m, device=self.device)
-        slots = self.target.k_cache.shape[3]
-        mask = torch.arange(slots, device=self.device)[None, :] <= idx[:, None]
+        mask = self._slots_t[None, :] <= idx[:, None]
         logits, aux = self._target(torch.tensor(prompt, device=self.device), idx, idx, mask)
         return logits[0, -1], aux[0]
 
@@ -198,7 +200,7 @@ class SpecDecoder:
 
     def _draft_prefill(self, aux, tokens_after, start: int, n: int) -> torch.Tensor:
         """Step 0 for positions start..n-1: target features there plus the token after each."""
-        steps = self._slots_d[:n - start]  # a view of a persistent tensor: a captured graph may read it later
+        steps = self._arange[:n - start]  # a view of a persistent tensor: a captured graph may read it later
 
         def fn(aux, toks, start_t):  # positions and mask are built on the device (inside the graph)
             pos = start_t + steps
@@ -216,7 +218,7 @@ class SpecDecoder:
         n_t = torch.tensor([n], device=self.device)
         chain = self._propose_chain(root_token, root_hidden, n_t)
         s = self.spec_steps
-        offsets = self._slots_d[:s + 1]  # persistent, as the captured graph reads it on every replay
+        offsets = self._arange[:s + 1]  # persistent, as the captured graph reads it on every replay
 
         def verify(tokens, n_t):
             pos = n_t + offsets
