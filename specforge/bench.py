@@ -18,7 +18,7 @@ from .data.conversations import bundled_path, read_jsonl
 from .data.template import ensure_chat_template, prompt_ids
 from .eagle3.checkpoint import load_draft
 from .eagle3.decoder import SpecDecoder
-from .targets import decoder_parts, load_target, resolve_device
+from .targets import decoder_parts, load_target, resolve_device, text_config
 
 
 def run_bench(cfg: Config) -> dict:
@@ -30,7 +30,8 @@ def run_bench(cfg: Config) -> dict:
     if not (draft_dir / "config.json").is_file():
         raise SystemExit(f"no draft at {draft_dir}: train one (`specforge train`) or pass bench.draft=DIR")
     embed = decoder_parts(target)[0]
-    draft = load_draft(draft_dir, embed, dtype=embed.weight.dtype, device=device).eval()
+    draft = load_draft(draft_dir, embed, dtype=embed.weight.dtype, device=device,
+                       num_target_layers=text_config(target.config).num_hidden_layers).eval()
     aux_ids = draft.config.eagle_aux_hidden_state_layer_ids
     if not aux_ids:
         from .targets import aux_layer_ids

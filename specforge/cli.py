@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
 def _common(p: argparse.ArgumentParser):
     p.add_argument("--target", default=None, help="preset name (configs/targets) or a checkpoint folder")
     p.add_argument("--config", default=None, help="a YAML recipe merged over the preset")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template for a tokenizer that has none (data.chat_template)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4 data.max_length=1024")
 
 
@@ -20,6 +23,10 @@ def main(argv=None):
     p.add_argument("--mode", choices=["online", "offline"], default=None)
     p.add_argument("--hidden", default=None, help="offline: the dump-hidden folder (train.hidden)")
     p.add_argument("--data", default=None, help="training JSONL (data.train_path)")
+    p.add_argument("--resume", nargs="?", const="latest", default=None,
+                   help="continue from a checkpoints/step_* folder, or the newest one (train.resume)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic GPU kernels: bitwise-repeatable losses (train.deterministic)")
     p = sub.add_parser("dump-hidden", help="run the target once and store its features for offline training")
     _common(p)
     p.add_argument("--data", default=None, help="training JSONL (data.train_path)")
@@ -45,11 +52,17 @@ def main(argv=None):
     from .config import load_config
 
     overrides = list(args.overrides) + extra
+    resume = getattr(args, "resume", None)
+    if resume and "=" in resume and not os.path.isdir(resume):  # `--resume key=value`: a bare --resume
+        overrides.insert(0, resume)
+        args.resume = "latest"
     if getattr(args, "mode", None):
         overrides.append(f"train.mode={args.mode}")
     flags = {"spec_steps": "bench.spec_steps", "topk": "bench.topk", "num_draft_tokens": "bench.num_draft_tokens",
              "temperature": "bench.temperature", "draft": "bench.draft", "prompts": "bench.prompts",
-             "hidden": "train.hidden", "data": "data.train_path", "out": "dump.out"}
+             "hidden": "train.hidden", "data": "data.train_path", "out": "dump.out",
+             "chat_template": "data.chat_template", "resume": "train.resume",
+             "deterministic": "train.deterministic"}
     for flag, key in flags.items():
         if getattr(args, flag, None) is not None:
             overrides.insert(0, f"{key}={getattr(args, flag)}")

@@ -48,6 +48,10 @@ class DataConfig:
     eval_path: Optional[str] = None
     eval_every: int = 10  # without eval_path, every n-th training conversation is held out
     max_length: int = 512
+    too_long: str = "truncate"  # truncate | drop: conversations longer than max_length (the count is printed)
+    # raise | skip: a bad line (malformed JSON, unknown role, no or empty assistant turn) stops the run with
+    # its file, line and field, or is skipped and counted (reported once per file).
+    on_error: str = "raise"
     chat_template: Optional[str] = None  # a Jinja template file, for tokenizers that have none
     vocab_path: Optional[str] = None  # d2t/t2d file; None = <out_dir>/vocab.safetensors (built if absent)
 
@@ -96,6 +100,18 @@ class TrainConfig:
     eval_interval: Optional[int] = None  # steps between held-out evaluations; None = at the end only
     save_interval: Optional[int] = None  # steps between checkpoints; None = at the end only
     save_dtype: str = "bfloat16"
+    keep_checkpoints: int = 2  # newest checkpoints/step_* folders kept (0 = all)
+    # Continue a stopped run: a checkpoints/step_* folder, or "latest" (the newest under out_dir; a fresh
+    # start when there is none, so the same command can be rerun after every interruption).
+    resume: Optional[str] = None
+    stop_after: Optional[int] = None  # leave (with a checkpoint) at this step; the schedule still spans max_steps
+    max_nonfinite: int = 20  # non-finite steps in a row (skipped, counted) before the run stops
+    # Deterministic algorithms on the GPU (bitwise-repeatable losses, at a measured cost); the CPU always is.
+    deterministic: bool = False
+    attention: str = "auto"  # TTT attention: auto (flex on GPU, reference on CPU) | flex | reference
+    fused_loss: bool = True  # chunked lm_head + soft cross-entropy (never all [tokens, draft_vocab] logits alive)
+    loss_chunk: Optional[int] = None  # rows of logits per chunk of the fused loss; None = 256 MB worth
+    loss_recompute: bool = False  # fused loss: recompute logits in backward (least memory, slower)
     init_from: Optional[str] = None  # start from a serving-format draft checkpoint
     # Start the draft's lm_head and final norm from the target's (its draft-vocab rows): the draft then
     # only has to learn to land in the target's own output space, which speeds early training a lot.

@@ -71,6 +71,10 @@ def target_folder(cfg: TargetConfig) -> str:
     """Where the weights are, or a clear error saying where they were looked for."""
     if cfg.path:
         p = Path(cfg.path)
+        if not p.exists():
+            raise SystemExit(f"target {cfg.name}: {p} does not exist (target.path)")
+        if not p.is_dir():
+            raise SystemExit(f"target {cfg.name}: {p} is not a folder (target.path wants an HF checkpoint folder)")
         if not (p / "config.json").is_file():
             raise SystemExit(f"target {cfg.name}: {p} has no config.json (not an HF checkpoint folder)")
         return str(p)
@@ -95,19 +99,48 @@ def text_config(config):
     return getattr(config, "text_config", None) or config
 
 
+def checked_config(folder: str | Path):
+    """The folder's HF config, once config.json is known to be JSON naming a causal LM; otherwise an
+    error naming the file and what is wrong with it."""
+    from transformers import AutoConfig
+
+    path = Path(folder) / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"target {path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(raw, dict):
+        raise SystemExit(f"target {path}: expected a JSON object, got {type(raw).__name__}")
+    archs = raw.get("architectures")
+    if not archs:
+        raise SystemExit(f"target {path}: no 'architectures' field, so not a causal LM checkpoint")
+    if not any(str(a).endswith(("ForCausalLM", "ForConditionalGeneration")) for a in archs):
+        raise SystemExit(f"target {path}: architectures {archs} is not a causal LM (want *ForCausalLM)")
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except Exception as e:
+        raise SystemExit(f"target {path}: transformers cannot read it ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def load_target(cfg: TargetConfig, device: torch.device, dtype: Optional[torch.dtype] = None):
     """Returns (model, tokenizer), the model frozen in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = target_folder(cfg)
-    hf_config = AutoConfig.from_pretrained(folder)
-    if not any(a.endswith("ForCausalLM") or a.endswith("ForConditionalGeneration")
-               for a in (hf_config.architectures or [])):
-        raise SystemExit(f"target {folder}: architectures {hf_config.architectures} is not a causal LM")
+    checked_config(folder)
     dtype = dtype or resolve_dtype(cfg.dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    except Exception as e:
+        raise SystemExit(f"target {folder}: cannot load the model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     model.eval().requires_grad_(False)
-    tok = AutoTokenizer.from_pretrained(folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise SystemExit(f"target {folder}: cannot load the tokenizer ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return model, tok
 
 
@@ -131,12 +164,11 @@ def load_target_head(cfg: TargetConfig, device: torch.device, dtype: Optional[to
     """Only the embedding, final norm and lm_head, read from the checkpoint's safetensors files: offline
     training never holds the whole target."""
     from safetensors import safe_open
-    from transformers import AutoConfig
 
     from .eagle3.draft import RMSNorm
 
     folder = Path(target_folder(cfg))
-    config = AutoConfig.from_pretrained(folder)
+    config = checked_config(folder)
     tc = text_config(config)
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     wanted = {"embed": "embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}

@@ -154,3 +154,33 @@ def test_fp8_dump_trains_close_to_bf16(tmp_path, tiny_target_folder, data):
         train(_cfg(tiny_target_folder, data, tmp_path / f"t-{dtype}", "train.mode=offline", f"train.hidden={dump}"))
         losses[dtype] = json.loads((tmp_path / f"t-{dtype}" / "metrics.json").read_text())["train_losses"]
     torch.testing.assert_close(torch.tensor(losses["float8"]), torch.tensor(losses["bfloat16"]), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "float8"])
+def test_streamed_shard_is_standard_safetensors(tmp_path, dtype):
+    """The shard writer builds the file itself (no concatenated copy); safetensors must read back exactly
+    the tensors that `save_file` of the concatenation would hold, and the recorded checksum is the file's."""
+    from safetensors.torch import load_file
+
+    from specforge.data.shards import encode, file_sha256, write_shard
+    from specforge.data.template import Sample
+
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for n in (5, 1, 9):
+        samples.append(Sample(torch.randint(0, 1000, (n,), generator=g), torch.rand(n, generator=g) > 0.5,
+                              aux=torch.randn(n, 12, generator=g).bfloat16(),
+                              prenorm=torch.randn(n, 4, generator=g).bfloat16()))
+    entry = write_shard(tmp_path, 3, samples, dtype)
+    path = tmp_path / entry["file"]
+    assert entry["bytes"] == path.stat().st_size and entry["sha256"] == file_sha256(path)
+    got = load_file(str(path))
+    want = {"input_ids": torch.cat([s.input_ids for s in samples]).int(),
+            "loss_mask": torch.cat([s.loss_mask for s in samples]).to(torch.uint8),
+            "offsets": torch.tensor([0, 5, 6, 15])}
+    for key in ("aux", "prenorm"):
+        for suffix, t in encode(torch.cat([getattr(s, key) for s in samples]), dtype).items():
+            want[key + (f".{suffix}" if suffix else "")] = t
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k

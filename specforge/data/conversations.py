@@ -4,7 +4,8 @@ Accepted lines (one JSON object each):
 - OpenAI form:   {"messages": [{"role": "user", "content": "..."}, ...]}
 - ShareGPT form: {"conversations": [{"from": "human", "value": "..."}, ...]}
 - prompt form:   {"turns": ["first user turn", "follow-up", ...]}  (user turns only, answers to be generated)
-Every error names the file, the line and the field."""
+Every error names the file, the line and the field. With on_error="skip" bad lines are skipped instead,
+counted, and reported once per file."""
 
 from __future__ import annotations
 
@@ -41,7 +42,12 @@ def bundled_path(name: str) -> Path:
     return Path(str(resources.files("specforge.data").joinpath("prompts", name)))
 
 
-def parse_line(obj, where: str) -> Conversation:
+ON_ERROR = ("raise", "skip")
+
+
+def parse_line(obj, where: str, need_answer: bool = False) -> Conversation:
+    """One JSONL object as a Conversation. need_answer (training data): the conversation must hold an
+    assistant turn, and no assistant turn may be empty; prompt files (bench, prepare-data) need neither."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "turns" in obj and not ("messages" in obj or "conversations" in obj):
@@ -49,6 +55,9 @@ def parse_line(obj, where: str) -> Conversation:
         if not isinstance(turns, list) or not turns or not all(isinstance(t, str) and t.strip() for t in turns):
             raise DataError(f"{where}: field 'turns' must be a non-empty list of non-empty strings")
         messages = [{"role": "user", "content": t} for t in turns]
+        if need_answer:
+            raise DataError(f"{where}: field 'turns' holds prompts only, no assistant turn "
+                            "(answer prompts with `specforge prepare-data`)")
     else:
         if "messages" in obj:
             key, role_key, text_key = "messages", "role", "content"
@@ -68,28 +77,51 @@ def parse_line(obj, where: str) -> Conversation:
                 raise DataError(f"{where}: {key}[{i}].{role_key}: unknown role {m[role_key]!r}")
             if not isinstance(m[text_key], str):
                 raise DataError(f"{where}: {key}[{i}].{text_key} must be a string")
+            if need_answer and role == "assistant" and not m[text_key].strip():
+                raise DataError(f"{where}: {key}[{i}].{text_key}: assistant text is empty")
             messages.append({"role": role, "content": m[text_key]})
+        if need_answer and not any(m["role"] == "assistant" for m in messages):
+            raise DataError(f"{where}: field '{key}' has no assistant turn "
+                            "(answer prompts with `specforge prepare-data`)")
     return Conversation(messages=messages, id=str(obj.get("id", "")), category=str(obj.get("category", "")))
 
 
-def read_jsonl(path: str | Path) -> Iterator[Conversation]:
+def read_jsonl(path: str | Path, on_error: str = "raise", need_answer: bool = False) -> Iterator[Conversation]:
+    """Conversations of a JSONL file. on_error="raise": the first bad line is a DataError naming file, line
+    and field; "skip": bad lines are left out and reported once, when the file is done."""
+    if on_error not in ON_ERROR:
+        raise DataError(f"data.on_error={on_error!r}: choose one of {', '.join(ON_ERROR)}")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    lines = kept = 0
+    first = ""
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            lines += 1
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            conv = parse_line(obj, where)
+                try:
+                    obj = json.loads(line.rstrip())
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+                conv = parse_line(obj, where, need_answer)
+            except DataError as e:
+                if on_error == "raise":
+                    raise
+                first = first or str(e)
+                continue
+            kept += 1
             conv.meta["source"] = where
             if not conv.id:
                 conv.id = f"{path.stem}-{lineno}"
             yield conv
+    if kept < lines:
+        print(f"data: skipped {lines - kept} of {lines} lines of {path} (first: {first})", flush=True)
+        if not kept:
+            raise DataError(f"{path}: every line was bad (first: {first})")
 
 
 def needs_answers(conv: Conversation) -> bool:

@@ -6,6 +6,7 @@ folder that exists is complete."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -68,8 +69,14 @@ def speculators_config(serving: dict, verifier: str, num_speculative_tokens: int
     }
 
 
+TRAIN_STATE = "train_state.pt"
+
+
 def save_draft(draft: Eagle3Draft, folder: str | Path, dtype: torch.dtype = torch.bfloat16,
-               layout: str = "sglang", verifier: str = "", extra: Optional[dict] = None) -> Path:
+               layout: str = "sglang", verifier: str = "", extra: Optional[dict] = None,
+               train_state: Optional[dict] = None) -> Path:
+    """`train_state` (optimizer, scheduler, data position, RNG, full-precision weights) goes in the same
+    folder, so a folder that exists is a complete checkpoint to serve and to resume from."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
@@ -88,6 +95,11 @@ def save_draft(draft: Eagle3Draft, folder: str | Path, dtype: torch.dtype = torc
     if extra:
         config["specforge"] = extra
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    if train_state is not None:
+        torch.save(train_state, tmp / TRAIN_STATE)
+    for f in tmp.iterdir():  # on disk before the rename makes the folder visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -125,31 +137,87 @@ def config_from_serving(config: dict) -> LlamaConfig:
 
 
 def load_draft(folder: str | Path, embed_tokens: Optional[nn.Embedding] = None,
-               dtype: torch.dtype = torch.float32, device="cpu") -> Eagle3Draft:
-    """Any checkpoint in the serving format (ours or trained elsewhere)."""
+               dtype: torch.dtype = torch.float32, device="cpu", num_target_layers: Optional[int] = None) -> Eagle3Draft:
+    """Any checkpoint in the serving format (ours or trained elsewhere). With the target's embedding (and
+    layer count), a draft made for another target is refused with the folder and the field that differs."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise SystemExit(f"{folder}: not a draft checkpoint (no config.json)")
-    cfg = config_from_serving(json.loads(cfg_path.read_text()))
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"{cfg_path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    try:
+        cfg = config_from_serving(raw)
+    except KeyError as e:
+        raise SystemExit(f"{cfg_path}: field {e.args[0]!r} is missing (not a serving-format EAGLE-3 draft?)") from None
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise SystemExit(f"{folder}: no .safetensors file")
     tensors = {}
     for f in files:
         tensors.update(load_file(str(f)))
-    if embed_tokens is not None and embed_tokens.weight.shape != (cfg.vocab_size, cfg.hidden_size):
-        raise SystemExit(
-            f"{folder}: draft expects target vocab {cfg.vocab_size} and hidden {cfg.hidden_size}, but the "
-            f"target's embedding is {tuple(embed_tokens.weight.shape)}"
-        )
+    if embed_tokens is not None:
+        rows, width = embed_tokens.weight.shape
+        if cfg.vocab_size != rows:
+            raise SystemExit(f"{folder}: vocab_size={cfg.vocab_size} in config.json, but the target's vocabulary "
+                             f"has {rows} tokens (a draft for another target?)")
+        if cfg.hidden_size != width:
+            raise SystemExit(f"{folder}: hidden_size={cfg.hidden_size} in config.json, but the target's hidden "
+                             f"size is {width} (a draft for another target?)")
+    ids = cfg.eagle_aux_hidden_state_layer_ids
+    if ids is not None and len(ids) != 3:
+        raise SystemExit(f"{folder}: eagle_aux_hidden_state_layer_ids={ids} in config.json; EAGLE-3 reads 3 layers")
+    if ids and num_target_layers is not None and not all(0 <= i < num_target_layers for i in ids):
+        raise SystemExit(f"{folder}: eagle_aux_hidden_state_layer_ids={ids} in config.json, but the target has "
+                         f"{num_target_layers} layers")
+    fc = tensors.get("fc.weight")
+    if fc is not None and fc.dim() == 2 and fc.shape[1] != 3 * cfg.hidden_size:
+        layers = f"{fc.shape[1] / cfg.hidden_size:g}"
+        raise SystemExit(f"{folder}: fc.weight has input width {fc.shape[1]} = {layers} x hidden_size="
+                         f"{cfg.hidden_size}; an EAGLE-3 draft reads 3 aux layers (input 3 x hidden_size = "
+                         f"{3 * cfg.hidden_size})")
     own_embed = tensors.pop("embed_tokens.weight", None)
     if embed_tokens is None and own_embed is not None:
         embed_tokens = nn.Embedding.from_pretrained(own_embed.to(dtype), freeze=True).to(device)
     draft = Eagle3Draft(cfg, embed_tokens)
-    missing, unexpected = draft.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = draft.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:  # a shape that disagrees with config.json
+        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise SystemExit(f"{folder}: tensor shapes do not match config.json ({detail})") from None
     missing = [m for m in missing if not m.startswith("rotary_emb")]
     if missing or unexpected:
         raise SystemExit(f"{folder}: tensors do not match an EAGLE-3 draft (missing {missing}, unexpected {unexpected})")
     return draft.to(device=device, dtype=dtype)
 
+
+def step_folders(folder: Path) -> list[Path]:
+    """Complete training checkpoints (`step_NNNNNNN` holding a train state), oldest first. Folders a killed
+    save left behind (`*.tmp`, `*.old`) are not checkpoints."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step_")
+             and p.name[5:].isdigit() and (p / TRAIN_STATE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (0 keeps all) and clear leftovers of interrupted saves."""
+    for stale in list(folder.glob("step_*.tmp")) + list(folder.glob("step_*.old")):
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep > 0:
+        for old in step_folders(folder)[:-keep]:
+            shutil.rmtree(old)
+
+
+def load_train_state(folder: Path) -> dict:
+    path = Path(folder) / TRAIN_STATE
+    if not path.is_file():
+        raise SystemExit(f"{folder}: not a training checkpoint (no {TRAIN_STATE}); resume needs a "
+                         f"checkpoints/step_* folder written by `specforge train`")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise SystemExit(f"{path}: unreadable training state ({e})") from None

@@ -6,23 +6,26 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm import tqdm
 
 from ..config import Config
 from ..data.batching import collate, epoch_batches
-from ..data.conversations import DataError, bundled_path, needs_answers, read_jsonl, write_jsonl
+from ..data.conversations import DataError, bundled_path, read_jsonl, write_jsonl
 from ..data.regenerate import regenerate
-from ..data.template import ensure_chat_template, tokenize_conversation
+from ..data.template import ensure_chat_template, tokenize_all
 from ..data.vocab import build_vocab, count_tokens, coverage, load_vocab, save_vocab
 from ..data.shards import load_manifest, read_shard, read_tokens
 from ..targets import (FeatureCapture, TargetHead, aux_layer_ids, config_sha256, default_aux_layers, load_target, load_target_head, resolve_device, resolve_dtype,
                        text_config)
-from .checkpoint import load_draft, save_draft
+from .checkpoint import load_draft, load_train_state, prune_checkpoints, save_draft, step_folders
 from .draft import Eagle3Draft, draft_config, init_draft_weights, param_count
 from .ttt import shift_left, soft_labels, ttt_loss
 
@@ -59,11 +62,9 @@ def all_conversations(cfg: Config, model, tok):
         path = prepared_path(cfg)
         if not path.is_file():
             prepare_data(cfg, model, tok)
-    convs = list(read_jsonl(path))
-    unanswered = [c.meta["source"] for c in convs if needs_answers(c)]
-    if unanswered:
-        raise DataError(f"{unanswered[0]}: conversation has no assistant turn "
-                        f"({len(unanswered)} such; run `specforge prepare-data` to answer prompts)")
+    convs = list(read_jsonl(path, on_error=cfg.data.on_error, need_answer=True))
+    if not convs:
+        raise DataError(f"{path}: no conversations in the file")
     return convs
 
 
@@ -77,7 +78,7 @@ def load_splits(cfg: Config, model, tok):
     """(train, eval) conversations."""
     convs = all_conversations(cfg, model, tok)
     if cfg.data.eval_path:
-        return convs, list(read_jsonl(cfg.data.eval_path))
+        return convs, list(read_jsonl(cfg.data.eval_path, on_error=cfg.data.on_error, need_answer=True))
     return ([c for i, c in enumerate(convs) if not is_held_out(cfg, i)],
             [c for i, c in enumerate(convs) if is_held_out(cfg, i)])
 
@@ -166,8 +167,9 @@ class MemorySource:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.train) / self.batch_size)
 
-    def train_batches(self, epoch: int):
-        for idx in epoch_batches(len(self.train), self.lengths, self.batch_size, self.seed, epoch):
+    def train_batches(self, epoch: int, skip: int = 0):
+        """The epoch's batches after the first `skip` (a resumed run continues mid-epoch)."""
+        for idx in epoch_batches(len(self.train), self.lengths, self.batch_size, self.seed, epoch)[skip:]:
             yield collate([self.train[i] for i in idx], self.pad_id)
 
     def eval_batches(self):
@@ -208,12 +210,18 @@ class ShardSource:
                     out.append(s)
         return out
 
-    def train_batches(self, epoch: int):
+    def train_batches(self, epoch: int, skip: int = 0):
+        """The epoch's batches after the first `skip`; windows wholly skipped are not read."""
         for w, shards in enumerate(self._windows(epoch)):
+            n = math.ceil(sum(self.counts[i] for i in shards) / self.batch_size)
+            if skip >= n:
+                skip -= n
+                continue
             samples = self._samples(shards, held_out=False)
             lengths = [len(s.input_ids) for s in samples]
-            for idx in epoch_batches(len(samples), lengths, self.batch_size, self.seed + w, epoch):
+            for idx in epoch_batches(len(samples), lengths, self.batch_size, self.seed + w, epoch)[skip:]:
                 yield collate([samples[i] for i in idx], self.pad_id)
+            skip = 0
 
     def eval_batches(self):
         pending = []
@@ -226,13 +234,19 @@ class ShardSource:
             yield collate(pending, self.pad_id)
 
 
-def run_batch(cfg: Config, draft, features, head: TargetHead, draft_ids, batch, device):
+def run_batch(cfg: Config, draft, features, head: TargetHead, draft_ids, batch, device, mark=None):
+    """Loss and per-step statistics of one batch. `mark()`, if given, is called between the target's part
+    (features, soft labels) and the draft's (scripts/bench_train.py times the two apart)."""
     aux, final = features(batch)
     # Labels only where the next token is trained on (the TTT loss never looks elsewhere).
     labels = soft_labels(final, head.lm_head_weight, draft_ids, shift_left(batch.loss_mask, 1, False))
+    if mark is not None:
+        mark()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         return ttt_loss(draft, batch.input_ids, batch.loss_mask, aux, labels, cfg.train.ttt_length,
-                        cfg.train.step_weight, cfg.train.mask_out_of_vocab)
+                        cfg.train.step_weight, cfg.train.mask_out_of_vocab, fused=cfg.train.fused_loss,
+                        loss_chunk=cfg.train.loss_chunk, loss_recompute=cfg.train.loss_recompute,
+                        attention=cfg.train.attention)
 
 
 def summarize(stats_list) -> dict:
@@ -266,8 +280,8 @@ def online_setup(cfg: Config, device):
     target, tok = load_target(cfg.target, device)
     ensure_chat_template(tok, cfg.data.chat_template)
     train_convs, eval_convs = load_splits(cfg, target, tok)
-    tokenize = lambda convs: [tokenize_conversation(tok, c, cfg.data.max_length) for c in convs]  # noqa: E731
-    train_samples, eval_samples = tokenize(train_convs), tokenize(eval_convs)
+    train_samples = tokenize_all(tok, train_convs, cfg.data, "training conversations")
+    eval_samples = tokenize_all(tok, eval_convs, cfg.data, "held-out conversations")
     head = TargetHead.from_model(target)
     ids = aux_layer_ids(cfg.target, target)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -298,12 +312,46 @@ def offline_setup(cfg: Config, device):
     return head, ident.aux_layer_ids, OfflineFeatures(head.norm), source, vocab_samples
 
 
+def set_deterministic(on: bool) -> None:
+    """Deterministic kernels on the GPU (cuBLAS workspace, deterministic index_put/scatter backward); the
+    CPU path is deterministic already. Must run before the first CUDA matmul to cover cuBLAS."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    if on:
+        torch.backends.cudnn.benchmark = False
+
+
+def resume_folder(cfg: Config, out: Path) -> Optional[Path]:
+    if not cfg.train.resume:
+        return None
+    if cfg.train.resume != "latest":
+        return Path(cfg.train.resume)
+    found = step_folders(out / "checkpoints")
+    if not found:
+        print(f"train: nothing to resume under {out / 'checkpoints'}; starting from step 0", flush=True)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def train(cfg: Config) -> Path:
     """Train a draft; returns the folder of the final checkpoint (serving format)."""
     if cfg.train.mode not in ("online", "offline"):
         raise SystemExit(f"train.mode={cfg.train.mode!r}: choose online or offline")
     from torch.utils.tensorboard import SummaryWriter
 
+    set_deterministic(cfg.train.deterministic)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.train.seed)
     out = cfg.output_dir()
@@ -320,31 +368,71 @@ def train(cfg: Config) -> Path:
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                             weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
-    writer = SummaryWriter(str(out / "tb"))
+    # Where the run stands: everything a resumed run needs to continue bitwise where this one stopped.
+    pos = {"step": 0, "epoch": 0, "batch": 0, "losses": [], "nonfinite": 0}
+    start = resume_folder(cfg, out)
+    if start is not None:
+        state = load_train_state(start)
+        if state["total_steps"] != total:
+            raise SystemExit(f"{start}: saved by a run of {state['total_steps']} steps, this one has {total} "
+                             f"(train.max_steps / train.epochs / data changed); resume with the same settings")
+        draft.load_state_dict(state["draft"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        pos = state["position"]
+        print(f"train: resumed from {start} at step {pos['step']} (epoch {pos['epoch']}, "
+              f"batch {pos['batch']})", flush=True)
+    ckpt_dir = out / "checkpoints"
+
+    def checkpoint() -> Path:
+        state = {"draft": draft.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "rng": rng_state(), "position": pos, "total_steps": total, "config": asdict(cfg)}
+        folder = save_draft(draft, ckpt_dir / f"step_{pos['step']:07d}", getattr(torch, cfg.train.save_dtype),
+                            train_state=state)
+        prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
+        return folder
+
+    writer = SummaryWriter(str(out / "tb"), purge_step=pos["step"] if start is not None else None)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    stop = min(total, cfg.train.stop_after or total)
     print(f"train ({cfg.train.mode}): target {cfg.target.name} on {device}, draft "
           f"{param_count(draft) / 1e6:.1f}M params, {total} steps", flush=True)
 
-    step, losses = 0, []
-    bar = tqdm(total=total, desc="train", unit="step")
-    t_last, tokens_since = time.perf_counter(), 0
-    epoch = 0
-    while step < total:
-        for batch in source.train_batches(epoch):
-            if step >= total:
-                break
+    bar = tqdm(total=total, initial=pos["step"], desc="train", unit="step")
+    t_last, tokens_since, bad_run = time.perf_counter(), 0, 0
+    while pos["step"] < stop:
+        for batch in source.train_batches(pos["epoch"], skip=pos["batch"]):
             batch = batch.to(device)
             loss, stats = run_batch(cfg, draft, features, head, draft_ids, batch, device)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens_since += batch.num_tokens
             loss = loss.detach()
-            losses.append(loss.item())
-            if step % cfg.train.log_every == 0 or step == total:
+            finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+            if finite:
+                opt.step()
+                bad_run = 0
+            else:  # skip the update: the weights stay those of the last good step
+                pos["nonfinite"] += 1
+                bad_run += 1
+                writer.add_scalar("train/nonfinite_steps", pos["nonfinite"], pos["step"] + 1)
+                tqdm.write(f"train: step {pos['step'] + 1}: non-finite loss or gradient ({loss.item()}, grad norm "
+                           f"{float(grad_norm)}); update skipped ({pos['nonfinite']} so far)")
+            with warnings.catch_warnings():  # a skipped update still uses up its step of the schedule
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+                sched.step()
+            opt.zero_grad(set_to_none=True)
+            pos["step"] += 1
+            pos["batch"] += 1
+            step = pos["step"]
+            tokens_since += batch.num_tokens
+            pos["losses"].append(loss.item())
+            if bad_run >= cfg.train.max_nonfinite:
+                folder = checkpoint()
+                raise SystemExit(f"train: {bad_run} non-finite steps in a row (up to step {step}); stopping. The "
+                                 f"last good weights are in {folder}. Lower train.lr, or look for bad data or "
+                                 f"features; `--resume` continues from there.")
+            if finite and (step % cfg.train.log_every == 0 or step == total):
                 now = time.perf_counter()
                 tps = tokens_since / (now - t_last)
                 t_last, tokens_since = now, 0
@@ -361,23 +449,35 @@ def train(cfg: Config) -> Path:
             bar.update(1)
             if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
                 _log_eval(writer, evaluate(cfg, draft, features, head, draft_ids, source, device), step)
-            if cfg.train.save_interval and step % cfg.train.save_interval == 0:
-                save_draft(draft, out / "checkpoints" / f"step_{step:07d}", getattr(torch, cfg.train.save_dtype))
-        epoch += 1
+            if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or step == stop < total:
+                checkpoint()
+            if step >= stop:
+                break
+        else:
+            pos["epoch"] += 1
+            pos["batch"] = 0
     bar.close()
-    metrics = {"steps": step, "train_losses": losses, "eval": evaluate(cfg, draft, features, head, draft_ids,
-                                                                       source, device)}
-    _log_eval(writer, metrics["eval"], step)
+    if pos["step"] < total:
+        writer.close()
+        features.close()
+        print(f"train: stopped at step {pos['step']} of {total} (train.stop_after); continue with --resume",
+              flush=True)
+        return step_folders(ckpt_dir)[-1]
+    metrics = {"steps": pos["step"], "train_losses": pos["losses"], "nonfinite_steps": pos["nonfinite"],
+               "eval": evaluate(cfg, draft, features, head, draft_ids, source, device)}
+    _log_eval(writer, metrics["eval"], pos["step"])
     writer.close()
     features.close()
     final = save_draft(draft, out / "draft", getattr(torch, cfg.train.save_dtype),
-                       extra={"target": cfg.target.name, "steps": step, "mode": cfg.train.mode})
+                       extra={"target": cfg.target.name, "steps": pos["step"], "mode": cfg.train.mode})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     ev = metrics["eval"]
     if ev:
         accs = " ".join(f"{ev[f'acc_{k}']:.3f}" for k in range(cfg.train.ttt_length))
         print(f"eval (held-out): acc_0..{cfg.train.ttt_length - 1} = {accs}; "
               f"chain acceptance-length estimate (5 steps) = {ev['chain_accept_len_5']:.2f}", flush=True)
+    if pos["nonfinite"]:
+        print(f"train: {pos['nonfinite']} steps had a non-finite loss or gradient and were skipped", flush=True)
     print(f"train: draft written to {final}", flush=True)
     return final
 

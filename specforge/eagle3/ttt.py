@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from ..kernels.fused_loss import fused_soft_ce, soft_ce_reference
+from ..kernels.ttt_attention import IMPLS as TTT_ATTENTION_IMPLS
+from ..kernels.ttt_attention import ttt_attention
 from .draft import Eagle3Draft
 
 
@@ -60,38 +62,30 @@ def shift_left(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
 
 class TTTAttention:
     """Keys and values of every unrolled step; scores against step 0 are causal, against later steps
-    diagonal. No [T, T*k] mask is ever built: the diagonal scores are row-wise dot products."""
+    diagonal. The math is `specforge.kernels.ttt_attention.ttt_attention` with `impl`: "flex" (no
+    [T, T] scores per head; the default on CUDA via "auto"), "reference" (plain PyTorch; CPU default)."""
 
-    def __init__(self):
+    def __init__(self, impl: str = "auto"):
+        if impl not in TTT_ATTENTION_IMPLS:
+            raise ValueError(f"unknown TTT attention impl {impl!r}; one of {TTT_ATTENTION_IMPLS}")
+        self.impl = impl
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
     def __call__(self, q, k, v):
         self.keys.append(k)
         self.values.append(v)
-        b, hq, t, d = q.shape
-        hk = k.shape[1]
-        q = q.view(b, hk, hq // hk, t, d)  # group query heads by their kv head
-        scale = d ** -0.5
-        k0, v0 = self.keys[0].unsqueeze(2), self.values[0].unsqueeze(2)
-        s0 = (q @ k0.transpose(-1, -2)) * scale  # [b, hk, g, t, t]
-        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-        s0 = s0.masked_fill(~causal, float("-inf"))
-        diag = [(q * kj.unsqueeze(2)).sum(-1, keepdim=True) * scale for kj in self.keys[1:]]  # [b, hk, g, t, 1]
-        scores = torch.cat([s0, *diag], dim=-1)
-        p = torch.softmax(scores.to(torch.promote_types(q.dtype, torch.float32)), dim=-1).to(q.dtype)
-        out = p[..., :t] @ v0
-        for j, vj in enumerate(self.values[1:]):
-            out = out + p[..., t + j:t + j + 1] * vj.unsqueeze(2)
-        return out.reshape(b, hq, t, d)
+        return ttt_attention(q, self.keys, self.values, self.impl)
 
 
-def ttt_unroll(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Tensor, steps: int):
+def ttt_unroll(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Tensor, steps: int,
+               attention: str = "auto"):
     """Yields (k, hidden_k) for k = 0..steps-1; hidden_k[:, t] is the draft's state for the token it
-    predicts at position t + 2 + k. Logits are `draft.logits(hidden_k)`."""
+    predicts at position t + 2 + k. Logits are `draft.logits(hidden_k)`. `attention`: the TTTAttention
+    impl ("auto", "flex", "reference")."""
     b, t = input_ids.shape
     hidden = draft.fc(aux_hidden.to(draft.fc.weight.dtype))
-    attend = TTTAttention()
+    attend = TTTAttention(attention)
     positions = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
     for k in range(steps):
         embeds = draft.embed(shift_left(input_ids, k + 1))
@@ -108,35 +102,39 @@ class StepStats:
 
 
 def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tensor, aux_hidden: torch.Tensor,
-             labels: SoftLabels, steps: int = 7, step_weight: float = 0.8, mask_out_of_vocab: bool = True):
+             labels: SoftLabels, steps: int = 7, step_weight: float = 0.8, mask_out_of_vocab: bool = True,
+             fused: bool = True, loss_chunk: int | None = None, loss_recompute: bool = False,
+             attention: str = "auto"):
     """Weighted TTT loss and per-step statistics.
 
     Position t at step k is scored when token t+2+k is an assistant token (loss_mask). Accuracy counts
     every scored position (a target argmax outside the draft vocab is a miss); the loss skips those
-    positions when `mask_out_of_vocab`, since no draft distribution can put mass on them."""
+    positions when `mask_out_of_vocab`, since no draft distribution can put mass on them.
+
+    `fused`: lm_head, loss and statistics go through `fused_soft_ce`, `loss_chunk` rows of logits at a time
+    (default: 256 MB), so no step's [tokens, draft_vocab] logits stay alive until backward (`loss_recompute`:
+    keep even less and recompute the logits in backward, slower); else through `soft_ce_reference` (plain
+    autograd). Both compute the same. `attention`: the TTT attention kernel (see `ttt_unroll`)."""
     # The target at position p predicts token p+1: score p when token p+1 is in the loss mask.
     pred_mask = shift_left(loss_mask, 1, False)
     in_vocab = draft.t2d[labels.argmax]
     total = 0.0
     stats: list[StepStats] = []
-    for k, hidden in ttt_unroll(draft, input_ids, aux_hidden, steps):
+    for k, hidden in ttt_unroll(draft, input_ids, aux_hidden, steps, attention):
         # Only scored positions go through norm + lm_head: the [tokens, draft_vocab] logits are the
         # largest tensors of the step, and padding and prompt tokens need none.
         valid = shift_left(pred_mask, k + 1, False)
         rows = valid.nonzero(as_tuple=True)
         b_idx, t_idx = rows[0], rows[1] + k + 1  # the target position whose distribution is matched
-        logits = draft.logits(hidden[rows])
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        logq = F.log_softmax(logits, dim=-1)
-        tgt_logits = labels.logits[b_idx, t_idx]
-        tgt_arg = labels.argmax[b_idx, t_idx]
-        ce = -(torch.softmax(tgt_logits, dim=-1) * logq).sum(-1)
-        weight = in_vocab[b_idx, t_idx].to(ce.dtype) if mask_out_of_vocab else torch.ones_like(ce)
-        loss_k = (ce * weight).sum() / weight.sum().clamp(min=1)
+        weight = in_vocab[b_idx, t_idx] if mask_out_of_vocab else None
+        normed = draft.norm(hidden[rows])
+        if fused:
+            loss_k, correct, accept, count = fused_soft_ce(normed, draft.lm_head.weight, labels, b_idx, t_idx,
+                                                           weight, draft.d2t, chunk=loss_chunk,
+                                                           recompute=loss_recompute)
+        else:
+            loss_k, correct, accept, count = soft_ce_reference(normed, draft.lm_head.weight, labels, b_idx,
+                                                               t_idx, weight, draft.d2t)
         total = total + (step_weight ** k) * loss_k
-        with torch.no_grad():
-            correct = (draft.draft_to_target(logits.argmax(-1)) == tgt_arg).sum()
-            p_full = torch.exp(tgt_logits - labels.lse[b_idx, t_idx].unsqueeze(-1))  # full-vocab target probs
-            accept = torch.minimum(p_full, logq.exp()).sum()
-        stats.append(StepStats(loss_k.detach(), correct, accept, torch.tensor(len(ce))))
+        stats.append(StepStats(loss_k.detach(), correct, accept, count))
     return total, stats

@@ -1,0 +1,160 @@
+"""Online training speed on one GPU, with a random-weight target of a real shape (speed only).
+
+Runs the training step of `specforge train --mode online` phase by phase (the same functions the loop
+calls) and prints tokens/s, model FLOPs utilisation, peak memory and where the time goes. Any `train.*`
+override selects a variant, so one call can compare kernels side by side on the same card:
+
+  python scripts/bench_train.py --shape llama3.1-8b --seq 2048 --batch 1
+  python scripts/bench_train.py --shape llama3.1-8b --variant ref train.attention=reference train.fused_loss=false \\
+                                --variant fused train.attention=auto train.fused_loss=true
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import time
+
+import torch
+
+from specforge.config import load_config
+from specforge.data.batching import collate
+from specforge.data.template import Sample
+from specforge.data.vocab import build_vocab, count_tokens
+from specforge.eagle3.train import OnlineFeatures, build_draft, run_batch, set_deterministic
+from specforge.model_shapes import random_target
+from specforge.targets import TargetHead, aux_layer_ids, text_config
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s
+
+
+def peak_flops() -> float:
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16.items() if k in name), 989e12)
+
+
+def train_flops(tcfg, dcfg, tokens: int, seq: int, ttt: int, draft_vocab: int) -> float:
+    """Model FLOPs of one step: target forward (+ its lm_head for the soft labels) and, per TTT step,
+    the draft layer and draft lm_head forward and backward (backward = 2x forward). Causal attention
+    counts half the T x T scores; the TTT diagonal terms are negligible."""
+    def layer(h, inter, heads, kv, d, width_in):
+        proj = 2 * width_in * (heads + 2 * kv) * d + 2 * heads * d * h
+        return proj + 2 * 3 * h * inter + 2 * 2 * heads * d * seq / 2
+
+    h, d = tcfg.hidden_size, getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
+    target = tcfg.num_hidden_layers * layer(h, tcfg.intermediate_size, tcfg.num_attention_heads,
+                                            tcfg.num_key_value_heads, d, h) + 2 * h * tcfg.vocab_size
+    draft_step = layer(h, dcfg.intermediate_size, dcfg.num_attention_heads, dcfg.num_key_value_heads,
+                       dcfg.head_dim, 2 * h) + 2 * h * draft_vocab
+    draft = 2 * 3 * h * h + ttt * draft_step
+    return tokens * (target + 3 * draft)
+
+
+def run_variant(name, shape, target, samples, overrides, args):
+    cfg = load_config(shape, overrides=["device=cuda", f"train.batch_size={args.batch}",
+                                        f"data.max_length={args.seq}", *overrides])
+    dev = torch.device("cuda")
+    set_deterministic(cfg.train.deterministic)
+    ids = aux_layer_ids(cfg.target, target)
+    head = TargetHead.from_model(target)
+    vocab = head.embed.weight.shape[0]
+    d2t, t2d = build_vocab(count_tokens(samples, vocab), min(cfg.target.draft.draft_vocab_size, vocab))
+    draft = build_draft(cfg, head, ids, d2t, t2d)
+    draft_ids = torch.arange(draft.d2t.numel(), device=dev) + draft.d2t
+    features = OnlineFeatures(target, ids)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    phases = ("target", "draft_fwd", "backward", "optimizer")
+    spent = dict.fromkeys(phases, 0.0)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    tokens, t0, losses = 0, 0.0, []
+    for i in range(args.steps + args.warmup):
+        if i == args.warmup:
+            torch.cuda.synchronize()
+            t0, tokens, spent = time.perf_counter(), 0, dict.fromkeys(phases, 0.0)
+        rows = samples[(i * args.batch) % len(samples):][:args.batch]
+        batch = collate(rows).to(dev)
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
+        ev[0].record()
+        loss, _ = run_batch(cfg, draft, features, head, draft_ids, batch, dev, mark=ev[1].record)
+        ev[2].record()
+        loss.backward()
+        ev[3].record()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ev[4].record()
+        ev[4].synchronize()
+        for k, p in enumerate(phases):
+            spent[p] += ev[k].elapsed_time(ev[k + 1]) / 1e3
+        tokens += batch.num_tokens
+        losses.append(loss.detach())
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    tps = tokens / elapsed
+    flops = train_flops(text_config(target.config), draft.config, tokens, args.seq, cfg.train.ttt_length,
+                        draft.config.draft_vocab_size)
+    mfu = flops / elapsed / peak_flops()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    features.close()
+    total = sum(spent.values())
+    share = " | ".join(f"{spent[p] / total:.0%}" for p in phases)
+    row = f"| {shape} | {name} | {tps:,.0f} | {mfu:.1%} | {peak:.1f} | {share} |"
+    set_deterministic(False)
+    losses = torch.stack(losses).float().cpu()
+    del draft, opt, params, features
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row, losses
+
+
+def main():
+    # cuBLAS reads its workspace setting once: set it before any GPU work so a deterministic variant can run.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", action="append", help="model shape(s); default llama3.1-8b")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeat", action="store_true", help="run each variant twice: are the losses bitwise equal?")
+    ap.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+                    help="a named set of train.* overrides; repeatable (default: the config's defaults)")
+    args = ap.parse_args()
+    variants = [(v[0], v[1:]) for v in args.variant] if args.variant else [("default", [])]
+    print(f"\n## online training, {torch.cuda.get_device_name()}, bf16, rows of {args.seq} tokens, "
+          f"batch {args.batch}, {args.steps} steps after {args.warmup} warm-up")
+    print("| target shape | variant | tokens/s | MFU | peak GiB | target fwd | draft fwd+loss | backward | optimizer |"
+          + (" repeat: losses bitwise equal |" if args.repeat else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if args.repeat else ""))
+    for shape in args.shape or ["llama3.1-8b"]:
+        target = random_target(shape, torch.device("cuda"))
+        g = torch.Generator().manual_seed(0)
+        vocab = target.config.vocab_size
+        samples = []
+        for i in range(16):
+            tok = torch.randint(0, vocab, (args.seq,), generator=g)
+            mask = torch.zeros(args.seq, dtype=torch.bool)
+            mask[args.seq // 16:] = True  # a prompt, then the answer the draft learns
+            samples.append(Sample(tok, mask, id=str(i)))
+        for name, overrides in variants:
+            try:
+                row, losses = run_variant(name, shape, target, samples, overrides, args)
+            except Exception as e:  # one failing variant should not hide the others' numbers
+                print(f"| {shape} | {name} | failed: {type(e).__name__}: {str(e).splitlines()[0][:200]} |", flush=True)
+                set_deterministic(False)
+                continue
+            if args.repeat:
+                again = run_variant(name, shape, target, samples, overrides, args)[1]
+                same = torch.equal(losses, again)
+                row += f" {'yes' if same else 'no, max diff %.2e' % (losses - again).abs().max()} |"
+            print(row, flush=True)
+        del target
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

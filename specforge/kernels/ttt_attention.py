@@ -1,0 +1,147 @@
+"""Attention of one TTT step without a [T, T] score matrix per head.
+
+At TTT step k the query at position t sees the step-0 keys at positions <= t (causal) and, for each step
+j = 1..k, step j's key at position t itself (the diagonal). The plain PyTorch form
+(`ttt_attention_reference`) builds float scores [B, Hkv, G, T, T] per step and autograd keeps them for
+backward for every step of the unroll: at T=2048 with 32 heads that is gigabytes per step. The flex form
+(`ttt_attention_flex`) runs FlexAttention over the step keys laid end to end, [K0; K1; ...; Kk] of length
+T*(k+1), with a block-sparse mask; its fused kernel keeps only the output and a log-sum-exp per row, and
+skips the key blocks that the mask empties (off the diagonal of every block j > 0, above the diagonal of
+block 0). `ttt_attention` picks one: flex on CUDA, the reference on CPU.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+
+__all__ = ["ttt_attention", "ttt_attention_reference", "ttt_attention_flex", "ttt_block_mask"]
+
+
+def ttt_attention_reference(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """q [B, Hq, T, D]; keys/values: one [B, Hkv, T, D] per step 0..k. Query heads are grouped by their kv
+    head (GQA) instead of repeating K/V. Scores and softmax in at least float32. The diagonal scores are
+    row-wise dot products, so no [T, T*k] mask is built, but the causal block is dense [T, T]."""
+    b, hq, t, d = q.shape
+    hk = keys[0].shape[1]
+    q = q.view(b, hk, hq // hk, t, d)  # group query heads by their kv head
+    scale = d ** -0.5
+    k0, v0 = keys[0].unsqueeze(2), values[0].unsqueeze(2)
+    s0 = (q @ k0.transpose(-1, -2)) * scale  # [b, hk, g, t, t]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    s0 = s0.masked_fill(~causal, float("-inf"))
+    diag = [(q * kj.unsqueeze(2)).sum(-1, keepdim=True) * scale for kj in keys[1:]]  # [b, hk, g, t, 1]
+    scores = torch.cat([s0, *diag], dim=-1)
+    p = torch.softmax(scores.to(torch.promote_types(q.dtype, torch.float32)), dim=-1).to(q.dtype)
+    out = p[..., :t] @ v0
+    for j, vj in enumerate(values[1:]):
+        out = out + p[..., t + j:t + j + 1] * vj.unsqueeze(2)
+    return out.reshape(b, hq, t, d)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FlexAttention
+
+_MASK_CACHE_SIZE = 64  # batches are padded to their own longest sample, so T varies: keep the recent ones
+_mask_cache: "OrderedDict[tuple, object]" = OrderedDict()
+_compiled_flex = None
+
+
+def _ttt_mask_mod(seq_len: torch.Tensor):
+    """kv index n of [K0; K1; ...]: block 0 (n < T) is causal, n <= q; block j > 0 holds only the diagonal,
+    n - j*T == q. Both are `n <= q or n % T == q` (in block 0, n % T == q implies n == q; in blocks j > 0,
+    n > q always). The length is a 0-d tensor, not a Python int, so a compiled flex_attention sees it as a
+    captured buffer and does not recompile (guard on a constant) for every new T; the mask needs no k."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) | (kv_idx % seq_len == q_idx)
+
+    return mask_mod
+
+
+def ttt_block_mask(t: int, k: int, device) -> "torch.nn.attention.flex_attention.BlockMask":
+    """The BlockMask of step k for length t (cached: create_block_mask evaluates the mask densely, a
+    [T, T*(k+1)] boolean, and reduces it to blocks, which costs more than the attention at small T)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    device = torch.device(device)
+    key = (t, k, device)
+    bm = _mask_cache.get(key)
+    if bm is not None:
+        _mask_cache.move_to_end(key)
+        return bm
+    seq_len = torch.tensor(t, dtype=torch.int64, device=device)
+    bm = create_block_mask(_ttt_mask_mod(seq_len), None, None, t, t * (k + 1), device=device)
+    _mask_cache[key] = bm
+    if len(_mask_cache) > _MASK_CACHE_SIZE:
+        _mask_cache.popitem(last=False)
+    return bm
+
+
+def _compiled_flex_attention():
+    """torch.compile(flex_attention), built on first use: without compile, flex_attention runs an unfused
+    implementation that materialises the full score matrix (the very thing to avoid). Shapes are left to
+    dynamo's automatic dynamic: T changes from batch to batch and the kv length with k, so after the first
+    recompile the lengths become symbolic instead of compiling one kernel per length."""
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex
+
+
+def _flex_eager_with_grad(q, k, v, block_mask, scale):
+    """CPU (tests only). The public flex_attention raises NotImplementedError on CPU whenever an input
+    requires grad, even under no_grad (its `_validate_device` check: the CPU kernel has no backward). The operator under it
+    (torch._higher_order_ops.flex_attention) has a dense eager implementation with autograd, the same
+    math the public eager path runs, so call it directly: it checks this module's mask and math, not
+    the fused kernel. Kernel options are the public defaults (the dense path reads none of them)."""
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_hop
+
+    options = {"BACKEND": "AUTO", "PRESCALE_QK": False, "ROWS_GUARANTEED_SAFE": False,
+               "BLOCKS_ARE_CONTIGUOUS": False, "WRITE_DQ": True, "OUTPUT_LOGSUMEXP": True, "OUTPUT_MAX": False}
+    out, _lse, _max = flex_hop(q, k, v, lambda score, b, h, m, n: score, block_mask.as_tuple(), scale, options)
+    return out
+
+
+def ttt_attention_flex(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Same result as `ttt_attention_reference`, via FlexAttention over [K0; ...; Kk] (GQA by
+    enable_gqa). On CUDA the compiled kernel; elsewhere flex's eager (dense) path, for checking equality.
+    Flex needs q, k and v of one dtype: under autocast q/k/v may differ (rope, casts), so all take the
+    autocast dtype when autocast is on, else q's dtype."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    b, hq, t, d = q.shape
+    steps = len(keys)
+    dtype = q.dtype
+    if torch.is_autocast_enabled(q.device.type) and q.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.get_autocast_dtype(q.device.type)
+    q = q.to(dtype)
+    k = torch.cat([kj.to(dtype) for kj in keys], dim=2) if steps > 1 else keys[0].to(dtype)
+    v = torch.cat([vj.to(dtype) for vj in values], dim=2) if steps > 1 else values[0].to(dtype)
+    block_mask = ttt_block_mask(t, steps - 1, q.device)
+    scale = d ** -0.5
+    if q.device.type == "cuda":
+        return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+    if q.requires_grad or k.requires_grad or v.requires_grad:  # refused by the public API, even under no_grad
+        return _flex_eager_with_grad(q, k, v, block_mask, scale)
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
+
+
+IMPLS = ("auto", "flex", "reference")
+
+
+def ttt_attention(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                  impl: str = "auto") -> torch.Tensor:
+    """TTT attention of step len(keys)-1. impl: "flex", "reference", or "auto" = flex on CUDA (memory
+    O(T) per step instead of O(T^2)), reference elsewhere (flex has no fused CPU training kernel)."""
+    if impl == "auto":
+        impl = "flex" if q.device.type == "cuda" else "reference"
+    if impl == "flex":
+        return ttt_attention_flex(q, keys, values)
+    if impl == "reference":
+        return ttt_attention_reference(q, keys, values)
+    raise ValueError(f"unknown TTT attention impl {impl!r}; one of {IMPLS}")

@@ -1,0 +1,242 @@
+"""Kernels on a GPU at realistic sizes, each against its plain PyTorch reference. Skipped without CUDA."""
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TTT attention (specforge/kernels/ttt_attention.py): compiled flex_attention vs the dense reference.
+
+def _ttt_attention_leaves(b, hq, hkv, t, d, steps, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda h: torch.randn(b, h, t, d, generator=gen, device="cuda", dtype=dtype).requires_grad_()  # noqa: E731
+    return [mk(hq) for _ in range(steps)], [mk(hkv) for _ in range(steps)], [mk(hkv) for _ in range(steps)]
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("t", [2048, 777])
+def test_ttt_attention_flex_matches_reference_bf16(t):
+    """Every step k = 0..6 at Llama-8B draft shapes, forward and gradients; both bf16 results are compared
+    with the float32 reference on the same (bf16-valued) inputs, and flex must be as close as the bf16
+    reference is (it keeps scores in float32, so it is usually closer)."""
+    from specforge.kernels.ttt_attention import ttt_attention_flex, ttt_attention_reference
+
+    b, hq, hkv, d, steps = 1, 32, 8, 128, 7
+    qs, keys, values = _ttt_attention_leaves(b, hq, hkv, t, d, steps, torch.bfloat16)
+    for k in range(steps):
+        q, ks, vs = qs[k], keys[:k + 1], values[:k + 1]
+        leaves = [q, *ks, *vs]
+        gold_leaves = [x.detach().float().requires_grad_() for x in leaves]
+        gold = ttt_attention_reference(gold_leaves[0], gold_leaves[1:k + 2], gold_leaves[k + 2:])
+        grad = torch.randn_like(gold)
+        g_gold = torch.autograd.grad(gold, gold_leaves, grad)
+        ref = ttt_attention_reference(q, ks, vs)
+        g_ref = torch.autograd.grad(ref, leaves, grad.to(ref.dtype))
+        out = ttt_attention_flex(q, ks, vs)
+        assert out.dtype == torch.bfloat16 and out.shape == (b, hq, t, d)
+        g_out = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+        errs = [(_rel(out, gold), _rel(ref, gold))]
+        errs += [(_rel(a, g), _rel(r, g)) for a, r, g in zip(g_out, g_ref, g_gold)]
+        print(f"T={t} k={k} rel err (flex, bf16 reference) out/dq/dk.../dv...: "
+              + " ".join(f"{a:.1e}/{r:.1e}" for a, r in errs))
+        for flex_err, ref_err in errs:
+            assert flex_err < max(2 * ref_err, 1e-2)
+
+
+def test_ttt_attention_flex_under_autocast():
+    """The training path: float32 leaves, bf16 autocast (q/k/v reach flex in bf16)."""
+    from specforge.kernels.ttt_attention import ttt_attention_flex, ttt_attention_reference
+
+    qs, keys, values = _ttt_attention_leaves(2, 8, 2, 300, 64, 3, torch.float32, seed=1)
+    gold = ttt_attention_reference(qs[2], keys, values)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = ttt_attention_flex(qs[2], keys, values)
+    assert out.dtype == torch.bfloat16
+    assert _rel(out, gold) < 1e-2
+    out.float().sum().backward()
+    assert all(x.grad is not None and x.grad.dtype == torch.float32 for x in [qs[2], *keys, *values])
+
+
+def _ttt_attention_peak(fn, t, steps=7, b=1, hq=32, hkv=8, d=128):
+    qs, keys, values = _ttt_attention_leaves(b, hq, hkv, t, d, steps, torch.bfloat16, seed=2)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    total = 0
+    for k in range(steps):  # as the unroll does: every step's output stays alive for backward
+        total = total + fn(qs[k], keys[:k + 1], values[:k + 1]).float().square().mean()
+    total.backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def test_ttt_attention_flex_peak_memory_below_reference():
+    from specforge.kernels.ttt_attention import ttt_attention_flex, ttt_attention_reference
+
+    t = 2048
+    _ttt_attention_peak(ttt_attention_flex, t)  # compile outside the measurement
+    flex = _ttt_attention_peak(ttt_attention_flex, t)
+    ref = _ttt_attention_peak(ttt_attention_reference, t)
+    print(f"TTT attention, 7 steps fwd+bwd, B=1 Hq=32 Hkv=8 T={t} D=128 bf16: peak above inputs "
+          f"reference {ref / 2**20:.0f} MiB, flex {flex / 2**20:.0f} MiB")
+    assert flex < ref / 4
+
+
+def test_ttt_attention_flex_lengths_do_not_recompile_forever():
+    """T changes per batch (padding to the batch's longest): after dynamo makes the lengths dynamic, new
+    lengths reuse the compiled kernels and results stay right (non multiples of 128 included)."""
+    from torch._dynamo.utils import counters
+
+    from specforge.kernels.ttt_attention import ttt_attention_flex, ttt_attention_reference
+
+    seen = []
+    for t in [640, 1000, 129, 1537, 300, 901, 2000]:
+        qs, keys, values = _ttt_attention_leaves(1, 8, 2, t, 64, 4, torch.bfloat16, seed=t)
+        for k in range(4):
+            out = ttt_attention_flex(qs[k], keys[:k + 1], values[:k + 1])
+            out.float().sum().backward()
+            if k in (0, 3):
+                f32 = lambda xs: [x.detach().float() for x in xs]  # noqa: E731
+                gold = ttt_attention_reference(qs[k].detach().float(), f32(keys[:k + 1]), f32(values[:k + 1]))
+                assert _rel(out, gold) < 1e-2
+        seen.append(counters["stats"]["unique_graphs"])
+    print("dynamo unique graphs after each length:", seen)
+    assert seen[-1] == seen[-3], "new lengths still compile new graphs"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fused lm_head + soft cross-entropy (specforge/kernels/fused_loss.py) vs the plain autograd reference.
+
+def _soft_ce_case(n, h, vd, b=4, seed=0, v_extra=0.5):
+    """normed hidden (float32, as the draft's norm returns under autocast), lm_head weight (float32
+    parameter), soft labels over the draft vocab for b x n/b positions, all rows scored."""
+    from specforge.eagle3.ttt import SoftLabels
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    t = n // b
+    hidden = torch.randn(n, h, generator=gen, device="cuda")
+    w = torch.randn(vd, h, generator=gen, device="cuda") * 0.02
+    logits = torch.randn(b, t, vd, generator=gen, device="cuda") * 3
+    labels = SoftLabels(logits, torch.logsumexp(logits, -1) + v_extra, logits.argmax(-1))
+    b_idx = torch.arange(b, device="cuda").repeat_interleave(t)
+    t_idx = torch.arange(t, device="cuda").repeat(b)
+    d2t = torch.zeros(vd, dtype=torch.long, device="cuda")
+    # A quarter of the rows: the target's argmax is the draft's (bf16) argmax, so accuracy is not ~0.
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        arg = (hidden @ w.t()).float().argmax(-1)
+    hit = torch.arange(n, device="cuda") % 4 == 0
+    labels.argmax[b_idx[hit], t_idx[hit]] = arg[hit]
+    weight = torch.arange(n, device="cuda") % 5 != 3  # some rows out of vocab
+    return hidden, w, labels, b_idx, t_idx, weight, d2t
+
+
+def _soft_ce_run(fn, hidden, w, labels, b_idx, t_idx, weight, d2t, autocast=True, **kw):
+    """Forward + backward from fresh leaves; returns (loss, correct, accept, grad_h, grad_w, peak bytes above
+    the inputs, ms)."""
+    hidden = hidden.detach().clone().requires_grad_(True)
+    w = w.detach().clone().requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss, correct, accept, _ = fn(hidden, w, labels, b_idx, t_idx, weight, d2t, **kw)
+    loss.backward()
+    end.record()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    return loss.detach(), int(correct), float(accept), hidden.grad, w.grad, peak, start.elapsed_time(end)
+
+
+def test_fused_soft_ce_bf16_matches_reference_and_uses_less_memory():
+    """Llama-8B draft shapes under bf16 autocast (N=8192 scored tokens, H=4096, Vd=32000): the fused loss
+    (Triton and PyTorch chunk paths) is within bf16 error of the unfused one, both measured against a float32
+    computation on the same bf16-rounded operands, and its peak memory is lower."""
+    from specforge.kernels.fused_loss import fused_soft_ce, soft_ce_reference
+
+    case = _soft_ce_case(8192, 4096, 32000)
+    hidden, w = case[0], case[1]
+    # float32 gold on the operands autocast gives the matmul (bf16-rounded)
+    gold = _soft_ce_run(soft_ce_reference, hidden.bfloat16().float(), w.bfloat16().float(), *case[2:],
+                        autocast=False)
+    runs = {}
+    for name, fn, kw in [("reference", soft_ce_reference, {}),
+                         ("fused-triton", fused_soft_ce, {"use_triton": True}),
+                         ("fused-triton-recompute", fused_soft_ce, {"use_triton": True, "recompute": True}),
+                         ("fused-torch", fused_soft_ce, {"use_triton": False}),
+                         ("fused-torch-recompute", fused_soft_ce, {"use_triton": False, "recompute": True})]:
+        fn_run = lambda: _soft_ce_run(fn, *case, **kw)  # noqa: E731
+        fn_run()  # warm-up (Triton compile, allocator)
+        runs[name] = fn_run()
+    n = hidden.shape[0]
+    ref = runs["reference"]
+    for name, r in runs.items():
+        errs = [abs(float(r[0]) - float(gold[0])) / abs(float(gold[0])), _rel(r[3], gold[3]), _rel(r[4], gold[4])]
+        print(f"soft CE N={n} H=4096 Vd=32000 bf16 {name}: loss {float(r[0]):.6f} correct {r[1]} accept "
+              f"{r[2]:.2f} | rel err vs fp32 loss/dh/dW {errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e} | "
+              f"peak above inputs {r[5] / 2**20:.0f} MiB | fwd+bwd {r[6]:.1f} ms")
+        assert errs[0] < 2e-3 and errs[1] < 2e-2 and errs[2] < 2e-2
+        assert abs(r[1] - ref[1]) <= n // 500 and r[1] > n // 5
+        assert abs(r[2] - ref[2]) <= 1e-3 * ref[2]
+    torch.testing.assert_close(runs["fused-triton"][0], ref[0], rtol=2e-3, atol=0)
+    assert all(r[5] < ref[5] / 2 for name, r in runs.items() if name != "reference")
+
+
+def test_fused_soft_ce_triton_equals_torch_path_float32():
+    """Without autocast (float32 matmuls), the Triton row kernels and the PyTorch chunk path agree to float32
+    rounding, on a vocab that is not a multiple of the block and with exact argmax ties (first index wins)."""
+    from specforge.kernels.fused_loss import fused_soft_ce, soft_ce_reference
+
+    hidden, w, labels, b_idx, t_idx, weight, d2t = _soft_ce_case(600, 64, 2500, b=3, seed=1)
+    w[7] *= 8
+    w[11] = w[7]  # draft ids 7 and 11 get equal logits, often the largest: argmax ties
+    d2t = torch.arange(2500, device="cuda") % 3
+    out = [_soft_ce_run(fn, hidden * 3, w * 20, labels, b_idx, t_idx, weight, d2t, autocast=False, **kw)
+           for fn, kw in [(soft_ce_reference, {}), (fused_soft_ce, {"use_triton": True, "chunk": 77}),
+                          (fused_soft_ce, {"use_triton": True, "chunk": 200, "recompute": True}),
+                          (fused_soft_ce, {"use_triton": False, "chunk": 600})]]
+    for r in out[1:]:
+        torch.testing.assert_close(r[0], out[0][0], rtol=1e-5, atol=1e-5)
+        assert r[1] == out[0][1]
+        assert abs(r[2] - out[0][2]) < 1e-4 * out[0][2]
+        torch.testing.assert_close(r[3], out[0][3], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(r[4], out[0][4], rtol=1e-4, atol=1e-6)
+
+
+def test_ttt_loss_fused_on_gpu_under_autocast():
+    """ttt_loss(fused=True) vs fused=False on the tiny draft, on CUDA under bf16 autocast: same loss and
+    statistics within bf16 error, same gradients within bf16 error."""
+    from specforge.eagle3.ttt import SoftLabels, ttt_loss
+
+    from .conftest import tiny_draft, tiny_target
+
+    target = tiny_target().cuda()
+    draft = tiny_draft(target).cuda()
+    torch.manual_seed(4)
+    b, t = 2, 64
+    ids = torch.randint(0, 256, (b, t), device="cuda")
+    aux = torch.randn(b, t, 192, device="cuda")
+    full = torch.randn(b, t, 256, device="cuda") * 3
+    draft_ids = torch.arange(64, device="cuda") + draft.d2t
+    labels = SoftLabels(full[..., draft_ids].contiguous(), torch.logsumexp(full, -1), full.argmax(-1))
+    loss_mask = torch.zeros(b, t, dtype=torch.bool, device="cuda")
+    loss_mask[:, 10:] = True
+    out = {}
+    for fused in (False, True):
+        draft.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            total, stats = ttt_loss(draft, ids, loss_mask, aux, labels, 7, 0.8, True, fused=fused, loss_chunk=17)
+        total.backward()
+        out[fused] = total.detach(), stats, {n: p.grad.clone() for n, p in draft.named_parameters()}
+    (t0, s0, g0), (t1, s1, g1) = out[False], out[True]
+    torch.testing.assert_close(t1, t0, rtol=5e-3, atol=5e-3)
+    for a, r in zip(s1, s0):
+        assert abs(int(a.correct) - int(r.correct)) <= 2 and int(a.count) == int(r.count)
+    for name in g0:
+        assert _rel(g1[name], g0[name]) < 2e-2, name

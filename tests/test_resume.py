@@ -1,0 +1,170 @@
+"""Reliability of training: exact resume (in process and after kill -9), kept checkpoints, non-finite steps,
+run-to-run reproducibility."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from specforge.config import load_config
+from specforge.dump import dump_hidden
+from specforge.eagle3.checkpoint import load_draft, step_folders
+from specforge.eagle3.train import train
+
+from .conftest import tiny_target
+from .test_train import write_conversations
+
+STEPS = 9  # 12 training conversations in batches of 2: the run crosses an epoch boundary at step 6
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_conversations(tmp_path_factory.mktemp("data") / "d.jsonl", n=14)
+
+
+@pytest.fixture(scope="module")
+def dump(tmp_path_factory, tiny_target_folder, data):
+    out = tmp_path_factory.mktemp("dump")
+    dump_hidden(_cfg(tiny_target_folder, data, out / "x", f"dump.out={out / 'h'}", "dump.dtype=float32",
+                     "dump.shard_tokens=150", "dump.batch_size=3"))
+    return out / "h"
+
+
+def _cfg(folder, data, out, *extra):
+    return load_config(str(folder), overrides=[
+        f"out_dir={out}", f"data.train_path={data}", "data.eval_every=5", "train.batch_size=2",
+        f"train.max_steps={STEPS}", "train.ttt_length=3", "train.lr=3e-3", "train.warmup_steps=2",
+        "train.save_dtype=float32", "target.draft.draft_vocab_size=512", *extra])
+
+
+def _mode(mode, dump):
+    return [] if mode == "online" else ["train.mode=offline", f"train.hidden={dump}", "train.shuffle_window=2"]
+
+
+def _result(out):
+    metrics = json.loads((out / "metrics.json").read_text())
+    return metrics["train_losses"], load_file(str(out / "draft" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory, tiny_target_folder, data, dump):
+    runs = {}
+    for mode in ("online", "offline"):
+        out = tmp_path_factory.mktemp(f"unbroken-{mode}")
+        train(_cfg(tiny_target_folder, data, out, *_mode(mode, dump)))
+        runs[mode] = _result(out)
+    return runs
+
+
+def _assert_same(got, want):
+    assert got[0] == want[0]  # bitwise: the losses as Python floats
+    assert sorted(got[1]) == sorted(want[1])
+    for k in want[1]:
+        assert torch.equal(got[1][k], want[1][k]), k
+
+
+@pytest.mark.parametrize("mode,stop", [("online", 4), ("online", 6), ("offline", 5)])
+def test_stop_and_resume_equals_unbroken(tmp_path, tiny_target_folder, data, dump, unbroken, mode, stop):
+    """Stopped mid-epoch (4, 5) or at the epoch boundary (6), then resumed: the same losses and weights, bit
+    for bit, as the run that never stopped (weights, AdamW moments, schedule, data position, RNG)."""
+    out = tmp_path / "run"
+    train(_cfg(tiny_target_folder, data, out, *_mode(mode, dump), f"train.stop_after={stop}"))
+    assert not (out / "metrics.json").exists()
+    assert [p.name for p in step_folders(out / "checkpoints")] == [f"step_{stop:07d}"]
+    train(_cfg(tiny_target_folder, data, out, *_mode(mode, dump), "train.resume=latest"))
+    _assert_same(_result(out), unbroken[mode])
+
+
+def test_two_runs_give_identical_losses(tmp_path, tiny_target_folder, data, unbroken):
+    train(_cfg(tiny_target_folder, data, tmp_path / "again"))
+    _assert_same(_result(tmp_path / "again"), unbroken["online"])
+
+
+def test_resume_refuses_other_settings(tmp_path, tiny_target_folder, data):
+    out = tmp_path / "run"
+    train(_cfg(tiny_target_folder, data, out, "train.stop_after=2"))
+    with pytest.raises(SystemExit, match="saved by a run of 9 steps, this one has 12"):
+        train(_cfg(tiny_target_folder, data, out, "train.resume=latest", "train.max_steps=12"))
+    with pytest.raises(SystemExit, match="not a training checkpoint"):
+        train(_cfg(tiny_target_folder, data, out, f"train.resume={tmp_path}"))
+
+
+def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path, tiny_target_folder, data, unbroken):
+    """kill -9 while checkpoints are being written every step; the same command with --resume finishes with
+    the unbroken run's numbers. A half-written checkpoint of a killed save is never taken for one."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "specforge", "train", "--target", str(tiny_target_folder), f"out_dir={out}",
+           f"data.train_path={data}", "data.eval_every=5", "train.batch_size=2", f"train.max_steps={STEPS}",
+           "train.ttt_length=3", "train.lr=3e-3", "train.warmup_steps=2", "train.save_dtype=float32",
+           "target.draft.draft_vocab_size=512", "train.save_interval=1", "train.keep_checkpoints=2"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not any(int(p.name[5:]) >= 3 for p in step_folders(out / "checkpoints")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists(), "the run ended before it could be killed"
+    # What a save killed half-way leaves: a temporary folder with a partial file, and no train state.
+    partial = out / "checkpoints" / f"step_{STEPS - 1:07d}.tmp"
+    partial.mkdir(exist_ok=True)
+    (partial / "model.safetensors").write_bytes(b"\0" * 10)
+    run = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "resumed from" in run.stdout
+    _assert_same(_result(out), unbroken["online"])
+    kept = [p.name for p in (out / "checkpoints").iterdir()]
+    assert sorted(kept) == [f"step_{STEPS - 1:07d}", f"step_{STEPS:07d}"]  # the newest 2, no leftovers
+
+
+@pytest.fixture(scope="module")
+def nan_target_folder(tmp_path_factory, smol_tokenizer):
+    """A target whose embedding row of one token (' fox') is NaN, as a corrupted checkpoint would have:
+    every batch holding that token gives a non-finite loss, the others are fine."""
+    folder = tmp_path_factory.mktemp("nan-target")
+    model = tiny_target(vocab_size=len(smol_tokenizer), initializer_range=0.5)
+    fox = smol_tokenizer(" fox", add_special_tokens=False)["input_ids"]
+    assert len(fox) == 1
+    with torch.no_grad():
+        model.model.embed_tokens.weight[fox[0]] = float("nan")
+    model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, nan_target_folder, data):
+    out = tmp_path / "run"
+    # 14 conversations, 2 about "a red fox", no held-out split, 7 batches of 2: one epoch.
+    train(load_config(str(nan_target_folder), overrides=[
+        f"out_dir={out}", f"data.train_path={data}", "data.eval_every=0", "train.batch_size=2",
+        "train.max_steps=7", "train.ttt_length=2", "target.draft.draft_vocab_size=512"]))
+    metrics = json.loads((out / "metrics.json").read_text())
+    bad = [x for x in metrics["train_losses"] if x != x]
+    assert metrics["nonfinite_steps"] == len(bad) and 1 <= len(bad) <= 2
+    weights = load_file(str(out / "draft" / "model.safetensors"))
+    assert all(torch.isfinite(t.float()).all() for t in weights.values())
+
+
+def test_repeated_nonfinite_steps_stop_with_a_loadable_checkpoint(tmp_path, nan_target_folder):
+    with open(tmp_path / "fox.jsonl", "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"Fox {i}?"},
+                                             {"role": "assistant", "content": "A red fox runs."}]}) + "\n")
+    out = tmp_path / "run"
+    cfg = load_config(str(nan_target_folder), overrides=[
+        f"out_dir={out}", f"data.train_path={tmp_path / 'fox.jsonl'}", "data.eval_every=0", "train.batch_size=2",
+        "train.max_steps=20", "train.ttt_length=2", "train.max_nonfinite=3", "target.draft.draft_vocab_size=512"])
+    with pytest.raises(SystemExit, match="3 non-finite steps in a row .*last good weights are in"):
+        train(cfg)
+    (ckpt,) = step_folders(out / "checkpoints")
+    assert ckpt.name == "step_0000003"
+    draft = load_draft(ckpt)
+    assert all(torch.isfinite(p).all() for p in draft.parameters())
