@@ -112,6 +112,7 @@ class TrainConfig:
     fused_loss: bool = True  # chunked lm_head + soft cross-entropy (never all [tokens, draft_vocab] logits alive)
     loss_chunk: Optional[int] = None  # rows of logits per chunk of the fused loss; None = 256 MB worth
     loss_recompute: bool = False  # fused loss: recompute logits in backward (least memory, slower)
+    compile: bool = False  # torch.compile the draft layer's halves around the attention (GPU)
     init_from: Optional[str] = None  # start from a serving-format draft checkpoint
     # Start the draft's lm_head and final norm from the target's (its draft-vocab rows): the draft then
     # only has to learn to land in the target's own output space, which speeds early training a lot.

@@ -240,3 +240,37 @@ def test_ttt_loss_fused_on_gpu_under_autocast():
         assert abs(int(a.correct) - int(r.correct)) <= 2 and int(a.count) == int(r.count)
     for name in g0:
         assert _rel(g1[name], g0[name]) < 2e-2, name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train.compile: the draft layer's halves compiled around the attention.
+
+def test_compiled_draft_halves_match_eager():
+    """A TTT unroll (flex attention) with the compiled halves gives the eager losses and gradients within
+    float32 tolerance, at a width where the fused kernels are real."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specforge.config import DraftConfig
+    from specforge.eagle3.draft import Eagle3Draft, draft_config, init_draft_weights
+    from specforge.eagle3.ttt import ttt_unroll
+
+    torch.manual_seed(0)
+    tcfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    embed = LlamaForCausalLM(tcfg).model.embed_tokens.cuda().requires_grad_(False)
+    drafts = []
+    for _ in range(2):
+        d = Eagle3Draft(draft_config(tcfg, DraftConfig(draft_vocab_size=1000), 1000, [1, 2, 3]), embed)
+        init_draft_weights(d, seed=1, std=0.05)
+        drafts.append(d.cuda())
+    drafts[1].compile_halves()
+    ids = torch.randint(0, 1000, (2, 256), device="cuda")
+    aux = torch.randn(2, 256, 3 * 256, device="cuda")
+    outs = []
+    for d in drafts:
+        total = sum(h.float().square().mean() for _, h in ttt_unroll(d, ids, aux, 4, attention="flex"))
+        total.backward()
+        outs.append((total.detach(), {n: p.grad for n, p in d.named_parameters()}))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-5)
+    for n, g in outs[0][1].items():
+        torch.testing.assert_close(outs[1][1][n], g, rtol=1e-3, atol=1e-5, msg=n)

@@ -86,3 +86,39 @@ def test_ttt_loss_against_direct_computation():
 def test_shift_left():
     x = torch.arange(6).view(1, 6)
     assert shift_left(x, 2).tolist() == [[2, 3, 4, 5, 0, 0]]
+
+
+def test_padding_the_time_axis_changes_nothing(tiny_target_folder):
+    """On the GPU batches are right-padded to a multiple of 128 for flex attention: the loss and every
+    statistic must be those of the unpadded batch (padding is causal-future and masked)."""
+    from specforge.config import load_config
+    from specforge.data.batching import collate
+    from specforge.data.template import Sample
+    from specforge.eagle3.train import OnlineFeatures, build_draft, run_batch
+    from specforge.targets import TargetHead, load_target
+
+    cfg = load_config(str(tiny_target_folder), overrides=["device=cpu", "train.ttt_length=3",
+                                                          "target.draft.draft_vocab_size=512"])
+    target, _ = load_target(cfg.target, torch.device("cpu"), torch.float64)
+    head = TargetHead.from_model(target)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in (23, 17):
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[5:] = True
+        rows.append(Sample(torch.randint(0, 5000, (n,), generator=g), mask))
+    d2t = torch.zeros(512, dtype=torch.long)
+    t2d = torch.zeros(head.embed.weight.shape[0], dtype=torch.bool)
+    t2d[:512] = True
+    draft = build_draft(cfg, head, [2, 4, 5], d2t, t2d).double()
+    features = OnlineFeatures(target, [2, 4, 5])
+    draft_ids = torch.arange(512)
+    batch = collate(rows)
+    padded = batch.pad_to_multiple(16)
+    assert padded.input_ids.shape == (2, 32) and padded.num_tokens == batch.num_tokens
+    loss, stats = run_batch(cfg, draft, features, head, draft_ids, batch, torch.device("cpu"))
+    loss_p, stats_p = run_batch(cfg, draft, features, head, draft_ids, padded, torch.device("cpu"))
+    torch.testing.assert_close(loss_p, loss, rtol=1e-12, atol=1e-12)
+    for a, b in zip(stats, stats_p):
+        assert int(a.correct) == int(b.correct) and int(a.count) == int(b.count)
+        torch.testing.assert_close(b.accept, a.accept, rtol=1e-12, atol=1e-12)

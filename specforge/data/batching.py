@@ -20,6 +20,17 @@ class Batch:
         return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
                         for f in fields(self)})
 
+    def pad_to_multiple(self, multiple: int) -> "Batch":
+        """Right-pad the time axis to a multiple (padding is masked out everywhere): compiled kernels then
+        meet a few lengths instead of one per batch."""
+        t = self.input_ids.shape[1]
+        extra = -t % multiple
+        if extra == 0:
+            return self
+        pad = lambda x: torch.cat([x, x.new_zeros(x.shape[0], extra, *x.shape[2:])], dim=1)  # noqa: E731
+        return Batch(**{f.name: None if getattr(self, f.name) is None else pad(getattr(self, f.name))
+                        for f in fields(self)})
+
     @property
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())

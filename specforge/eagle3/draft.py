@@ -74,13 +74,15 @@ class DraftAttention(nn.Module):
         self.v_proj = nn.Linear(2 * h, self.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
 
-    def forward(self, x, cos, sin, attend: AttendFn):
+    def qkv(self, x, cos, sin):
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = attend(q, k, v)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, o):
+        b, _, t, _ = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -147,11 +149,27 @@ class Eagle3Draft(nn.Module):
               attend: AttendFn) -> torch.Tensor:
         """One draft step. `hidden` is fc(features) at step 0 and the previous step's output after.
         Returns the new hidden state (pre-norm), which feeds the next step."""
+        q, k, v = self._before_attention(embeds, hidden, position_ids)
+        return self._after_attention(hidden, attend(q, k, v))
+
+    # The layer in two halves around the attention, which belongs to the caller. `compile_halves` compiles
+    # each half (norms, rope, projections, MLP fuse into few kernels) and leaves the attention as it is.
+    def _before_attention(self, embeds, hidden, position_ids):
         m = self.midlayer
         cos, sin = self.rope(hidden, position_ids)
         x = torch.cat([m.input_layernorm(embeds), m.hidden_norm(hidden)], dim=-1)
-        h = hidden + m.self_attn(x, cos, sin, attend)
+        return m.self_attn.qkv(x, cos, sin)
+
+    def _after_attention(self, hidden, o):
+        m = self.midlayer
+        h = hidden + m.self_attn.out(o)
         return h + m.mlp(m.post_attention_layernorm(h))
+
+    def compile_halves(self) -> None:
+        """torch.compile the two halves of `layer` (training: `train.compile`). Instance attributes, so the
+        state_dict and the decoder's copy of the class are untouched."""
+        self._before_attention = torch.compile(self._before_attention)
+        self._after_attention = torch.compile(self._after_attention)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocab."""

@@ -103,7 +103,10 @@ def build_draft(cfg: Config, head: TargetHead, aux_ids: list[int], d2t, t2d) -> 
     embed = head.embed
     device = embed.weight.device
     if cfg.train.init_from:
-        return load_draft(cfg.train.init_from, embed, device=device)
+        draft = load_draft(cfg.train.init_from, embed, device=device)
+        if cfg.train.compile:
+            draft.compile_halves()
+        return draft
     dcfg = draft_config(head.config, cfg.target.draft, embed.weight.shape[0], aux_ids)
     draft = Eagle3Draft(dcfg, embed)
     init_draft_weights(draft, seed=cfg.train.seed)
@@ -113,7 +116,10 @@ def build_draft(cfg: Config, head: TargetHead, aux_ids: list[int], d2t, t2d) -> 
             draft_ids = (torch.arange(d2t.numel()) + d2t).to(head.lm_head_weight.device)
             draft.lm_head.weight.copy_(head.lm_head_weight[draft_ids].float())
             draft.norm.weight.copy_(head.norm.weight.float())
-    return draft.to(device, dtype=torch.float32)
+    draft = draft.to(device, dtype=torch.float32)
+    if cfg.train.compile:
+        draft.compile_halves()
+    return draft
 
 
 def lr_lambda(cfg: Config, total_steps: int):
@@ -234,9 +240,14 @@ class ShardSource:
             yield collate(pending, self.pad_id)
 
 
+FLEX_PAD = 128  # flex attention's block size
+
+
 def run_batch(cfg: Config, draft, features, head: TargetHead, draft_ids, batch, device, mark=None):
     """Loss and per-step statistics of one batch. `mark()`, if given, is called between the target's part
     (features, soft labels) and the draft's (scripts/bench_train.py times the two apart)."""
+    if device.type == "cuda" and cfg.train.attention != "reference":
+        batch = batch.pad_to_multiple(FLEX_PAD)  # flex attention compiles per length: keep the lengths few
     aux, final = features(batch)
     # Labels only where the next token is trained on (the TTT loss never looks elsewhere).
     labels = soft_labels(final, head.lm_head_weight, draft_ids, shift_left(batch.loss_mask, 1, False))

@@ -44,7 +44,7 @@ def ttt_attention_reference(q: torch.Tensor, keys: Sequence[torch.Tensor], value
 # ---------------------------------------------------------------------------------------------------------
 # FlexAttention
 
-_MASK_CACHE_SIZE = 64  # batches are padded to their own longest sample, so T varies: keep the recent ones
+_MASK_CACHE_SIZE = 256  # 7 masks per length; training pads lengths to multiples of 128, so few lengths
 _mask_cache: "OrderedDict[tuple, object]" = OrderedDict()
 _compiled_flex = None
 
