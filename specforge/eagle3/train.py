@@ -377,7 +377,7 @@ def train(cfg: Config) -> Path:
     total = cfg.train.max_steps or source.steps_per_epoch() * cfg.train.epochs
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                            weight_decay=cfg.train.weight_decay)
+                            weight_decay=cfg.train.weight_decay, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     # Where the run stands: everything a resumed run needs to continue bitwise where this one stopped.
     pos = {"step": 0, "epoch": 0, "batch": 0, "losses": [], "nonfinite": 0}
