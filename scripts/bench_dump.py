@@ -26,7 +26,7 @@ from specforge.dump import _features, write_dump
 from specforge.eagle3.train import (MemorySource, OfflineFeatures, OnlineFeatures, ShardSource, build_draft,
                                     run_batch)
 from specforge.model_shapes import random_target
-from specforge.targets import FeatureCapture, TargetHead, aux_layer_ids, config_sha256
+from specforge.targets import FeatureCapture, TargetHead, aux_layer_ids, config_sha256, decoder_model
 
 
 def cuda_time(fn) -> float:
@@ -84,7 +84,7 @@ def main():
         mask[args.seq // 16:] = True
         samples.append(Sample(tok, mask, id=str(i)))
 
-    base = target.get_decoder()
+    base = decoder_model(target)
     x = torch.stack([s.input_ids for s in samples[:args.batch]]).to(dev)
     with torch.no_grad():
         for _ in range(2):

@@ -43,7 +43,10 @@ def train_flops(tcfg, dcfg, tokens: int, seq: int, ttt: int, draft_vocab: int) -
         return proj + 2 * 3 * h * inter + 2 * 2 * heads * d * seq / 2
 
     h, d = tcfg.hidden_size, getattr(tcfg, "head_dim", None) or tcfg.hidden_size // tcfg.num_attention_heads
-    target = tcfg.num_hidden_layers * layer(h, tcfg.intermediate_size, tcfg.num_attention_heads,
+    inter = tcfg.intermediate_size
+    if getattr(tcfg, "num_local_experts", 0):  # MoE (Llama 4): the routed experts a token uses + the shared one
+        inter *= tcfg.num_experts_per_tok + 1
+    target = tcfg.num_hidden_layers * layer(h, inter, tcfg.num_attention_heads,
                                             tcfg.num_key_value_heads, d, h) + 2 * h * tcfg.vocab_size
     draft_step = layer(h, dcfg.intermediate_size, dcfg.num_attention_heads, dcfg.num_key_value_heads,
                        dcfg.head_dim, 2 * h) + 2 * h * draft_vocab
@@ -52,8 +55,9 @@ def train_flops(tcfg, dcfg, tokens: int, seq: int, ttt: int, draft_vocab: int) -
 
 
 def run_variant(name, shape, target, samples, overrides, args):
+    depth = [f"target.aux_layer_ids=[1,{args.layers // 2},{args.layers - 1}]"] if args.layers else []
     cfg = load_config(shape, overrides=["device=cuda", f"train.batch_size={args.batch}",
-                                        f"data.max_length={args.seq}", *overrides])
+                                        f"data.max_length={args.seq}", *depth, *overrides])
     dev = torch.device("cuda")
     set_deterministic(cfg.train.deterministic)
     ids = aux_layer_ids(cfg.target, target)
@@ -119,18 +123,21 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="reduced depth (every layer's shape real); aux layers become [1, N//2, N-1]")
     ap.add_argument("--repeat", action="store_true", help="run each variant twice: are the losses bitwise equal?")
     ap.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                     help="a named set of train.* overrides; repeatable (default: the config's defaults)")
     args = ap.parse_args()
     variants = [(v[0], v[1:]) for v in args.variant] if args.variant else [("default", [])]
     print(f"\n## online training, {torch.cuda.get_device_name()}, bf16, rows of {args.seq} tokens, "
-          f"batch {args.batch}, {args.steps} steps after {args.warmup} warm-up")
+          f"batch {args.batch}, {args.steps} steps after {args.warmup} warm-up"
+          + (f", targets cut to {args.layers} layers" if args.layers else ""))
     print("| target shape | variant | tokens/s | MFU | peak GiB | target fwd | draft fwd+loss | backward | optimizer |"
           + (" repeat: losses bitwise equal |" if args.repeat else ""))
     print("|---|---|---|---|---|---|---|---|---|" + ("---|" if args.repeat else ""))
     for shape in args.shape or ["llama3.1-8b"]:
-        target = random_target(shape, torch.device("cuda"))
+        target = random_target(shape, torch.device("cuda"), num_layers=args.layers)
         g = torch.Generator().manual_seed(0)
         vocab = target.config.vocab_size
         samples = []

@@ -27,6 +27,8 @@ def main(argv=None):
                    help="continue from a checkpoints/step_* folder, or the newest one (train.resume)")
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="deterministic GPU kernels: bitwise-repeatable losses (train.deterministic)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N processes of this machine (one per GPU): reruns itself under torchrun")
     p = sub.add_parser("dump-hidden", help="run the target once and store its features for offline training")
     _common(p)
     p.add_argument("--data", default=None, help="training JSONL (data.train_path)")
@@ -49,6 +51,10 @@ def main(argv=None):
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
+    if getattr(args, "nproc", None) is not None:
+        _launch(parser, args.nproc, sys.argv[1:] if argv is None else list(argv))
+        if args.nproc > 1:
+            return
     from .config import load_config
 
     overrides = list(args.overrides) + extra
@@ -92,6 +98,34 @@ def main(argv=None):
             run_bench(cfg)
     except DataError as e:
         sys.exit(f"error: {e}")
+
+
+def _launch(parser, nproc: int, argv: list[str]) -> None:
+    """`--nproc N` (N > 1): the same command on N processes through torch.distributed.run (standalone
+    rendezvous on this machine), which is also what `torchrun --nproc-per-node N -m specforge ...` does."""
+    import subprocess
+
+    from .parallel.mesh import launched
+
+    if nproc < 1:
+        parser.error(f"--nproc {nproc}: need at least 1")
+    if launched():
+        parser.error("--nproc starts the processes itself; under torchrun leave it out")
+    if nproc == 1:
+        return
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "specforge", *rest]
+    rc = subprocess.run(cmd).returncode
+    if rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

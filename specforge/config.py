@@ -113,6 +113,7 @@ class TrainConfig:
     loss_chunk: Optional[int] = None  # rows of logits per chunk of the fused loss; None = 256 MB worth
     loss_recompute: bool = False  # fused loss: recompute logits in backward (least memory, slower)
     compile: bool = False  # torch.compile the draft layer's halves around the attention (GPU)
+    grad_checkpoint: bool = False  # recompute the draft layer's activations in backward (less memory)
     init_from: Optional[str] = None  # start from a serving-format draft checkpoint
     # Start the draft's lm_head and final norm from the target's (its draft-vocab rows): the draft then
     # only has to learn to land in the target's own output space, which speeds early training a lot.
@@ -137,6 +138,14 @@ class BenchConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Processes come from the launcher (`--nproc N` or torchrun); tp_size of them share one copy of the
+    target (tensor parallel), and the world size // tp_size groups split each batch (data parallel)."""
+
+    tp_size: int = 1
+
+
+@dataclass
 class Config:
     target: TargetConfig = field(default_factory=TargetConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -144,6 +153,7 @@ class Config:
     dump: DumpConfig = field(default_factory=DumpConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     out_dir: Optional[str] = None  # None = outputs/<target name>
     device: str = "auto"
 

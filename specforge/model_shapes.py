@@ -21,19 +21,47 @@ SHAPES = {
         max_position_embeddings=8192, tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
     ),
+    # The text half of Llama-4-Scout-17B-16E (transformers' Llama4TextConfig defaults mirror it): 16 routed
+    # experts top-1 plus a shared expert in every layer, chunked attention (8192) on rope layers, every 4th
+    # layer global attention without rope, L2 qk-norm on rope layers.
+    "llama4-scout": dict(
+        model_type="llama4_text",
+        vocab_size=202048, hidden_size=5120, intermediate_size=8192, intermediate_size_mlp=16384,
+        num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1, no_rope_layer_interval=4,
+        attention_chunk_size=8192, use_qk_norm=True, attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1,
+        max_position_embeddings=10485760, tie_word_embeddings=False,
+        bos_token_id=200000, eos_token_id=[200001, 200007, 200008], pad_token_id=200018,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 16.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 1.0, "original_max_position_embeddings": 8192},
+    ),
 }
 
 
-def random_target(shape: str, device, dtype=torch.bfloat16, num_layers: int | None = None, seed: int = 0):
-    """An HF LlamaForCausalLM of a real shape, built directly on the device with N(0, 0.02) weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def shape_config(shape: str, num_layers: int | None = None):
+    """The HF (text) config of a real shape, optionally with fewer layers (per-layer patterns such as
+    Llama 4's MoE and no-rope layers are derived from the reduced depth)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     kw = dict(SHAPES[shape])
+    model_type = kw.pop("model_type", "llama")
     if num_layers:
         kw["num_hidden_layers"] = num_layers
-    cfg = LlamaConfig(architectures=["LlamaForCausalLM"], **kw)
+    cfg = AutoConfig.for_model(model_type, **kw)
+    cfg.architectures = [AutoModelForCausalLM._model_mapping[type(cfg)].__name__]
+    return cfg
+
+
+def random_target(shape: str, device, dtype=torch.bfloat16, num_layers: int | None = None, seed: int = 0):
+    """An HF causal LM of a real shape (LlamaForCausalLM, Llama4ForCausalLM), built directly on the device
+    with N(0, 0.02) weights and unit norms."""
+    from transformers import AutoModelForCausalLM
+
+    from .targets import decoder_model
+
+    cfg = shape_config(shape, num_layers)
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = AutoModelForCausalLM.from_config(cfg)
     model = model.to_empty(device=device).to(dtype)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -43,5 +71,6 @@ def random_target(shape: str, device, dtype=torch.bfloat16, num_layers: int | No
             else:
                 p.normal_(0.0, 0.02, generator=gen)
     # to_empty left the rope frequency buffers uninitialised: build that module afresh.
-    model.model.rotary_emb = type(model.model.rotary_emb)(cfg).to(device)
+    base = decoder_model(model)
+    base.rotary_emb = type(base.rotary_emb)(cfg).to(device)
     return model.eval().requires_grad_(False)

@@ -209,11 +209,21 @@ def config_sha256(config) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def decoder_parts(model: nn.Module):
-    """(embed_tokens, layers, final norm, lm_head) of an HF causal LM of the Llama family."""
+def decoder_model(model: nn.Module) -> nn.Module:
+    """The module holding embed_tokens, layers and norm, whose forward runs the decoder without the lm_head."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     if hasattr(base, "language_model"):  # multimodal wrappers
         base = base.language_model
+    # Llama4ForCausalLM's base_model_prefix is `language_model` (so that it loads from a multimodal checkpoint),
+    # so HF's get_decoder() finds no base model and returns the causal LM itself.
+    if not hasattr(base, "layers") and hasattr(base, "model"):
+        base = base.model
+    return base
+
+
+def decoder_parts(model: nn.Module):
+    """(embed_tokens, layers, final norm, lm_head) of an HF causal LM of the Llama family."""
+    base = decoder_model(model)
     return base.embed_tokens, base.layers, base.norm, model.get_output_embeddings()
 
 
@@ -269,7 +279,7 @@ class FeatureCapture:
     def run(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> Features:
         """One target forward through the decoder only (no full-vocab logits), returning the features."""
         self._store.clear()
-        base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+        base = decoder_model(self.model)
         base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         aux = torch.cat([self._store[j] for j in self.layer_ids], dim=-1)
         feats = Features(aux=aux, final=self._store["final"], prenorm=self._store["prenorm"])

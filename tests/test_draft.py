@@ -151,3 +151,23 @@ def test_rope_scaling_and_wide_heads_round_trip(tmp_path):
     torch.testing.assert_close(again.rotary_emb.inv_freq, draft.rotary_emb.inv_freq)
     ids, aux = torch.randint(0, 256, (1, 40)), torch.randn(1, 40, 192)
     assert torch.equal(_step0_logits(draft, ids, aux), _step0_logits(again, ids, aux))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """train.grad_checkpoint recomputes the layer's halves in backward: same loss and gradients, float64."""
+    from specforge.eagle3.ttt import ttt_unroll
+
+    target = tiny_target(dtype=torch.float64)
+    grads = []
+    for ckpt in (False, True):
+        draft = tiny_draft(target, dtype=torch.float64)
+        draft.checkpointing = ckpt
+        ids = torch.randint(0, 256, (2, 19), generator=torch.Generator().manual_seed(0))
+        aux = torch.randn(2, 19, 3 * 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        total = sum(h.square().mean() for _, h in ttt_unroll(draft, ids, aux, 3))
+        total.backward()
+        grads.append((total.detach(), {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert grads[0][1].keys() == grads[1][1].keys() and len(grads[0][1]) >= 10
+    for n, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][n], g, rtol=1e-12, atol=1e-14, msg=n)

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -74,16 +74,19 @@ TRAIN_STATE = "train_state.pt"
 
 def save_draft(draft: Eagle3Draft, folder: str | Path, dtype: torch.dtype = torch.bfloat16,
                layout: str = "sglang", verifier: str = "", extra: Optional[dict] = None,
-               train_state: Optional[dict] = None) -> Path:
+               train_state: Optional[dict] = None, state_dict: Optional[dict] = None,
+               before_publish: Optional[Callable[[Path], None]] = None) -> Path:
     """`train_state` (optimizer, scheduler, data position, RNG, full-precision weights) goes in the same
-    folder, so a folder that exists is a complete checkpoint to serve and to resume from."""
+    folder, so a folder that exists is a complete checkpoint to serve and to resume from. `state_dict`: the
+    weights to write when `draft` holds only a shard (FSDP); `before_publish(tmp)` may add files to the
+    temporary folder before it is synced and renamed (the other ranks' shards)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     tensors = {}
-    for name, t in draft.state_dict().items():
+    for name, t in (draft.state_dict() if state_dict is None else state_dict).items():
         if name.startswith("rotary_emb"):
             continue
         t = t.detach().cpu()
@@ -97,6 +100,8 @@ def save_draft(draft: Eagle3Draft, folder: str | Path, dtype: torch.dtype = torc
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE)
+    if before_publish is not None:
+        before_publish(tmp)
     for f in tmp.iterdir():  # on disk before the rename makes the folder visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding
 
@@ -113,6 +114,7 @@ class Eagle3Draft(nn.Module):
         t2d = torch.zeros(cfg.vocab_size, dtype=torch.bool)
         t2d[: cfg.draft_vocab_size] = True
         self.register_buffer("t2d", t2d)
+        self.checkpointing = False  # activation checkpointing of the layer in training (train.grad_checkpoint)
         # The target's embedding, shared and frozen: kept out of parameters(), state_dict() and the optimizer.
         self._embed = (embed_tokens,)
 
@@ -129,6 +131,11 @@ class Eagle3Draft(nn.Module):
     def set_vocab(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
         self.d2t.copy_(d2t)
         self.t2d.copy_(t2d)
+
+    def forward(self, fn: Callable, *args, **kwargs):
+        """`fn(self, *args, **kwargs)`: training calls `draft(ttt_loss, ...)` so that a wrapper hooking the
+        forward (FSDP: gather the weights, then reduce the gradients) sees the whole TTT step as one call."""
+        return fn(self, *args, **kwargs)
 
     def draft_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
@@ -149,6 +156,12 @@ class Eagle3Draft(nn.Module):
               attend: AttendFn) -> torch.Tensor:
         """One draft step. `hidden` is fc(features) at step 0 and the previous step's output after.
         Returns the new hidden state (pre-norm), which feeds the next step."""
+        if self.checkpointing and torch.is_grad_enabled():
+            # Recompute the two halves in backward instead of keeping their activations (the MLP's
+            # [T, intermediate] tensors are the largest). The attention is the caller's and keeps state
+            # (the TTT keys), so it is not recomputed.
+            q, k, v = checkpoint(self._before_attention, embeds, hidden, position_ids, use_reentrant=False)
+            return checkpoint(self._after_attention, hidden, attend(q, k, v), use_reentrant=False)
         q, k, v = self._before_attention(embeds, hidden, position_ids)
         return self._after_attention(hidden, attend(q, k, v))
 

@@ -10,13 +10,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..targets import decoder_parts, text_config
+from ..targets import decoder_model, decoder_parts, text_config
 from .draft import apply_rope, group_mask, grouped_attention
+
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class StaticTarget(nn.Module):
     def __init__(self, model: nn.Module, aux_layer_ids: list[int], max_len: int, batch: int = 1):
         super().__init__()
+        family = text_config(model.config).model_type
+        if family not in DENSE_FAMILIES:
+            raise SystemExit(f"bench: the static-cache decoder runs dense Llama/Qwen targets ({', '.join(DENSE_FAMILIES)}); "
+                             f"{family!r} (mixture-of-experts or chunked attention) is not supported by it yet")
         self.model = model
         embed, layers, norm, lm_head = decoder_parts(model)
         self.embed_tokens, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
@@ -25,8 +31,7 @@ class StaticTarget(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        self.rotary = base.rotary_emb
+        self.rotary = decoder_model(model).rotary_emb
         self.max_len = max_len
         w = embed.weight
         shape = (len(layers), batch, self.num_kv_heads, max_len, self.head_dim)

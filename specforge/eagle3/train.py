@@ -25,17 +25,22 @@ from ..data.vocab import build_vocab, count_tokens, coverage, load_vocab, save_v
 from ..data.shards import load_manifest, read_shard, read_tokens
 from ..targets import (FeatureCapture, TargetHead, aux_layer_ids, config_sha256, default_aux_layers, load_target, load_target_head, resolve_device, resolve_dtype,
                        text_config)
-from .checkpoint import load_draft, load_train_state, prune_checkpoints, save_draft, step_folders
+from ..parallel.checkpoint import load_checkpoint, save_checkpoint
+from ..parallel.data import check_batch_size, dp_rows
+from ..parallel.draft import backward, full_state_dict, replicated, replicated_head, reshard, shard_draft
+from ..parallel.mesh import Dist, all_reduce_sum, barrier, exists_everywhere, init_distributed, is_main, shutdown
+from .checkpoint import load_draft, save_draft, step_folders
 from .draft import Eagle3Draft, draft_config, init_draft_weights, param_count
-from .ttt import shift_left, soft_labels, ttt_loss
+from .ttt import StepStats, shift_left, soft_labels, step_weights, ttt_loss
 
 
 def prepared_path(cfg: Config) -> Path:
     return Path(cfg.prepare.out) if cfg.prepare.out else cfg.output_dir() / "prepared.jsonl"
 
 
-def prepare_data(cfg: Config, model=None, tok=None) -> Path:
-    """Answer the prompts with the target and write the conversations as JSONL."""
+def prepare_data(cfg: Config, model=None, tok=None, write: bool = True) -> Path:
+    """Answer the prompts with the target and write the conversations as JSONL (`write=False`: generate
+    only; the other ranks of a run, whose target shards rank 0 needs in every forward)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.prepare.dtype, device)
     if model is None or next(model.parameters()).dtype != dtype:
@@ -43,25 +48,30 @@ def prepare_data(cfg: Config, model=None, tok=None) -> Path:
     ensure_chat_template(tok, cfg.data.chat_template)
     src = cfg.prepare.prompts or bundled_path("train_prompts.jsonl")
     convs = list(read_jsonl(src))[: cfg.prepare.limit]
-    print(f"prepare-data: {len(convs)} prompts from {src}, answers by {cfg.target.name} "
-          f"({'greedy' if cfg.prepare.temperature == 0 else f'T={cfg.prepare.temperature}'}, "
-          f"max {cfg.prepare.max_new_tokens} new tokens)", flush=True)
+    if write:
+        print(f"prepare-data: {len(convs)} prompts from {src}, answers by {cfg.target.name} "
+              f"({'greedy' if cfg.prepare.temperature == 0 else f'T={cfg.prepare.temperature}'}, "
+              f"max {cfg.prepare.max_new_tokens} new tokens)", flush=True)
     out = regenerate(model, tok, convs, cfg.prepare.max_new_tokens, cfg.prepare.temperature,
                      cfg.prepare.seed, cfg.prepare.batch_size)
     path = prepared_path(cfg)
+    if not write:
+        return path
     write_jsonl(path, out)
     print(f"prepare-data: wrote {path}", flush=True)
     return path
 
 
-def all_conversations(cfg: Config, model, tok):
+def all_conversations(cfg: Config, model, tok, dist: Optional[Dist] = None):
     """The training conversations before the held-out split. Without data.train_path: the bundled
-    prompts answered by the target (prepared once, then read back)."""
+    prompts answered by the target (prepared once, then read back). Every rank generates (a tensor-parallel
+    target needs all of them), rank 0 writes, and all read the file back."""
     path = cfg.data.train_path
     if path is None:
         path = prepared_path(cfg)
-        if not path.is_file():
-            prepare_data(cfg, model, tok)
+        if not exists_everywhere(dist, path):
+            prepare_data(cfg, model, tok, write=is_main(dist))
+            barrier(dist)
     convs = list(read_jsonl(path, on_error=cfg.data.on_error, need_answer=True))
     if not convs:
         raise DataError(f"{path}: no conversations in the file")
@@ -74,9 +84,9 @@ def is_held_out(cfg: Config, index: int) -> bool:
     return cfg.data.eval_path is None and k > 0 and index % k == k - 1
 
 
-def load_splits(cfg: Config, model, tok):
+def load_splits(cfg: Config, model, tok, dist: Optional[Dist] = None):
     """(train, eval) conversations."""
-    convs = all_conversations(cfg, model, tok)
+    convs = all_conversations(cfg, model, tok, dist)
     if cfg.data.eval_path:
         return convs, list(read_jsonl(cfg.data.eval_path, on_error=cfg.data.on_error, need_answer=True))
     return ([c for i, c in enumerate(convs) if not is_held_out(cfg, i)],
@@ -87,12 +97,16 @@ def vocab_path(cfg: Config) -> Path:
     return Path(cfg.data.vocab_path) if cfg.data.vocab_path else cfg.output_dir() / "vocab.safetensors"
 
 
-def vocab_for(cfg: Config, samples, target_vocab: int, draft_vocab: int):
+def vocab_for(cfg: Config, samples, target_vocab: int, draft_vocab: int, dist: Optional[Dist] = None):
+    """The draft vocab: read from its file, else built from the samples and written (by rank 0; every rank
+    builds the same one)."""
     path = vocab_path(cfg)
-    if path.is_file():
+    if exists_everywhere(dist, path):
         return load_vocab(path, target_vocab, draft_vocab)
     counts = count_tokens(samples, target_vocab)
     d2t, t2d = build_vocab(counts, draft_vocab)
+    if not is_main(dist):
+        return d2t, t2d
     save_vocab(path, d2t, t2d, counts)
     print(f"draft vocab: {draft_vocab} of {target_vocab} tokens cover {coverage(counts, t2d):.1%} "
           f"of assistant tokens; wrote {path}", flush=True)
@@ -104,6 +118,7 @@ def build_draft(cfg: Config, head: TargetHead, aux_ids: list[int], d2t, t2d) -> 
     device = embed.weight.device
     if cfg.train.init_from:
         draft = load_draft(cfg.train.init_from, embed, device=device)
+        draft.checkpointing = cfg.train.grad_checkpoint
         if cfg.train.compile:
             draft.compile_halves()
         return draft
@@ -117,6 +132,7 @@ def build_draft(cfg: Config, head: TargetHead, aux_ids: list[int], d2t, t2d) -> 
             draft.lm_head.weight.copy_(head.lm_head_weight[draft_ids].float())
             draft.norm.weight.copy_(head.norm.weight.float())
     draft = draft.to(device, dtype=torch.float32)
+    draft.checkpointing = cfg.train.grad_checkpoint
     if cfg.train.compile:
         draft.compile_halves()
     return draft
@@ -243,21 +259,41 @@ class ShardSource:
 FLEX_PAD = 128  # flex attention's block size
 
 
-def run_batch(cfg: Config, draft, features, head: TargetHead, draft_ids, batch, device, mark=None):
-    """Loss and per-step statistics of one batch. `mark()`, if given, is called between the target's part
-    (features, soft labels) and the draft's (scripts/bench_train.py times the two apart)."""
+def run_batch(cfg: Config, draft, features, head: TargetHead, draft_ids, batch, device, mark=None,
+              dist: Optional[Dist] = None):
+    """Loss and per-step statistics of one batch (this rank's rows of it). `mark()`, if given, is called
+    between the target's part (features, soft labels) and the draft's (scripts/bench_train.py times the two
+    apart). Under data parallelism each step's loss is divided by its count of scored positions over all
+    dp ranks: the ranks' losses and gradients then add up to those of one process on the whole batch."""
     if device.type == "cuda" and cfg.train.attention != "reference":
         batch = batch.pad_to_multiple(FLEX_PAD)  # flex attention compiles per length: keep the lengths few
     aux, final = features(batch)
     # Labels only where the next token is trained on (the TTT loss never looks elsewhere).
     labels = soft_labels(final, head.lm_head_weight, draft_ids, shift_left(batch.loss_mask, 1, False))
+    denominators = None
+    if dist is not None and dist.dp > 1:
+        denominators = all_reduce_sum(step_weights(batch.loss_mask, labels, draft.t2d, cfg.train.ttt_length,
+                                                   cfg.train.mask_out_of_vocab), dist.dp_group)
     if mark is not None:
         mark()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return ttt_loss(draft, batch.input_ids, batch.loss_mask, aux, labels, cfg.train.ttt_length,
-                        cfg.train.step_weight, cfg.train.mask_out_of_vocab, fused=cfg.train.fused_loss,
-                        loss_chunk=cfg.train.loss_chunk, loss_recompute=cfg.train.loss_recompute,
-                        attention=cfg.train.attention)
+        # Through the draft's forward, so that FSDP sees the step (see Eagle3Draft.forward).
+        return draft(ttt_loss, batch.input_ids, batch.loss_mask, aux, labels, cfg.train.ttt_length,
+                     cfg.train.step_weight, cfg.train.mask_out_of_vocab, fused=cfg.train.fused_loss,
+                     loss_chunk=cfg.train.loss_chunk, loss_recompute=cfg.train.loss_recompute,
+                     attention=cfg.train.attention, denominators=denominators)
+
+
+def global_stats(loss: torch.Tensor, stats: list, dist: Optional[Dist]):
+    """A batch's loss and per-step statistics summed over the dp ranks (each rank's losses are its shares of
+    the global means), for the log; a single process's as they are."""
+    if dist is None or dist.dp == 1:
+        return loss, stats
+    flat = torch.stack([loss.double()] + [torch.as_tensor(v, device=loss.device).double()
+                                          for s in stats for v in (s.loss, s.correct, s.accept, s.count)])
+    flat = all_reduce_sum(flat, dist.dp_group).cpu()
+    per = flat[1:].view(len(stats), 4)
+    return flat[0].to(loss.dtype), [StepStats(r[0].float(), r[1].long(), r[2].float(), r[3].long()) for r in per]
 
 
 def summarize(stats_list) -> dict:
@@ -278,30 +314,42 @@ def summarize(stats_list) -> dict:
 
 
 @torch.no_grad()
-def evaluate(cfg, draft, features, head, draft_ids, source, device) -> dict:
+def evaluate(cfg, draft, features, head, draft_ids, source, device, dist: Optional[Dist] = None) -> dict:
     draft.eval()
-    stats = [run_batch(cfg, draft, features, head, draft_ids, b.to(device), device)[1]
-             for b in source.eval_batches()]
+    stats = []
+    for b in source.eval_batches():
+        loss, st = run_batch(cfg, draft, features, head, draft_ids, dp_rows(b, dist).to(device), device, dist=dist)
+        stats.append(global_stats(loss, st, dist)[1])
+    reshard(draft)
     draft.train()
     return summarize(stats) if stats else {}
 
 
-def online_setup(cfg: Config, device):
-    """The target in memory; features come from hooks on it."""
-    target, tok = load_target(cfg.target, device)
+def online_setup(cfg: Config, device, dist: Optional[Dist] = None):
+    """The target in memory; features come from hooks on it. With parallel.tp_size > 1 each rank holds its
+    slices of the target, and its features come out whole on every rank of the tp group."""
+    if dist is not None and dist.tp > 1:
+        from ..parallel.tensor_parallel import load_target_tp
+
+        target, tok = load_target_tp(cfg.target, dist.tp_mesh, device, resolve_dtype(cfg.target.dtype, device))
+    else:
+        target, tok = load_target(cfg.target, device)
     ensure_chat_template(tok, cfg.data.chat_template)
-    train_convs, eval_convs = load_splits(cfg, target, tok)
+    train_convs, eval_convs = load_splits(cfg, target, tok, dist)
     train_samples = tokenize_all(tok, train_convs, cfg.data, "training conversations")
     eval_samples = tokenize_all(tok, eval_convs, cfg.data, "held-out conversations")
     head = TargetHead.from_model(target)
+    if dist is not None and dist.tp > 1:
+        head = replicated_head(head)  # the lm_head and embedding the draft reads, gathered once
     ids = aux_layer_ids(cfg.target, target)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     source = MemorySource(train_samples, eval_samples, cfg.train.batch_size, cfg.train.seed, pad_id)
     return head, ids, OnlineFeatures(target, ids), source, train_samples
 
 
-def offline_setup(cfg: Config, device):
-    """Features from a dump; of the target only the embedding, final norm and lm_head are loaded."""
+def offline_setup(cfg: Config, device, dist: Optional[Dist] = None):
+    """Features from a dump; of the target only the embedding, final norm and lm_head are loaded (whole on
+    every rank: parallel.tp_size has nothing to split here)."""
     from ..dump import dump_dir
 
     folder = Path(cfg.train.hidden) if cfg.train.hidden else dump_dir(cfg)
@@ -334,44 +382,58 @@ def set_deterministic(on: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def resume_folder(cfg: Config, out: Path) -> Optional[Path]:
+def resume_folder(cfg: Config, out: Path, verbose: bool = True) -> Optional[Path]:
     if not cfg.train.resume:
         return None
     if cfg.train.resume != "latest":
         return Path(cfg.train.resume)
     found = step_folders(out / "checkpoints")
-    if not found:
+    if not found and verbose:
         print(f"train: nothing to resume under {out / 'checkpoints'}; starting from step 0", flush=True)
     return found[-1] if found else None
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def rng_state(dist: Dist) -> dict:
+    """One process: every GPU's generator; one of several: its own GPU's (touching the others would make
+    a CUDA context on each)."""
+    if not torch.cuda.is_available():
+        cuda = []
+    elif dist.world == 1:
+        cuda = torch.cuda.get_rng_state_all()
+    else:
+        cuda = [torch.cuda.get_rng_state(dist.device)]
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, dist: Dist) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if dist.world == 1:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            torch.cuda.set_rng_state(state["cuda"][0], dist.device)
 
 
 def train(cfg: Config) -> Path:
-    """Train a draft; returns the folder of the final checkpoint (serving format)."""
+    """Train a draft; returns the folder of the final checkpoint (serving format). Launched on several
+    processes (`--nproc N`, torchrun), every process runs this same loop on the same global batches and
+    takes its rows of each (see specforge/parallel); rank 0 alone logs and writes."""
     if cfg.train.mode not in ("online", "offline"):
         raise SystemExit(f"train.mode={cfg.train.mode!r}: choose online or offline")
     from torch.utils.tensorboard import SummaryWriter
 
     set_deterministic(cfg.train.deterministic)
-    device = resolve_device(cfg.device)
+    dist = init_distributed(cfg)
+    device, main = dist.device, is_main(dist)
+    check_batch_size(cfg.train.batch_size, dist)
     torch.manual_seed(cfg.train.seed)
     out = cfg.output_dir()
     out.mkdir(parents=True, exist_ok=True)
     setup = online_setup if cfg.train.mode == "online" else offline_setup
-    head, ids, features, source, vocab_samples = setup(cfg, device)
+    head, ids, features, source, vocab_samples = setup(cfg, device, dist)
     vocab_size = head.embed.weight.shape[0]
-    d2t, t2d = vocab_for(cfg, vocab_samples, vocab_size, min(cfg.target.draft.draft_vocab_size, vocab_size))
-    draft = build_draft(cfg, head, ids, d2t, t2d)
+    d2t, t2d = vocab_for(cfg, vocab_samples, vocab_size, min(cfg.target.draft.draft_vocab_size, vocab_size), dist)
+    draft = shard_draft(build_draft(cfg, head, ids, d2t, t2d), dist)
     draft_ids = torch.arange(draft.d2t.numel(), device=draft.d2t.device) + draft.d2t
 
     total = cfg.train.max_steps or source.steps_per_epoch() * cfg.train.epochs
@@ -381,44 +443,42 @@ def train(cfg: Config) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     # Where the run stands: everything a resumed run needs to continue bitwise where this one stopped.
     pos = {"step": 0, "epoch": 0, "batch": 0, "losses": [], "nonfinite": 0}
-    start = resume_folder(cfg, out)
+    start = resume_folder(cfg, out, main)
     if start is not None:
-        state = load_train_state(start)
-        if state["total_steps"] != total:
-            raise SystemExit(f"{start}: saved by a run of {state['total_steps']} steps, this one has {total} "
-                             f"(train.max_steps / train.epochs / data changed); resume with the same settings")
-        draft.load_state_dict(state["draft"])
-        opt.load_state_dict(state["optimizer"])
+        state = load_checkpoint(dist, draft, opt, start, total)
         sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], dist)
         pos = state["position"]
-        print(f"train: resumed from {start} at step {pos['step']} (epoch {pos['epoch']}, "
-              f"batch {pos['batch']})", flush=True)
+        if main:
+            print(f"train: resumed from {start} at step {pos['step']} (epoch {pos['epoch']}, "
+                  f"batch {pos['batch']})", flush=True)
     ckpt_dir = out / "checkpoints"
 
     def checkpoint() -> Path:
-        state = {"draft": draft.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng": rng_state(), "position": pos, "total_steps": total, "config": asdict(cfg)}
-        folder = save_draft(draft, ckpt_dir / f"step_{pos['step']:07d}", getattr(torch, cfg.train.save_dtype),
-                            train_state=state)
-        prune_checkpoints(ckpt_dir, cfg.train.keep_checkpoints)
-        return folder
+        shared = {"scheduler": sched.state_dict(), "position": pos, "total_steps": total, "config": asdict(cfg)}
+        return save_checkpoint(dist, draft, opt, ckpt_dir / f"step_{pos['step']:07d}",
+                               getattr(torch, cfg.train.save_dtype), shared, {"rng": rng_state(dist)},
+                               cfg.train.keep_checkpoints)
 
-    writer = SummaryWriter(str(out / "tb"), purge_step=pos["step"] if start is not None else None)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+    writer = SummaryWriter(str(out / "tb"), purge_step=pos["step"] if start is not None else None) if main \
+        else _NoWriter()
+    if main:
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+        print(f"train ({cfg.train.mode}): target {cfg.target.name} on {device}"
+              f"{f' x {dist.world} (dp={dist.dp}, tp={dist.tp})' if dist.world > 1 else ''}, draft "
+              f"{param_count(draft) / 1e6:.1f}M params, {total} steps", flush=True)
     stop = min(total, cfg.train.stop_after or total)
-    print(f"train ({cfg.train.mode}): target {cfg.target.name} on {device}, draft "
-          f"{param_count(draft) / 1e6:.1f}M params, {total} steps", flush=True)
 
-    bar = tqdm(total=total, initial=pos["step"], desc="train", unit="step")
+    bar = tqdm(total=total, initial=pos["step"], desc="train", unit="step", **({} if main else {"disable": True}))
     t_last, tokens_since, bad_run = time.perf_counter(), 0, 0
     while pos["step"] < stop:
         for batch in source.train_batches(pos["epoch"], skip=pos["batch"]):
-            batch = batch.to(device)
-            loss, stats = run_batch(cfg, draft, features, head, draft_ids, batch, device)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            loss = loss.detach()
+            tokens_since += batch.num_tokens
+            batch = dp_rows(batch, dist).to(device)
+            loss, stats = run_batch(cfg, draft, features, head, draft_ids, batch, device, dist=dist)
+            backward(loss, dist)
+            grad_norm = replicated(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip))  # global norm
+            loss, stats = global_stats(loss.detach(), stats, dist)  # the same on every rank
             finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
             if finite:
                 opt.step()
@@ -427,8 +487,9 @@ def train(cfg: Config) -> Path:
                 pos["nonfinite"] += 1
                 bad_run += 1
                 writer.add_scalar("train/nonfinite_steps", pos["nonfinite"], pos["step"] + 1)
-                tqdm.write(f"train: step {pos['step'] + 1}: non-finite loss or gradient ({loss.item()}, grad norm "
-                           f"{float(grad_norm)}); update skipped ({pos['nonfinite']} so far)")
+                if main:
+                    tqdm.write(f"train: step {pos['step'] + 1}: non-finite loss or gradient ({loss.item()}, grad "
+                               f"norm {float(grad_norm)}); update skipped ({pos['nonfinite']} so far)")
             with warnings.catch_warnings():  # a skipped update still uses up its step of the schedule
                 warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
                 sched.step()
@@ -436,7 +497,6 @@ def train(cfg: Config) -> Path:
             pos["step"] += 1
             pos["batch"] += 1
             step = pos["step"]
-            tokens_since += batch.num_tokens
             pos["losses"].append(loss.item())
             if bad_run >= cfg.train.max_nonfinite:
                 folder = checkpoint()
@@ -459,7 +519,7 @@ def train(cfg: Config) -> Path:
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc0=f"{m['acc_0']:.2f}", tok_s=f"{tps:.0f}")
             bar.update(1)
             if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
-                _log_eval(writer, evaluate(cfg, draft, features, head, draft_ids, source, device), step)
+                _log_eval(writer, evaluate(cfg, draft, features, head, draft_ids, source, device, dist), step)
             if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or step == stop < total:
                 checkpoint()
             if step >= stop:
@@ -471,26 +531,43 @@ def train(cfg: Config) -> Path:
     if pos["step"] < total:
         writer.close()
         features.close()
-        print(f"train: stopped at step {pos['step']} of {total} (train.stop_after); continue with --resume",
-              flush=True)
+        if main:
+            print(f"train: stopped at step {pos['step']} of {total} (train.stop_after); continue with --resume",
+                  flush=True)
+        shutdown(dist)
         return step_folders(ckpt_dir)[-1]
     metrics = {"steps": pos["step"], "train_losses": pos["losses"], "nonfinite_steps": pos["nonfinite"],
-               "eval": evaluate(cfg, draft, features, head, draft_ids, source, device)}
+               "eval": evaluate(cfg, draft, features, head, draft_ids, source, device, dist)}
     _log_eval(writer, metrics["eval"], pos["step"])
     writer.close()
     features.close()
-    final = save_draft(draft, out / "draft", getattr(torch, cfg.train.save_dtype),
-                       extra={"target": cfg.target.name, "steps": pos["step"], "mode": cfg.train.mode})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    ev = metrics["eval"]
-    if ev:
-        accs = " ".join(f"{ev[f'acc_{k}']:.3f}" for k in range(cfg.train.ttt_length))
-        print(f"eval (held-out): acc_0..{cfg.train.ttt_length - 1} = {accs}; "
-              f"chain acceptance-length estimate (5 steps) = {ev['chain_accept_len_5']:.2f}", flush=True)
-    if pos["nonfinite"]:
-        print(f"train: {pos['nonfinite']} steps had a non-finite loss or gradient and were skipped", flush=True)
-    print(f"train: draft written to {final}", flush=True)
+    final = out / "draft"
+    weights = full_state_dict(draft, dist)  # every rank takes part in gathering it
+    if main:
+        save_draft(draft, final, getattr(torch, cfg.train.save_dtype), state_dict=weights,
+                   extra={"target": cfg.target.name, "steps": pos["step"], "mode": cfg.train.mode})
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        ev = metrics["eval"]
+        if ev:
+            accs = " ".join(f"{ev[f'acc_{k}']:.3f}" for k in range(cfg.train.ttt_length))
+            print(f"eval (held-out): acc_0..{cfg.train.ttt_length - 1} = {accs}; "
+                  f"chain acceptance-length estimate (5 steps) = {ev['chain_accept_len_5']:.2f}", flush=True)
+        if pos["nonfinite"]:
+            print(f"train: {pos['nonfinite']} steps had a non-finite loss or gradient and were skipped", flush=True)
+        print(f"train: draft written to {final}", flush=True)
+    barrier(dist)
+    shutdown(dist)
     return final
+
+
+class _NoWriter:
+    """The TensorBoard writer of ranks other than 0."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
 
 
 def _log_eval(writer, m: dict, step: int):

@@ -101,10 +101,21 @@ class StepStats:
     count: torch.Tensor  # positions scored
 
 
+def step_weights(loss_mask: torch.Tensor, labels: SoftLabels, t2d: torch.Tensor, steps: int,
+                 mask_out_of_vocab: bool = True) -> torch.Tensor:
+    """[steps]: the summed loss weight of the positions TTT step k scores (what its mean divides by), known
+    before the unroll. Data parallel sums it over the ranks so that each rank's loss is its share of the
+    global mean, and the summed gradient is that of one process on the whole batch."""
+    scored = shift_left(loss_mask, 1, False)  # as in ttt_loss: step k scores t when t+1+k is scored here
+    if mask_out_of_vocab:
+        scored = scored & t2d[labels.argmax]
+    return torch.stack([scored[:, k + 1:].sum() for k in range(steps)]).float()
+
+
 def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tensor, aux_hidden: torch.Tensor,
              labels: SoftLabels, steps: int = 7, step_weight: float = 0.8, mask_out_of_vocab: bool = True,
              fused: bool = True, loss_chunk: int | None = None, loss_recompute: bool = False,
-             attention: str = "auto"):
+             attention: str = "auto", denominators: torch.Tensor | None = None):
     """Weighted TTT loss and per-step statistics.
 
     Position t at step k is scored when token t+2+k is an assistant token (loss_mask). Accuracy counts
@@ -114,7 +125,9 @@ def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tenso
     `fused`: lm_head, loss and statistics go through `fused_soft_ce`, `loss_chunk` rows of logits at a time
     (default: 256 MB), so no step's [tokens, draft_vocab] logits stay alive until backward (`loss_recompute`:
     keep even less and recompute the logits in backward, slower); else through `soft_ce_reference` (plain
-    autograd). Both compute the same. `attention`: the TTT attention kernel (see `ttt_unroll`)."""
+    autograd). Both compute the same. `attention`: the TTT attention kernel (see `ttt_unroll`).
+    `denominators` [steps]: what each step's weighted loss sum is divided by (default: its own weight sum,
+    `step_weights`; data parallel passes the sum over all ranks)."""
     # The target at position p predicts token p+1: score p when token p+1 is in the loss mask.
     pred_mask = shift_left(loss_mask, 1, False)
     in_vocab = draft.t2d[labels.argmax]
@@ -127,14 +140,15 @@ def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tenso
         rows = valid.nonzero(as_tuple=True)
         b_idx, t_idx = rows[0], rows[1] + k + 1  # the target position whose distribution is matched
         weight = in_vocab[b_idx, t_idx] if mask_out_of_vocab else None
+        denom = None if denominators is None else denominators[k]
         normed = draft.norm(hidden[rows])
         if fused:
             loss_k, correct, accept, count = fused_soft_ce(normed, draft.lm_head.weight, labels, b_idx, t_idx,
                                                            weight, draft.d2t, chunk=loss_chunk,
-                                                           recompute=loss_recompute)
+                                                           recompute=loss_recompute, denom=denom)
         else:
             loss_k, correct, accept, count = soft_ce_reference(normed, draft.lm_head.weight, labels, b_idx,
-                                                               t_idx, weight, draft.d2t)
+                                                               t_idx, weight, draft.d2t, denom=denom)
         total = total + (step_weight ** k) * loss_k
         stats.append(StepStats(loss_k.detach(), correct, accept, count))
     return total, stats

@@ -14,7 +14,7 @@ same chunks run as PyTorch ops.
 
 Per scored row i (draft logits z, target logits t over the draft vocab, full-vocab target lse L):
     p = softmax(t), log q = log_softmax(z), ce_i = -sum p log q
-    loss = sum_i w_i ce_i / max(sum_i w_i, 1)
+    loss = sum_i w_i ce_i / max(D, 1), D = sum_i w_i unless given (data parallel: the sum over all ranks)
     correct = #{i : d2t-map(argmax z) == target argmax}, accept = sum_i sum_x min(exp(t - L), q)
     dloss/dz_i = (q * sum(p) - p) * w_i / max(sum w, 1)
 """
@@ -46,9 +46,10 @@ def default_chunk(vocab: int, bytes_per_logit: int = 4, budget: int = CHUNK_BYTE
 
 def soft_ce_reference(normed_hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: "SoftLabels",
                       b_idx: torch.Tensor, t_idx: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                      d2t: Optional[torch.Tensor] = None):
+                      d2t: Optional[torch.Tensor] = None, denom: Optional[torch.Tensor] = None):
     """One TTT step, unfused: (weighted mean loss, correct, accept, count). All [N, Vd] tensors are
-    materialised; autograd keeps the float32 ones until backward."""
+    materialised; autograd keeps the float32 ones until backward. `denom`: what the weighted sum is divided
+    by (default: the sum of the weights; data parallel passes the sum over all ranks)."""
     logits = F.linear(normed_hidden, lm_head_weight)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     logq = F.log_softmax(logits, dim=-1)
@@ -56,7 +57,7 @@ def soft_ce_reference(normed_hidden: torch.Tensor, lm_head_weight: torch.Tensor,
     tgt_arg = labels.argmax[b_idx, t_idx]
     ce = -(torch.softmax(tgt_logits, dim=-1) * logq).sum(-1)
     weight = torch.ones_like(ce) if weight is None else weight.to(ce.dtype)
-    loss = (ce * weight).sum() / weight.sum().clamp(min=1)
+    loss = (ce * weight).sum() / (weight.sum() if denom is None else denom.to(ce.dtype)).clamp(min=1)
     with torch.no_grad():
         arg = logits.argmax(-1)
         if d2t is not None:
@@ -70,13 +71,14 @@ def soft_ce_reference(normed_hidden: torch.Tensor, lm_head_weight: torch.Tensor,
 def fused_soft_ce(normed_hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: "SoftLabels",
                   b_idx: torch.Tensor, t_idx: torch.Tensor, weight: Optional[torch.Tensor] = None,
                   d2t: Optional[torch.Tensor] = None, chunk: Optional[int] = None,
-                  use_triton: Optional[bool] = None, recompute: bool = False):
+                  use_triton: Optional[bool] = None, recompute: bool = False, denom: Optional[torch.Tensor] = None):
     """What `soft_ce_reference` returns, with at most `chunk` rows of logits alive at a time (default: 256 MB
     of logits as the path holds them: float32 on the PyTorch path, the matmul dtype on the Triton path). The
     matmuls run in the autocast dtype when autocast is on for the hidden state's device (as `F.linear`
     would), else in the inputs' common dtype; statistics in at least float32, the lm_head gradient summed
     over chunks in float32. `use_triton`: None = on CUDA when Triton is importable and statistics are
-    float32. `recompute`: see the module docstring. The norm stays outside: pass norm(hidden)."""
+    float32. `recompute`: see the module docstring. `denom`: as in `soft_ce_reference`. The norm stays
+    outside: pass norm(hidden)."""
     n, vocab = normed_hidden.shape[0], lm_head_weight.shape[0]
     dev = normed_hidden.device.type
     if torch.is_autocast_enabled(dev):
@@ -101,17 +103,19 @@ def fused_soft_ce(normed_hidden: torch.Tensor, lm_head_weight: torch.Tensor, lab
     # Gradients in the forward only when a backward will come (not under no_grad, as in evaluation).
     early = not recompute and torch.is_grad_enabled() and (normed_hidden.requires_grad or
                                                            lm_head_weight.requires_grad)
+    denom = weight.sum() if denom is None else denom.to(device=weight.device, dtype=adt)
     loss, correct, accept = _FusedSoftCE.apply(normed_hidden.to(cdt), lm_head_weight, tgt2d, rows, weight,
-                                               lse_full, tgt_arg, d2t, chunk, use_triton, early)
+                                               lse_full, tgt_arg, d2t, denom, chunk, use_triton, early)
     return loss, correct, accept, torch.tensor(n)
 
 
 class _FusedSoftCE(torch.autograd.Function):
     """Inputs: h [N, H] in the matmul dtype, the lm_head weight (any float dtype: cast per call), target rows
-    tgt2d [B*T, Vd] picked by `rows`, per-row weight / full-vocab lse / target argmax, d2t."""
+    tgt2d [B*T, Vd] picked by `rows`, per-row weight / full-vocab lse / target argmax, d2t, the loss's
+    denominator (before the clamp to at least 1)."""
 
     @staticmethod
-    def forward(ctx, h, w_head, tgt2d, rows, weight, lse_full, tgt_arg, d2t, chunk, use_triton, early):
+    def forward(ctx, h, w_head, tgt2d, rows, weight, lse_full, tgt_arg, d2t, denom, chunk, use_triton, early):
         adt = weight.dtype
         n = h.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -123,7 +127,7 @@ class _FusedSoftCE(torch.autograd.Function):
             lse_z = h.new_empty(n, dtype=adt)
             lse_t, sum_p, ce, acc = (torch.empty_like(lse_z) for _ in range(4))
             arg = torch.empty(n, dtype=torch.long, device=h.device)
-            denom = weight.sum().clamp(min=1)
+            denom = denom.clamp(min=1)
             stats = _stats_triton if use_triton else _stats_torch
             if early:
                 scale = weight / denom
@@ -152,7 +156,7 @@ class _FusedSoftCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_correct, _g_accept):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        none = (None,) * 9
+        none = (None,) * 10
         if ctx.early:
             grad_h, grad_w = ctx.saved_tensors
             g = g_loss.to(torch.promote_types(g_loss.dtype, torch.float32))  # a bf16 step weight would round
