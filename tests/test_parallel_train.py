@@ -160,11 +160,47 @@ def test_layout_errors_are_clear(monkeypatch):
 def test_tensor_parallel_target_equals_one_process(tmp_path, tiny_target_folder, data, single):
     """parallel.tp_size=2: the target split over both processes (its features whole on each), the draft
     sharded over both; the same losses as one process, to the rounding of the split matmuls."""
-    try:
-        from specforge.parallel.tensor_parallel import load_target_tp  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"tensor parallel target loading is not available yet ({e})")
     out = tmp_path / "run"
     run = _run(tiny_target_folder, data, out, "parallel.tp_size=2")
     assert "x 2 (dp=1, tp=2)" in run.stdout
     _assert_close(_result(out), single, rtol=1e-4, weights_atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def tiny_scout_folder(tmp_path_factory, smol_tokenizer):
+    """A Llama-4-Scout-family checkpoint folder in miniature: Llama4ForConditionalGeneration (text weights
+    under `language_model.`), MoE layers with a shared expert, chunked attention, a no-rope layer."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    text = dict(vocab_size=len(smol_tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, intermediate_size=32, intermediate_size_mlp=96,
+                num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1, attention_chunk_size=16,
+                no_rope_layers=[1, 1, 1, 0], max_position_embeddings=512, initializer_range=0.2)
+    vision = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                  vision_output_dim=16, image_size=28, patch_size=14, projector_input_dim=16, projector_output_dim=16)
+    torch.manual_seed(0)
+    model = Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision,
+                                                        architectures=["Llama4ForConditionalGeneration"]))
+    folder = tmp_path_factory.mktemp("tiny-scout")
+    model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_llama4_scout_preset_runs_end_to_end(tmp_path, tiny_scout_folder, data):
+    """`specforge train --target llama4-scout` with the weights in a local folder: one process, then the
+    target split over two (tp=2); both train, write a serving checkpoint and give the same losses."""
+    args = ["--target", "llama4-scout", f"target.path={tiny_scout_folder}", "target.aux_layer_ids=[1,2,3]",
+            "target.draft.intermediate_size=128", "target.draft.num_attention_heads=4",
+            "target.draft.num_key_value_heads=2", "target.draft.head_dim=16", f"data.train_path={data}", *ARGS]
+    from specforge.cli import main
+
+    main(["train", *args, f"out_dir={tmp_path / 'one'}"])
+    config = json.loads((tmp_path / "one" / "draft" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"]
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "specforge", "train", "--nproc", "2", *args, "parallel.tp_size=2",
+                          f"out_dir={tmp_path / 'tp'}"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    _assert_close(_result(tmp_path / "tp"), _result(tmp_path / "one"), rtol=1e-4, weights_atol=1e-3)
