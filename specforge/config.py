@@ -89,6 +89,9 @@ class TrainConfig:
     epochs: int = 1
     max_steps: Optional[int] = None
     batch_size: int = 4
+    # Pack several conversations into each row of up to data.max_length tokens (kept apart by the attention
+    # masks of target and draft): little padding when conversations are short. batch_size counts rows.
+    pack: bool = False
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)

@@ -239,6 +239,14 @@ def aux_layer_ids(cfg: TargetConfig, model: nn.Module) -> list[int]:
     return ids
 
 
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] boolean, True = attend: causal and inside the query's own conversation of a packed row
+    (doc_ids [B, T]; padding, -1, sees only padding), so each conversation's features are those it has alone."""
+    t = doc_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    return (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+
+
 @dataclass
 class Features:
     aux: torch.Tensor  # [B, T, 3H] hidden states entering the aux layers, concatenated
@@ -276,11 +284,19 @@ class FeatureCapture:
             h.remove()
 
     @torch.no_grad()
-    def run(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> Features:
-        """One target forward through the decoder only (no full-vocab logits), returning the features."""
+    def run(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+            position_ids: Optional[torch.Tensor] = None) -> Features:
+        """One target forward through the decoder only (no full-vocab logits), returning the features.
+        `attention_mask`: [B, T] (1 on real tokens), or a 4-D boolean [B, 1, T, T] (True = attend; packed
+        rows, see `document_mask`) with the per-conversation `position_ids`."""
         self._store.clear()
         base = decoder_model(self.model)
-        base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+            # transformers uses a 4-D mask as given; eager attention adds it to the scores, so additive.
+            dtype = base.embed_tokens.weight.dtype
+            attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device) \
+                .masked_fill(~attention_mask, torch.finfo(dtype).min)
+        base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         aux = torch.cat([self._store[j] for j in self.layer_ids], dim=-1)
         feats = Features(aux=aux, final=self._store["final"], prenorm=self._store["prenorm"])
         self._store.clear()

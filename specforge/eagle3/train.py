@@ -17,21 +17,21 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config
-from ..data.batching import collate, epoch_batches
+from ..data.batching import collate, collate_packed, epoch_batches, epoch_packed_batches
 from ..data.conversations import DataError, bundled_path, read_jsonl, write_jsonl
 from ..data.regenerate import regenerate
 from ..data.template import ensure_chat_template, tokenize_all
 from ..data.vocab import build_vocab, count_tokens, coverage, load_vocab, save_vocab
 from ..data.shards import load_manifest, read_shard, read_tokens
-from ..targets import (FeatureCapture, TargetHead, aux_layer_ids, config_sha256, default_aux_layers, load_target, load_target_head, resolve_device, resolve_dtype,
-                       text_config)
+from ..targets import (FeatureCapture, TargetHead, aux_layer_ids, config_sha256, default_aux_layers, document_mask,
+                       load_target, load_target_head, resolve_device, resolve_dtype, text_config)
 from ..parallel.checkpoint import load_checkpoint, save_checkpoint
 from ..parallel.data import check_batch_size, dp_rows
 from ..parallel.draft import backward, full_state_dict, replicated, replicated_head, reshard, shard_draft
 from ..parallel.mesh import Dist, all_reduce_sum, barrier, exists_everywhere, init_distributed, is_main, shutdown
 from .checkpoint import load_draft, save_draft, step_folders
 from .draft import Eagle3Draft, draft_config, init_draft_weights, param_count
-from .ttt import StepStats, shift_left, soft_labels, step_weights, ttt_loss
+from .ttt import StepStats, next_token_mask, soft_labels, step_weights, ttt_loss
 
 
 def prepared_path(cfg: Config) -> Path:
@@ -157,7 +157,10 @@ class OnlineFeatures:
         self.capture = FeatureCapture(target, layer_ids)
 
     def __call__(self, batch):
-        f = self.capture.run(batch.input_ids, batch.attention_mask)
+        if batch.doc_ids is None:
+            f = self.capture.run(batch.input_ids, batch.attention_mask)
+        else:  # packed: each conversation attends only to itself, positions from 0
+            f = self.capture.run(batch.input_ids, document_mask(batch.doc_ids), batch.position_ids)
         return f.aux, f.final
 
     def close(self):
@@ -178,21 +181,41 @@ class OfflineFeatures:
         pass
 
 
-class MemorySource:
-    """Tokenised samples in memory (online mode)."""
+def batch_plan(lengths: list[int], batch_size: int, seed: int, epoch: int, pack_length: Optional[int]):
+    """The epoch's batches as sample indices: lists of rows of indices when packing (`pack_length`, the
+    row length), else lists of indices (one sample per row)."""
+    if pack_length:
+        return epoch_packed_batches(lengths, pack_length, batch_size, seed, epoch)
+    return epoch_batches(len(lengths), lengths, batch_size, seed, epoch)
 
-    def __init__(self, train_samples, eval_samples, batch_size: int, seed: int, pad_id: int):
+
+def make_batch(samples, plan_entry, pad_id: int, packed: bool):
+    """One entry of `batch_plan` as a Batch (packed rows carry doc_ids and position_ids)."""
+    if packed:
+        return collate_packed([[samples[i] for i in row] for row in plan_entry], pad_id)
+    return collate([samples[i] for i in plan_entry], pad_id)
+
+
+class MemorySource:
+    """Tokenised samples in memory (online mode). `pack_length`: pack training rows to that many tokens
+    (train.pack); held-out batches stay unpacked."""
+
+    def __init__(self, train_samples, eval_samples, batch_size: int, seed: int, pad_id: int,
+                 pack_length: Optional[int] = None):
         self.train, self.eval = train_samples, eval_samples
-        self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
+        self.batch_size, self.seed, self.pad_id, self.pack_length = batch_size, seed, pad_id, pack_length
         self.lengths = [len(s.input_ids) for s in train_samples]
 
     def steps_per_epoch(self) -> int:
+        """Packed, the count of epoch 0 (later epochs pack a little differently)."""
+        if self.pack_length:
+            return len(batch_plan(self.lengths, self.batch_size, self.seed, 0, self.pack_length))
         return math.ceil(len(self.train) / self.batch_size)
 
     def train_batches(self, epoch: int, skip: int = 0):
         """The epoch's batches after the first `skip` (a resumed run continues mid-epoch)."""
-        for idx in epoch_batches(len(self.train), self.lengths, self.batch_size, self.seed, epoch)[skip:]:
-            yield collate([self.train[i] for i in idx], self.pad_id)
+        for entry in batch_plan(self.lengths, self.batch_size, self.seed, epoch, self.pack_length)[skip:]:
+            yield make_batch(self.train, entry, self.pad_id, bool(self.pack_length))
 
     def eval_batches(self):
         for i in range(0, len(self.eval), self.batch_size):
@@ -212,6 +235,11 @@ class ShardSource:
             self.starts.append(self.starts[-1] + s["samples"])
         self.counts = [sum(1 for i in range(a, b) if not is_held_out(cfg, i))
                        for a, b in zip(self.starts[:-1], self.starts[1:])]
+        self.pack_length = cfg.data.max_length if cfg.train.pack else None
+        self.lengths = None
+        if self.pack_length:  # a window's packing needs its samples' lengths: read them once (ids only)
+            self.lengths = [[len(s.input_ids) for j, s in enumerate(read_tokens(folder, e))
+                             if not is_held_out(cfg, self.starts[i] + j)] for i, e in enumerate(manifest.shards)]
 
     def _order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -221,8 +249,16 @@ class ShardSource:
         order = self._order(epoch)
         return [sorted(order[w:w + self.window]) for w in range(0, len(order), self.window)]
 
+    def _num_batches(self, w: int, shards, epoch: int) -> int:
+        if self.pack_length:
+            return len(self._plan(w, epoch, [n for i in shards for n in self.lengths[i]]))
+        return math.ceil(sum(self.counts[i] for i in shards) / self.batch_size)
+
+    def _plan(self, w: int, epoch: int, lengths: list[int]):
+        return batch_plan(lengths, self.batch_size, self.seed + w, epoch, self.pack_length)
+
     def steps_per_epoch(self) -> int:
-        return sum(math.ceil(sum(self.counts[i] for i in win) / self.batch_size) for win in self._windows(0))
+        return sum(self._num_batches(w, win, 0) for w, win in enumerate(self._windows(0)))
 
     def _samples(self, shards, held_out: bool):
         out = []
@@ -235,14 +271,13 @@ class ShardSource:
     def train_batches(self, epoch: int, skip: int = 0):
         """The epoch's batches after the first `skip`; windows wholly skipped are not read."""
         for w, shards in enumerate(self._windows(epoch)):
-            n = math.ceil(sum(self.counts[i] for i in shards) / self.batch_size)
+            n = self._num_batches(w, shards, epoch)
             if skip >= n:
                 skip -= n
                 continue
             samples = self._samples(shards, held_out=False)
-            lengths = [len(s.input_ids) for s in samples]
-            for idx in epoch_batches(len(samples), lengths, self.batch_size, self.seed + w, epoch)[skip:]:
-                yield collate([samples[i] for i in idx], self.pad_id)
+            for entry in self._plan(w, epoch, [len(s.input_ids) for s in samples])[skip:]:
+                yield make_batch(samples, entry, self.pad_id, bool(self.pack_length))
             skip = 0
 
     def eval_batches(self):
@@ -269,11 +304,11 @@ def run_batch(cfg: Config, draft, features, head: TargetHead, draft_ids, batch, 
         batch = batch.pad_to_multiple(FLEX_PAD)  # flex attention compiles per length: keep the lengths few
     aux, final = features(batch)
     # Labels only where the next token is trained on (the TTT loss never looks elsewhere).
-    labels = soft_labels(final, head.lm_head_weight, draft_ids, shift_left(batch.loss_mask, 1, False))
+    labels = soft_labels(final, head.lm_head_weight, draft_ids, next_token_mask(batch.loss_mask, batch.doc_ids))
     denominators = None
     if dist is not None and dist.dp > 1:
         denominators = all_reduce_sum(step_weights(batch.loss_mask, labels, draft.t2d, cfg.train.ttt_length,
-                                                   cfg.train.mask_out_of_vocab), dist.dp_group)
+                                                   cfg.train.mask_out_of_vocab, batch.doc_ids), dist.dp_group)
     if mark is not None:
         mark()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -281,7 +316,8 @@ def run_batch(cfg: Config, draft, features, head: TargetHead, draft_ids, batch, 
         return draft(ttt_loss, batch.input_ids, batch.loss_mask, aux, labels, cfg.train.ttt_length,
                      cfg.train.step_weight, cfg.train.mask_out_of_vocab, fused=cfg.train.fused_loss,
                      loss_chunk=cfg.train.loss_chunk, loss_recompute=cfg.train.loss_recompute,
-                     attention=cfg.train.attention, denominators=denominators)
+                     attention=cfg.train.attention, denominators=denominators, doc_ids=batch.doc_ids,
+                     position_ids=batch.position_ids)
 
 
 def global_stats(loss: torch.Tensor, stats: list, dist: Optional[Dist]):
@@ -343,7 +379,8 @@ def online_setup(cfg: Config, device, dist: Optional[Dist] = None):
         head = replicated_head(head)  # the lm_head and embedding the draft reads, gathered once
     ids = aux_layer_ids(cfg.target, target)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    source = MemorySource(train_samples, eval_samples, cfg.train.batch_size, cfg.train.seed, pad_id)
+    source = MemorySource(train_samples, eval_samples, cfg.train.batch_size, cfg.train.seed, pad_id,
+                          cfg.data.max_length if cfg.train.pack else None)
     return head, ids, OnlineFeatures(target, ids), source, train_samples
 
 
@@ -463,7 +500,7 @@ def train(cfg: Config) -> Path:
     writer = SummaryWriter(str(out / "tb"), purge_step=pos["step"] if start is not None else None) if main \
         else _NoWriter()
     if main:
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str))
+        write_json(out / "config.json", asdict(cfg))
         print(f"train ({cfg.train.mode}): target {cfg.target.name} on {device}"
               f"{f' x {dist.world} (dp={dist.dp}, tp={dist.tp})' if dist.world > 1 else ''}, draft "
               f"{param_count(draft) / 1e6:.1f}M params, {total} steps", flush=True)
@@ -546,7 +583,7 @@ def train(cfg: Config) -> Path:
     if main:
         save_draft(draft, final, getattr(torch, cfg.train.save_dtype), state_dict=weights,
                    extra={"target": cfg.target.name, "steps": pos["step"], "mode": cfg.train.mode})
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_json(out / "metrics.json", metrics)
         ev = metrics["eval"]
         if ev:
             accs = " ".join(f"{ev[f'acc_{k}']:.3f}" for k in range(cfg.train.ttt_length))
@@ -558,6 +595,13 @@ def train(cfg: Config) -> Path:
     barrier(dist)
     shutdown(dist)
     return final
+
+
+def write_json(path: Path, obj) -> None:
+    """Temporary name, then rename: a killed run never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
 
 
 class _NoWriter:

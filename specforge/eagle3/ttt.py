@@ -60,33 +60,56 @@ def shift_left(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
     return torch.cat([x[:, n:], pad], dim=1)
 
 
+def next_token_mask(loss_mask: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions p whose next token p+1 is trained on (the target at p predicts it): in a packed row only
+    where p+1 is in p's own conversation."""
+    mask = shift_left(loss_mask, 1, False)
+    if doc_ids is not None:
+        mask = mask & (shift_left(doc_ids, 1, -2) == doc_ids)
+    return mask
+
+
+def step_mask(pred_mask: torch.Tensor, k: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions t that TTT step k scores: the target position t+1+k is in `pred_mask` and, in a packed row,
+    in t's conversation (the shifted tokens of the next conversation are never scored)."""
+    valid = shift_left(pred_mask, k + 1, False)
+    if doc_ids is not None:
+        valid = valid & (shift_left(doc_ids, k + 1, -2) == doc_ids)
+    return valid
+
+
 class TTTAttention:
     """Keys and values of every unrolled step; scores against step 0 are causal, against later steps
     diagonal. The math is `specforge.kernels.ttt_attention.ttt_attention` with `impl`: "flex" (no
-    [T, T] scores per head; the default on CUDA via "auto"), "reference" (plain PyTorch; CPU default)."""
+    [T, T] scores per head; the default on CUDA via "auto"), "reference" (plain PyTorch; CPU default).
+    `doc_ids` [B, T]: packed rows, the causal part stays inside each conversation."""
 
-    def __init__(self, impl: str = "auto"):
+    def __init__(self, impl: str = "auto", doc_ids: torch.Tensor | None = None):
         if impl not in TTT_ATTENTION_IMPLS:
             raise ValueError(f"unknown TTT attention impl {impl!r}; one of {TTT_ATTENTION_IMPLS}")
         self.impl = impl
+        self.doc_ids = doc_ids
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
     def __call__(self, q, k, v):
         self.keys.append(k)
         self.values.append(v)
-        return ttt_attention(q, self.keys, self.values, self.impl)
+        return ttt_attention(q, self.keys, self.values, self.impl, self.doc_ids)
 
 
 def ttt_unroll(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Tensor, steps: int,
-               attention: str = "auto"):
+               attention: str = "auto", doc_ids: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None):
     """Yields (k, hidden_k) for k = 0..steps-1; hidden_k[:, t] is the draft's state for the token it
     predicts at position t + 2 + k. Logits are `draft.logits(hidden_k)`. `attention`: the TTTAttention
-    impl ("auto", "flex", "reference")."""
+    impl ("auto", "flex", "reference"). Packed rows pass `doc_ids` and the per-conversation
+    `position_ids` (rope position at step k: position_ids + k)."""
     b, t = input_ids.shape
     hidden = draft.fc(aux_hidden.to(draft.fc.weight.dtype))
-    attend = TTTAttention(attention)
-    positions = torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
+    attend = TTTAttention(attention, doc_ids)
+    positions = position_ids if position_ids is not None else \
+        torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
     for k in range(steps):
         embeds = draft.embed(shift_left(input_ids, k + 1))
         hidden = draft.layer(embeds, hidden, positions + k, attend)
@@ -102,20 +125,21 @@ class StepStats:
 
 
 def step_weights(loss_mask: torch.Tensor, labels: SoftLabels, t2d: torch.Tensor, steps: int,
-                 mask_out_of_vocab: bool = True) -> torch.Tensor:
+                 mask_out_of_vocab: bool = True, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """[steps]: the summed loss weight of the positions TTT step k scores (what its mean divides by), known
     before the unroll. Data parallel sums it over the ranks so that each rank's loss is its share of the
     global mean, and the summed gradient is that of one process on the whole batch."""
-    scored = shift_left(loss_mask, 1, False)  # as in ttt_loss: step k scores t when t+1+k is scored here
+    scored = next_token_mask(loss_mask, doc_ids)  # as in ttt_loss: step k scores t when t+1+k is scored here
     if mask_out_of_vocab:
         scored = scored & t2d[labels.argmax]
-    return torch.stack([scored[:, k + 1:].sum() for k in range(steps)]).float()
+    return torch.stack([step_mask(scored, k, doc_ids).sum() for k in range(steps)]).float()
 
 
 def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tensor, aux_hidden: torch.Tensor,
              labels: SoftLabels, steps: int = 7, step_weight: float = 0.8, mask_out_of_vocab: bool = True,
              fused: bool = True, loss_chunk: int | None = None, loss_recompute: bool = False,
-             attention: str = "auto", denominators: torch.Tensor | None = None):
+             attention: str = "auto", denominators: torch.Tensor | None = None,
+             doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
     """Weighted TTT loss and per-step statistics.
 
     Position t at step k is scored when token t+2+k is an assistant token (loss_mask). Accuracy counts
@@ -127,16 +151,17 @@ def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tenso
     keep even less and recompute the logits in backward, slower); else through `soft_ce_reference` (plain
     autograd). Both compute the same. `attention`: the TTT attention kernel (see `ttt_unroll`).
     `denominators` [steps]: what each step's weighted loss sum is divided by (default: its own weight sum,
-    `step_weights`; data parallel passes the sum over all ranks)."""
+    `step_weights`; data parallel passes the sum over all ranks). Packed rows pass `doc_ids` and
+    `position_ids` (see `ttt_unroll`); a position is then scored only against its own conversation."""
     # The target at position p predicts token p+1: score p when token p+1 is in the loss mask.
-    pred_mask = shift_left(loss_mask, 1, False)
+    pred_mask = next_token_mask(loss_mask, doc_ids)
     in_vocab = draft.t2d[labels.argmax]
     total = 0.0
     stats: list[StepStats] = []
-    for k, hidden in ttt_unroll(draft, input_ids, aux_hidden, steps, attention):
+    for k, hidden in ttt_unroll(draft, input_ids, aux_hidden, steps, attention, doc_ids, position_ids):
         # Only scored positions go through norm + lm_head: the [tokens, draft_vocab] logits are the
         # largest tensors of the step, and padding and prompt tokens need none.
-        valid = shift_left(pred_mask, k + 1, False)
+        valid = step_mask(pred_mask, k, doc_ids)
         rows = valid.nonzero(as_tuple=True)
         b_idx, t_idx = rows[0], rows[1] + k + 1  # the target position whose distribution is matched
         weight = in_vocab[b_idx, t_idx] if mask_out_of_vocab else None

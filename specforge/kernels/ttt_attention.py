@@ -13,17 +13,19 @@ block 0). `ttt_attention` picks one: flex on CUDA, the reference on CPU.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 __all__ = ["ttt_attention", "ttt_attention_reference", "ttt_attention_flex", "ttt_block_mask"]
 
 
-def ttt_attention_reference(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> torch.Tensor:
+def ttt_attention_reference(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                            doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q [B, Hq, T, D]; keys/values: one [B, Hkv, T, D] per step 0..k. Query heads are grouped by their kv
     head (GQA) instead of repeating K/V. Scores and softmax in at least float32. The diagonal scores are
-    row-wise dot products, so no [T, T*k] mask is built, but the causal block is dense [T, T]."""
+    row-wise dot products, so no [T, T*k] mask is built, but the causal block is dense [T, T]. `doc_ids`
+    [B, T] (packed rows): the causal block stays inside the query's conversation."""
     b, hq, t, d = q.shape
     hk = keys[0].shape[1]
     q = q.view(b, hk, hq // hk, t, d)  # group query heads by their kv head
@@ -31,6 +33,8 @@ def ttt_attention_reference(q: torch.Tensor, keys: Sequence[torch.Tensor], value
     k0, v0 = keys[0].unsqueeze(2), values[0].unsqueeze(2)
     s0 = (q @ k0.transpose(-1, -2)) * scale  # [b, hk, g, t, t]
     causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    if doc_ids is not None:
+        causal = (causal & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None, None]  # [b, 1, 1, t, t]
     s0 = s0.masked_fill(~causal, float("-inf"))
     diag = [(q * kj.unsqueeze(2)).sum(-1, keepdim=True) * scale for kj in keys[1:]]  # [b, hk, g, t, 1]
     scores = torch.cat([s0, *diag], dim=-1)
@@ -61,12 +65,29 @@ def _ttt_mask_mod(seq_len: torch.Tensor):
     return mask_mod
 
 
-def ttt_block_mask(t: int, k: int, device) -> "torch.nn.attention.flex_attention.BlockMask":
+def _packed_ttt_mask_mod(seq_len: torch.Tensor, doc_ids: torch.Tensor):
+    """`_ttt_mask_mod` for packed rows: the causal block 0 only inside the query's conversation (doc_ids
+    [B, T]); the diagonal blocks are unchanged (a position always sees its own later-step keys)."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same_doc = doc_ids[b, kv_idx % seq_len] == doc_ids[b, q_idx]
+        return ((kv_idx <= q_idx) & same_doc) | (kv_idx % seq_len == q_idx)
+
+    return mask_mod
+
+
+def ttt_block_mask(t: int, k: int, device, doc_ids: Optional[torch.Tensor] = None) \
+        -> "torch.nn.attention.flex_attention.BlockMask":
     """The BlockMask of step k for length t (cached: create_block_mask evaluates the mask densely, a
-    [T, T*(k+1)] boolean, and reduces it to blocks, which costs more than the attention at small T)."""
+    [T, T*(k+1)] boolean, and reduces it to blocks, which costs more than the attention at small T). With
+    `doc_ids` (packed rows) the mask depends on the batch's layout, so it is built per call, not cached."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     device = torch.device(device)
+    if doc_ids is not None:
+        seq_len = torch.tensor(t, dtype=torch.int64, device=device)
+        return create_block_mask(_packed_ttt_mask_mod(seq_len, doc_ids), doc_ids.shape[0], None, t, t * (k + 1),
+                                 device=device)
     key = (t, k, device)
     bm = _mask_cache.get(key)
     if bm is not None:
@@ -107,7 +128,8 @@ def _flex_eager_with_grad(q, k, v, block_mask, scale):
     return out
 
 
-def ttt_attention_flex(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> torch.Tensor:
+def ttt_attention_flex(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                       doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Same result as `ttt_attention_reference`, via FlexAttention over [K0; ...; Kk] (GQA by
     enable_gqa). On CUDA the compiled kernel; elsewhere flex's eager (dense) path, for checking equality.
     Flex needs q, k and v of one dtype: under autocast q/k/v may differ (rope, casts), so all take the
@@ -122,7 +144,7 @@ def ttt_attention_flex(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Se
     q = q.to(dtype)
     k = torch.cat([kj.to(dtype) for kj in keys], dim=2) if steps > 1 else keys[0].to(dtype)
     v = torch.cat([vj.to(dtype) for vj in values], dim=2) if steps > 1 else values[0].to(dtype)
-    block_mask = ttt_block_mask(t, steps - 1, q.device)
+    block_mask = ttt_block_mask(t, steps - 1, q.device, doc_ids)
     scale = d ** -0.5
     if q.device.type == "cuda":
         return _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
@@ -135,13 +157,14 @@ IMPLS = ("auto", "flex", "reference")
 
 
 def ttt_attention(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
-                  impl: str = "auto") -> torch.Tensor:
+                  impl: str = "auto", doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """TTT attention of step len(keys)-1. impl: "flex", "reference", or "auto" = flex on CUDA (memory
-    O(T) per step instead of O(T^2)), reference elsewhere (flex has no fused CPU training kernel)."""
+    O(T) per step instead of O(T^2)), reference elsewhere (flex has no fused CPU training kernel).
+    `doc_ids` [B, T]: packed rows, whose conversations do not see each other."""
     if impl == "auto":
         impl = "flex" if q.device.type == "cuda" else "reference"
     if impl == "flex":
-        return ttt_attention_flex(q, keys, values)
+        return ttt_attention_flex(q, keys, values, doc_ids)
     if impl == "reference":
-        return ttt_attention_reference(q, keys, values)
+        return ttt_attention_reference(q, keys, values, doc_ids)
     raise ValueError(f"unknown TTT attention impl {impl!r}; one of {IMPLS}")
