@@ -123,9 +123,19 @@ def checked_config(folder: str | Path):
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def load_tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:
+        raise SystemExit(f"target {folder}: cannot load the tokenizer ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def load_target(cfg: TargetConfig, device: torch.device, dtype: Optional[torch.dtype] = None):
     """Returns (model, tokenizer), the model frozen in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder = target_folder(cfg)
     checked_config(folder)
@@ -136,12 +146,7 @@ def load_target(cfg: TargetConfig, device: torch.device, dtype: Optional[torch.d
         raise SystemExit(f"target {folder}: cannot load the model ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
     model.eval().requires_grad_(False)
-    try:
-        tok = AutoTokenizer.from_pretrained(folder)
-    except Exception as e:
-        raise SystemExit(f"target {folder}: cannot load the tokenizer ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return model, tok
+    return model, load_tokenizer(folder)
 
 
 @dataclass

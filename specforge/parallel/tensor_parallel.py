@@ -21,7 +21,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from ..targets import checked_config, decoder_model, decoder_parts, resolve_dtype, target_folder, text_config
+from ..targets import (checked_config, decoder_model, decoder_parts, load_tokenizer, resolve_dtype, target_folder,
+                       text_config)
 
 # Plain (non-DTensor) sharded parameters record here, on their module, how they were cut: name -> (dim, parts).
 # `parts` = 2 for fused gate_up weights: each half (gate, up) is cut separately so a rank keeps matching halves.
@@ -298,7 +299,7 @@ def _rebuild_rotary(model: nn.Module, tc, device) -> None:
 def load_target_tp(target_cfg, tp_mesh, device: torch.device, dtype: Optional[torch.dtype] = None):
     """Like targets.load_target, but split over `tp_mesh` (1-D): built on the meta device, parallelized, then
     materialised on `device` and filled with this rank's slices only. Returns (model, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     folder = target_folder(target_cfg)
     tc = text_config(checked_config(folder))  # Llama 4 folders: the text-only causal LM
@@ -314,9 +315,4 @@ def load_target_tp(target_cfg, tp_mesh, device: torch.device, dtype: Optional[to
     load_local_weights(model, folder, tp_mesh)
     _rebuild_rotary(model, tc, device)
     model.eval().requires_grad_(False)
-    try:
-        tok = AutoTokenizer.from_pretrained(folder)
-    except Exception as e:
-        raise SystemExit(f"target {folder}: cannot load the tokenizer ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return model, tok
+    return model, load_tokenizer(folder)
