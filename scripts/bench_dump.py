@@ -23,8 +23,8 @@ from specforge.data.template import Sample
 from specforge.data.vocab import build_vocab, count_tokens
 from specforge.data.shards import shard_bounds, write_shard
 from specforge.dump import _features, write_dump
-from specforge.eagle3.train import (MemorySource, OfflineFeatures, OnlineFeatures, ShardSource, build_draft,
-                                    run_batch)
+from specforge.data.sources import MemorySource, ShardSource
+from specforge.eagle3.train import OfflineFeatures, OnlineFeatures, build_draft, run_batch
 from specforge.model_shapes import random_target
 from specforge.targets import FeatureCapture, TargetHead, aux_layer_ids, config_sha256, decoder_model
 

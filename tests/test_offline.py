@@ -56,7 +56,7 @@ def test_online_and_offline_training_give_the_same_losses(tmp_path, tiny_target_
 def test_small_window_streams_every_sample_once(tmp_path, tiny_target_folder, data):
     """With a window smaller than the dump, an epoch still visits each training sample exactly once."""
     from specforge.data.shards import load_manifest
-    from specforge.eagle3.train import ShardSource
+    from specforge.data.sources import ShardSource
 
     dump = tmp_path / "dump"
     dump_hidden(_cfg(tiny_target_folder, data, tmp_path / "x", f"dump.out={dump}", "dump.shard_tokens=150"))

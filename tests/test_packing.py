@@ -11,7 +11,8 @@ from specforge.data.batching import collate, collate_packed, epoch_packed_batche
 from specforge.data.template import Sample
 from specforge.dump import dump_hidden
 from specforge.eagle3.checkpoint import step_folders
-from specforge.eagle3.train import MemorySource, train
+from specforge.data.sources import MemorySource
+from specforge.eagle3.train import train
 from specforge.eagle3.ttt import SoftLabels, step_weights, ttt_loss
 from specforge.targets import FeatureCapture, document_mask
 
