@@ -15,7 +15,7 @@ from specforge.config import DataConfig, TargetConfig, load_config
 from specforge.data.conversations import Conversation, DataError, bundled_path, read_jsonl
 from specforge.data.template import ensure_chat_template, tokenize_all
 from specforge.eagle3.checkpoint import load_draft, save_draft
-from specforge.eagle3.train import load_splits
+from specforge.eagle3.train import load_conversations
 from specforge.targets import load_target, load_target_head
 
 from .conftest import tiny_draft, tiny_target
@@ -50,7 +50,7 @@ def test_bad_training_line_names_file_line_and_field(tmp_path, kind):
     line, field = BAD_LINES[kind]
     data = _write(tmp_path / "train.jsonl", [GOOD, GOOD, line, GOOD])
     with pytest.raises(DataError) as e:
-        load_splits(_cfg(tmp_path, f"data.train_path={data}"), None, None)
+        load_conversations(_cfg(tmp_path, f"data.train_path={data}"), None, None)
     assert str(e.value).startswith(f"{data}:3: ") and field in str(e.value)
 
 
@@ -58,7 +58,7 @@ def test_bad_eval_line_is_named_too(tmp_path):
     train = _write(tmp_path / "train.jsonl", [GOOD] * 3)
     held = _write(tmp_path / "eval.jsonl", [GOOD, BAD_LINES["no assistant turn"][0]])
     with pytest.raises(DataError, match=f"{held}:2: field 'messages' has no assistant turn"):
-        load_splits(_cfg(tmp_path, f"data.train_path={train}", f"data.eval_path={held}"), None, None)
+        load_conversations(_cfg(tmp_path, f"data.train_path={train}", f"data.eval_path={held}"), None, None)
 
 
 def test_skip_counts_bad_lines_and_reports_once_per_file(tmp_path, capsys):
@@ -66,8 +66,8 @@ def test_skip_counts_bad_lines_and_reports_once_per_file(tmp_path, capsys):
     for i, kind in zip((2, 10, 20, 30, 35), BAD_LINES):  # lines 3, 11, 21, 31, 36
         rows[i] = BAD_LINES[kind][0]
     data = _write(tmp_path / "train.jsonl", rows)
-    train, held = load_splits(_cfg(tmp_path, f"data.train_path={data}", "data.on_error=skip"), None, None)
-    assert len(train) + len(held) == 35
+    train, held = load_conversations(_cfg(tmp_path, f"data.train_path={data}", "data.on_error=skip"), None, None)
+    assert len(train) == 35 and held is None
     out = capsys.readouterr().out
     assert out.count("data: skipped") == 1
     assert f"data: skipped 5 of 40 lines of {data} (first: {data}:3: malformed JSON" in out
@@ -78,12 +78,12 @@ def test_skip_counts_bad_lines_and_reports_once_per_file(tmp_path, capsys):
 def test_skip_with_nothing_left_and_bad_on_error_value(tmp_path):
     data = _write(tmp_path / "train.jsonl", [BAD_LINES["malformed JSON"][0], BAD_LINES["unknown role"][0]])
     with pytest.raises(DataError, match=f"{data}: every line was bad \\(first: {data}:1: malformed JSON"):
-        load_splits(_cfg(tmp_path, f"data.train_path={data}", "data.on_error=skip"), None, None)
+        load_conversations(_cfg(tmp_path, f"data.train_path={data}", "data.on_error=skip"), None, None)
     with pytest.raises(DataError, match="data.on_error='ignore': choose one of raise, skip"):
-        load_splits(_cfg(tmp_path, f"data.train_path={data}", "data.on_error=ignore"), None, None)
+        load_conversations(_cfg(tmp_path, f"data.train_path={data}", "data.on_error=ignore"), None, None)
     empty = _write(tmp_path / "empty.jsonl", [])
     with pytest.raises(DataError, match=f"{empty}: no conversations"):
-        load_splits(_cfg(tmp_path, f"data.train_path={empty}"), None, None)
+        load_conversations(_cfg(tmp_path, f"data.train_path={empty}"), None, None)
 
 
 def test_prompt_files_still_read_without_answers(tmp_path):
@@ -138,8 +138,8 @@ def test_online_setup_reports_dropped_samples(tmp_path, tiny_target_folder, caps
           f"data.train_path={data}", "data.eval_every=3", "data.max_length=40", "data.too_long=drop",
           "target.draft.draft_vocab_size=64"])
     out = capsys.readouterr().out
-    assert "data: 1 of 4 training conversations longer than max_length=40 were dropped" in out
-    assert "data: 1 of 2 held-out conversations longer than max_length=40 were dropped" in out
+    # Dropped before the held-out split (as dump-hidden does): one count over all 6.
+    assert "data: 2 of 6 conversations longer than max_length=40 were dropped" in out
 
 
 @pytest.fixture

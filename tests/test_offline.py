@@ -184,3 +184,27 @@ def test_streamed_shard_is_standard_safetensors(tmp_path, dtype):
     assert sorted(got) == sorted(want)
     for k in want:
         assert got[k].dtype == want[k].dtype and torch.equal(got[k].view(torch.uint8), want[k].view(torch.uint8)), k
+
+
+def test_online_and_offline_hold_out_the_same_after_drops(tmp_path, tiny_target_folder):
+    """With data.too_long=drop, the held-out split counts the samples that remain in both modes (the dump
+    stores only those), so online and offline still train on the same conversations."""
+    from .test_train import write_conversations
+
+    data = write_conversations(tmp_path / "d.jsonl", n=12)
+    lines = (tmp_path / "d.jsonl").read_text().splitlines()
+    long = json.loads(lines[1])
+    long["messages"][1]["content"] = " ".join(["A much longer answer than the others."] * 12)
+    lines[1] = json.dumps(long)
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    drop = ["data.max_length=80", "data.too_long=drop"]
+    train(_cfg(tiny_target_folder, data, tmp_path / "online", *drop))
+    dump = tmp_path / "dump"
+    dump_hidden(_cfg(tiny_target_folder, data, tmp_path / "x", f"dump.out={dump}", "dump.dtype=float32", *drop))
+    train(_cfg(tiny_target_folder, data, tmp_path / "offline", "train.mode=offline", f"train.hidden={dump}",
+               "train.shuffle_window=100", *drop))
+    on = json.loads((tmp_path / "online" / "metrics.json").read_text())
+    off = json.loads((tmp_path / "offline" / "metrics.json").read_text())
+    torch.testing.assert_close(torch.tensor(off["train_losses"]), torch.tensor(on["train_losses"]),
+                               rtol=1e-5, atol=1e-5)
+    assert abs(on["eval"]["loss_0"] - off["eval"]["loss_0"]) < 1e-4

@@ -78,13 +78,24 @@ def all_conversations(cfg: Config, model, tok, dist: Optional[Dist] = None):
     return convs
 
 
-def load_splits(cfg: Config, model, tok, dist: Optional[Dist] = None):
-    """(train, eval) conversations."""
+def load_conversations(cfg: Config, model, tok, dist: Optional[Dist] = None):
+    """(training conversations, held-out conversations of data.eval_path or None)."""
     convs = all_conversations(cfg, model, tok, dist)
-    if cfg.data.eval_path:
-        return convs, list(read_jsonl(cfg.data.eval_path, on_error=cfg.data.on_error, need_answer=True))
-    return ([c for i, c in enumerate(convs) if not is_held_out(cfg, i)],
-            [c for i, c in enumerate(convs) if is_held_out(cfg, i)])
+    if not cfg.data.eval_path:
+        return convs, None
+    return convs, list(read_jsonl(cfg.data.eval_path, on_error=cfg.data.on_error, need_answer=True))
+
+
+def load_samples(cfg: Config, model, tok, dist: Optional[Dist] = None):
+    """Tokenised (training, held-out) samples. Without data.eval_path the held-out split counts tokenised
+    samples, as the dump stores them, so online and offline training hold out the same conversations even
+    where data.too_long=drop or data.on_error=skip left some out."""
+    convs, held = load_conversations(cfg, model, tok, dist)
+    samples = tokenize_all(tok, convs, cfg.data)
+    if held is not None:
+        return samples, tokenize_all(tok, held, cfg.data, "held-out conversations")
+    return ([s for i, s in enumerate(samples) if not is_held_out(cfg, i)],
+            [s for i, s in enumerate(samples) if is_held_out(cfg, i)])
 
 
 def vocab_path(cfg: Config) -> Path:
@@ -255,9 +266,7 @@ def online_setup(cfg: Config, device, dist: Optional[Dist] = None):
     else:
         target, tok = load_target(cfg.target, device)
     ensure_chat_template(tok, cfg.data.chat_template)
-    train_convs, eval_convs = load_splits(cfg, target, tok, dist)
-    train_samples = tokenize_all(tok, train_convs, cfg.data, "training conversations")
-    eval_samples = tokenize_all(tok, eval_convs, cfg.data, "held-out conversations")
+    train_samples, eval_samples = load_samples(cfg, target, tok, dist)
     head = TargetHead.from_model(target)
     if dist is not None and dist.tp > 1:
         head = replicated_head(head)  # the lm_head and embedding the draft reads, gathered once
