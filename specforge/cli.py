@@ -98,6 +98,11 @@ def main(argv=None):
             run_bench(cfg)
     except DataError as e:
         sys.exit(f"error: {e}")
+    finally:  # a run that stops on an error still leaves its process group cleanly
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
 
 
 def _launch(parser, nproc: int, argv: list[str]) -> None:
