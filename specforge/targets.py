@@ -99,6 +99,12 @@ def text_config(config):
     return getattr(config, "text_config", None) or config
 
 
+def _reason(e: Exception) -> str:
+    """An exception in one line, for messages that say which file it was about."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def checked_config(folder: str | Path):
     """The folder's HF config, once config.json is known to be JSON naming a causal LM; otherwise an
     error naming the file and what is wrong with it."""
@@ -119,8 +125,7 @@ def checked_config(folder: str | Path):
     try:
         return AutoConfig.from_pretrained(folder)
     except Exception as e:
-        raise SystemExit(f"target {path}: transformers cannot read it ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise SystemExit(f"target {path}: transformers cannot read it ({_reason(e)})") from None
 
 
 def load_tokenizer(folder):
@@ -129,8 +134,7 @@ def load_tokenizer(folder):
     try:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as e:
-        raise SystemExit(f"target {folder}: cannot load the tokenizer ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise SystemExit(f"target {folder}: cannot load the tokenizer ({_reason(e)})") from None
 
 
 def load_target(cfg: TargetConfig, device: torch.device, dtype: Optional[torch.dtype] = None):
@@ -143,8 +147,7 @@ def load_target(cfg: TargetConfig, device: torch.device, dtype: Optional[torch.d
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
     except Exception as e:
-        raise SystemExit(f"target {folder}: cannot load the model ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise SystemExit(f"target {folder}: cannot load the model ({_reason(e)})") from None
     model.eval().requires_grad_(False)
     return model, load_tokenizer(folder)
 

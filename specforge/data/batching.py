@@ -23,9 +23,13 @@ class Batch:
     doc_ids: Optional[torch.Tensor] = None  # [B, T] long
     position_ids: Optional[torch.Tensor] = None  # [B, T] long
 
-    def to(self, device):
-        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+    def map(self, fn) -> "Batch":
+        """A batch of `fn(name, tensor)` for every tensor it holds (fields left None stay None)."""
+        return Batch(**{f.name: None if getattr(self, f.name) is None else fn(f.name, getattr(self, f.name))
                         for f in fields(self)})
+
+    def to(self, device):
+        return self.map(lambda _, x: x.to(device))
 
     def pad_to_multiple(self, multiple: int) -> "Batch":
         """Right-pad the time axis to a multiple (padding is masked out everywhere): compiled kernels then
@@ -38,8 +42,7 @@ class Batch:
             fill = -1 if name == "doc_ids" else 0
             return torch.cat([x, x.new_full((x.shape[0], extra, *x.shape[2:]), fill)], dim=1)
 
-        return Batch(**{f.name: None if getattr(self, f.name) is None else pad(f.name, getattr(self, f.name))
-                        for f in fields(self)})
+        return self.map(pad)
 
     @property
     def num_tokens(self) -> int:

@@ -52,7 +52,7 @@ class Manifest:
     def save(self, folder: Path) -> None:
         tmp = folder / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps({**asdict(self), "num_tokens": self.tokens, "num_bytes": self.bytes}, indent=2))
-        _fsync(tmp)
+        fsync_file(tmp)
         os.replace(tmp, folder / MANIFEST)
 
 
@@ -104,7 +104,8 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
+def fsync_file(path: Path) -> None:
+    """Push a written file to the disk (before a rename makes it visible)."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

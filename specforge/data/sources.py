@@ -76,10 +76,19 @@ class ShardSource:
         self.counts = [sum(1 for i in range(a, b) if not is_held_out(cfg, i))
                        for a, b in zip(self.starts[:-1], self.starts[1:])]
         self.pack_length = cfg.data.max_length if cfg.train.pack else None
+        self._tokens = None
         self.lengths = None
-        if self.pack_length:  # a window's packing needs its samples' lengths: read them once (ids only)
-            self.lengths = [[len(s.input_ids) for j, s in enumerate(read_tokens(folder, e))
-                             if not is_held_out(cfg, self.starts[i] + j)] for i, e in enumerate(manifest.shards)]
+        if self.pack_length:  # a window's packing needs its samples' lengths
+            self.lengths = [[len(s.input_ids) for s in shard] for shard in self.train_tokens()]
+
+    def train_tokens(self) -> list:
+        """Per shard, its training samples' ids and loss masks only (no features): read once, for the
+        packing lengths and the draft vocab."""
+        if self._tokens is None:
+            self._tokens = [[s for j, s in enumerate(read_tokens(self.folder, e))
+                             if not is_held_out(self.cfg, self.starts[i] + j)]
+                            for i, e in enumerate(self.manifest.shards)]
+        return self._tokens
 
     def _order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)

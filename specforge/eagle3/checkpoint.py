@@ -6,7 +6,6 @@ folder that exists is complete."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
@@ -16,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig
 
+from ..data.shards import fsync_file
 from .draft import Eagle3Draft
 
 
@@ -103,8 +103,7 @@ def save_draft(draft: Eagle3Draft, folder: str | Path, dtype: torch.dtype = torc
     if before_publish is not None:
         before_publish(tmp)
     for f in tmp.iterdir():  # on disk before the rename makes the folder visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(f)
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

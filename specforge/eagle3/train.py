@@ -21,7 +21,7 @@ from ..data.conversations import DataError, bundled_path, read_jsonl, write_json
 from ..data.regenerate import regenerate
 from ..data.template import ensure_chat_template, tokenize_all
 from ..data.vocab import build_vocab, count_tokens, coverage, load_vocab, save_vocab
-from ..data.shards import load_manifest, read_tokens
+from ..data.shards import load_manifest
 from ..data.sources import MemorySource, ShardSource, is_held_out
 from ..targets import (FeatureCapture, TargetHead, aux_layer_ids, config_sha256, default_aux_layers, document_mask,
                        load_target, load_target_head, resolve_device, resolve_dtype, text_config)
@@ -123,20 +123,17 @@ def build_draft(cfg: Config, head: TargetHead, aux_ids: list[int], d2t, t2d) -> 
     device = embed.weight.device
     if cfg.train.init_from:
         draft = load_draft(cfg.train.init_from, embed, device=device)
-        draft.checkpointing = cfg.train.grad_checkpoint
-        if cfg.train.compile:
-            draft.compile_halves()
-        return draft
-    dcfg = draft_config(head.config, cfg.target.draft, embed.weight.shape[0], aux_ids)
-    draft = Eagle3Draft(dcfg, embed)
-    init_draft_weights(draft, seed=cfg.train.seed)
-    draft.set_vocab(d2t, t2d)
-    if cfg.train.init_head_from_target:
-        with torch.no_grad():
-            draft_ids = (torch.arange(d2t.numel()) + d2t).to(head.lm_head_weight.device)
-            draft.lm_head.weight.copy_(head.lm_head_weight[draft_ids].float())
-            draft.norm.weight.copy_(head.norm.weight.float())
-    draft = draft.to(device, dtype=torch.float32)
+    else:
+        dcfg = draft_config(head.config, cfg.target.draft, embed.weight.shape[0], aux_ids)
+        draft = Eagle3Draft(dcfg, embed)
+        init_draft_weights(draft, seed=cfg.train.seed)
+        draft.set_vocab(d2t, t2d)
+        if cfg.train.init_head_from_target:
+            with torch.no_grad():
+                draft_ids = (torch.arange(d2t.numel()) + d2t).to(head.lm_head_weight.device)
+                draft.lm_head.weight.copy_(head.lm_head_weight[draft_ids].float())
+                draft.norm.weight.copy_(head.norm.weight.float())
+        draft = draft.to(device, dtype=torch.float32)
     draft.checkpointing = cfg.train.grad_checkpoint
     if cfg.train.compile:
         draft.compile_halves()
@@ -296,8 +293,7 @@ def offline_setup(cfg: Config, device, dist: Optional[Dist] = None):
         raise SystemExit(f"{folder} was dumped from target {ident.target!r} (layers {ident.aux_layer_ids}); "
                          f"this run trains for {cfg.target.name!r} (layers {want_ids}): refusing to mix them")
     source = ShardSource(cfg, folder, manifest, cfg.train.shuffle_window, pad_id=0)
-    vocab_samples = [s for i, e in enumerate(manifest.shards) for j, s in enumerate(read_tokens(folder, e))
-                     if not is_held_out(cfg, source.starts[i] + j)]
+    vocab_samples = [s for shard in source.train_tokens() for s in shard]
     return head, ident.aux_layer_ids, OfflineFeatures(head.norm), source, vocab_samples
 
 

@@ -63,10 +63,7 @@ def shift_left(x: torch.Tensor, n: int, fill=0) -> torch.Tensor:
 def next_token_mask(loss_mask: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Positions p whose next token p+1 is trained on (the target at p predicts it): in a packed row only
     where p+1 is in p's own conversation."""
-    mask = shift_left(loss_mask, 1, False)
-    if doc_ids is not None:
-        mask = mask & (shift_left(doc_ids, 1, -2) == doc_ids)
-    return mask
+    return step_mask(loss_mask, 0, doc_ids)
 
 
 def step_mask(pred_mask: torch.Tensor, k: int, doc_ids: torch.Tensor | None = None) -> torch.Tensor:

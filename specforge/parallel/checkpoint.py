@@ -9,11 +9,11 @@ same mesh (the same processes and parallel.tp_size)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from ..data.shards import fsync_file
 from ..eagle3.checkpoint import load_train_state, prune_checkpoints, save_draft
 from .draft import full_state_dict, load_local_shards, local_shards
 from .mesh import Dist, barrier, is_main
@@ -39,8 +39,7 @@ def save_checkpoint(dist: Dist, draft, opt, folder: Path, dtype: torch.dtype, sh
     def write_mine(tmp: Path):
         path = rank_file(tmp, dist.rank)
         torch.save(mine, path)
-        with open(path, "rb") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(path)  # (rank 0 syncs the folder too, but ranks may be on other hosts)
 
     def with_other_ranks(tmp: Path):  # rank 0, inside save_draft: after its own files, before the rename
         barrier(dist)  # (1) the .tmp folder exists

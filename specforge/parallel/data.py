@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import torch
 
 from ..data.batching import Batch
@@ -28,8 +26,7 @@ def dp_rows(batch: Batch, dist: Dist) -> Batch:
     empty = not rows
     rows = rows or [0]
     length = int(batch.attention_mask[rows].sum(1).max())
-    share = Batch(**{f.name: None if getattr(batch, f.name) is None else getattr(batch, f.name)[rows, :length]
-                     for f in fields(batch)})
+    share = batch.map(lambda _, x: x[rows, :length])
     if empty:
         share.loss_mask = torch.zeros_like(share.loss_mask)
     return share
