@@ -21,6 +21,7 @@ from specforge.config import load_config
 from specforge.eagle3.checkpoint import load_draft
 from specforge.eagle3.decoder import SpecDecoder
 from specforge.eagle3.draft import Eagle3Draft, draft_config, init_draft_weights
+from specforge.kernels.batch_invariant import batch_invariant
 from specforge.model_shapes import random_target
 from specforge.targets import aux_layer_ids, decoder_parts, load_target
 
@@ -76,7 +77,13 @@ def main():
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--json", default=None)
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (to see what they buy)")
+    ap.add_argument("--deterministic", action="store_true", help="the batch-invariant kernels (bench.deterministic)")
     args = ap.parse_args()
+    with batch_invariant(args.deterministic):
+        step_costs(args)
+
+
+def step_costs(args):
     name, target, draft, ids = build(args)
     s = args.spec_steps
     k, t_nodes = (int(x) for x in args.tree.split(","))
@@ -130,7 +137,7 @@ def main():
     c = rows["draft step, chain (1 token + lm_head + top-k)"] / dec_ms
     v = rows[f"target verify, chain (S+1={s + 1} tokens)"] / dec_ms - 1
     prefill = rows[f"draft prefill of accepted tokens ({s + 1})"] / dec_ms
-    mode = "eager" if args.eager else "CUDA graphs"
+    mode = ("eager" if args.eager else "CUDA graphs") + (", deterministic switch on" if args.deterministic else "")
     print(f"\n## {name}: {torch.cuda.get_device_name()}, bf16, context {n}, {mode}")
     print(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bw / 1e12:.2f} TB/s, weight-read floor {floor:.3f} ms")
     print("| step | ms | vs decode step |")

@@ -23,6 +23,7 @@ from specforge.data.batching import collate
 from specforge.data.template import Sample
 from specforge.data.vocab import build_vocab, count_tokens
 from specforge.eagle3.train import OnlineFeatures, build_draft, run_batch, set_deterministic
+from specforge.kernels.batch_invariant import batch_invariant
 from specforge.model_shapes import random_target
 from specforge.targets import TargetHead, aux_layer_ids, text_config
 
@@ -58,6 +59,11 @@ def run_variant(name, shape, target, samples, overrides, args):
     depth = [f"target.aux_layer_ids=[1,{args.layers // 2},{args.layers - 1}]"] if args.layers else []
     cfg = load_config(shape, overrides=["device=cuda", f"train.batch_size={args.batch}",
                                         f"data.max_length={args.seq}", *depth, *overrides])
+    with batch_invariant(cfg.train.deterministic):  # what `specforge train` does with the switch
+        return _run_variant(cfg, name, shape, target, samples, args)
+
+
+def _run_variant(cfg, name, shape, target, samples, args):
     dev = torch.device("cuda")
     set_deterministic(cfg.train.deterministic)
     ids = aux_layer_ids(cfg.target, target)

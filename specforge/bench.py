@@ -18,10 +18,16 @@ from .data.conversations import bundled_path, read_jsonl
 from .data.template import ensure_chat_template, prompt_ids
 from .eagle3.checkpoint import load_draft
 from .eagle3.decoder import SpecDecoder
+from .kernels.batch_invariant import batch_invariant
 from .targets import decoder_parts, load_target, resolve_device, text_config
 
 
 def run_bench(cfg: Config) -> dict:
+    with batch_invariant(cfg.bench.deterministic):
+        return _run_bench(cfg)
+
+
+def _run_bench(cfg: Config) -> dict:
     b = cfg.bench
     device = resolve_device(cfg.device)
     target, tok = load_target(cfg.target, device)
@@ -67,6 +73,7 @@ def run_bench(cfg: Config) -> dict:
                            "temperature": b.temperature, "max_new_tokens": b.max_new_tokens,
                            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                            "dtype": str(embed.weight.dtype), "cuda_graphs": dec.cuda_graphs,
+                           "deterministic": b.deterministic,
                            "prompts": str(b.prompts or "bundled bench_prompts.jsonl")}
     out = Path(b.out) if b.out else cfg.output_dir() / "bench"
     write_reports(results, rows, out)

@@ -26,7 +26,7 @@ def main(argv=None):
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from a checkpoints/step_* folder, or the newest one (train.resume)")
     p.add_argument("--deterministic", action="store_true", default=None,
-                   help="deterministic GPU kernels: bitwise-repeatable losses (train.deterministic)")
+                   help="deterministic, batch-invariant GPU kernels: bitwise-repeatable losses (train.deterministic)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train on N processes of this machine (one per GPU): reruns itself under torchrun")
     p = sub.add_parser("dump-hidden", help="run the target once and store its features for offline training")
@@ -45,6 +45,9 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--draft", default=None, help="draft checkpoint folder (default: the latest trained)")
     p.add_argument("--prompts", default=None, help="JSONL of prompts (default: the bundled bench set)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="batch-invariant GPU kernels: speculative greedy output equals plain greedy output, "
+                        "and the same figures on every run (bench.deterministic)")
     # key=value overrides may come before or after the flags.
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
@@ -68,7 +71,7 @@ def main(argv=None):
              "temperature": "bench.temperature", "draft": "bench.draft", "prompts": "bench.prompts",
              "hidden": "train.hidden", "data": "data.train_path", "out": "dump.out",
              "chat_template": "data.chat_template", "resume": "train.resume",
-             "deterministic": "train.deterministic"}
+             "deterministic": f"{'bench' if args.cmd == 'bench' else 'train'}.deterministic"}
     for flag, key in flags.items():
         if getattr(args, flag, None) is not None:
             overrides.insert(0, f"{key}={getattr(args, flag)}")

@@ -109,7 +109,8 @@ class TrainConfig:
     resume: Optional[str] = None
     stop_after: Optional[int] = None  # leave (with a checkpoint) at this step; the schedule still spans max_steps
     max_nonfinite: int = 20  # non-finite steps in a row (skipped, counted) before the run stops
-    # Deterministic algorithms on the GPU (bitwise-repeatable losses, at a measured cost); the CPU always is.
+    # Deterministic algorithms and the batch-invariant kernels on the GPU (bitwise-repeatable losses, at a
+    # measured cost); the CPU always is deterministic.
     deterministic: bool = False
     attention: str = "auto"  # TTT attention: auto (flex on GPU, reference on CPU) | flex | reference
     fused_loss: bool = True  # chunked lm_head + soft cross-entropy (never all [tokens, draft_vocab] logits alive)
@@ -138,6 +139,9 @@ class BenchConfig:
     limit: Optional[int] = None  # only the first n prompts
     baseline: bool = True  # also run plain decoding (speedup, and the losslessness check at greedy)
     cuda_graphs: bool = True  # on a GPU, replay the target and draft steps from CUDA graphs
+    # Batch-invariant kernels (specforge/kernels/batch_invariant.py): on a GPU, speculative greedy output
+    # then equals plain greedy output token for token, and every run gives the same figures.
+    deterministic: bool = False
 
 
 @dataclass

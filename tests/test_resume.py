@@ -168,3 +168,17 @@ def test_repeated_nonfinite_steps_stop_with_a_loadable_checkpoint(tmp_path, nan_
     assert ckpt.name == "step_0000003"
     draft = load_draft(ckpt)
     assert all(torch.isfinite(p).all() for p in draft.parameters())
+
+
+def test_deterministic_switch_on_the_cpu_changes_no_bit(tmp_path, tiny_target_folder, data, unbroken):
+    """The CPU is deterministic already; the switch's norm kernels fall back to the very formula, so a run
+    with it on gives the run without it, bit for bit. (Its effect on a GPU: tests/test_kernels_invariant.py.)"""
+    from specforge.eagle3.train import set_deterministic
+
+    try:
+        train(_cfg(tiny_target_folder, data, tmp_path / "det", "train.deterministic=true"))
+    finally:
+        set_deterministic(False)
+    _assert_same(_result(tmp_path / "det"), unbroken["online"])
+    with pytest.raises(SystemExit, match="train.deterministic and train.compile"):
+        train(_cfg(tiny_target_folder, data, tmp_path / "x", "train.deterministic=true", "train.compile=true"))

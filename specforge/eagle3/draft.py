@@ -15,6 +15,8 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding
 
 from ..config import DraftConfig
+from ..kernels import batch_invariant
+from ..kernels.invariant_attention import attention as invariant_attention
 
 # attend(q [B, heads, T, D], k, v [B, kv_heads, T, D]) -> [B, heads, T, D]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -202,12 +204,16 @@ def group_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
     return mask[:, None, None].expand(b, 1, groups, s, length).reshape(b, 1, groups * s, length)
 
 
-def grouped_attention(q, k, v, rows_mask: torch.Tensor):
-    """Attention of q [B, Hq, S, D] over a KV cache k, v [B, Hkv, L, D]; `rows_mask` from `group_mask`
-    (True = attend). Query heads sharing a kv head are folded into the row dimension, so no repeated K/V
-    and no GQA special case: one plain attention with Hkv heads and Hq/Hkv*S rows."""
+def grouped_attention(q, k, v, mask: torch.Tensor):
+    """Attention of q [B, Hq, S, D] over a KV cache k, v [B, Hkv, L, D]; mask [B, S, L] (True = attend).
+    Query heads sharing a kv head are folded into the row dimension, so no repeated K/V and no GQA special
+    case: one plain attention with Hkv heads and Hq/Hkv*S rows. Under the deterministic switch, the
+    batch-invariant kernel instead."""
+    if batch_invariant.active():
+        return invariant_attention(q, k, v, mask)
     b, hq, s, d = q.shape
     hk = k.shape[1]
+    rows_mask = group_mask(mask, hq // hk)
     o = F.scaled_dot_product_attention(q.reshape(b, hk, hq // hk * s, d), k, v, attn_mask=rows_mask)
     return o.reshape(b, hq, s, d)
 

@@ -25,6 +25,7 @@ from ..data.shards import load_manifest
 from ..data.sources import MemorySource, ShardSource, is_held_out
 from ..targets import (FeatureCapture, TargetHead, aux_layer_ids, config_sha256, default_aux_layers, document_mask,
                        load_target, load_target_head, resolve_device, resolve_dtype, text_config)
+from ..kernels.batch_invariant import batch_invariant
 from ..parallel.checkpoint import load_checkpoint, save_checkpoint
 from ..parallel.data import check_batch_size, dp_rows
 from ..parallel.draft import backward, full_state_dict, replicated, replicated_head, reshard, shard_draft
@@ -346,6 +347,14 @@ def train(cfg: Config) -> Path:
     takes its rows of each (see specforge/parallel); rank 0 alone logs and writes."""
     if cfg.train.mode not in ("online", "offline"):
         raise SystemExit(f"train.mode={cfg.train.mode!r}: choose online or offline")
+    if cfg.train.deterministic and cfg.train.compile:
+        raise SystemExit("train.deterministic and train.compile: torch.compile would replace the batch-invariant "
+                         "kernels with its own; set one of them to false")
+    with batch_invariant(cfg.train.deterministic):
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
     set_deterministic(cfg.train.deterministic)

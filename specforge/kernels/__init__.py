@@ -1,2 +1,3 @@
-"""Triton kernels, each beside a plain PyTorch reference and a CPU fallback. None yet: the training and
-decoding paths run on PyTorch ops; fused kernels come with the GPU-speed work."""
+"""Triton kernels, each beside a plain PyTorch reference that also serves as the CPU fallback:
+TTT attention and the fused loss (training speed), and the batch-invariant set behind the deterministic
+switch (`batch_invariant.py`: matmul, RMSNorm, softmax, decode attention)."""

@@ -1,0 +1,110 @@
+"""The deterministic switch: while `batch_invariant(True)` is open, matmuls, softmaxes, RMSNorms and the
+decoder's attention run on the batch-invariant kernels of this package.
+
+HF models are not forked. The switch swaps what they call:
+- aten::mm, addmm, bmm, _softmax and _log_softmax get CUDA implementations from a torch.library
+  registration (so nn.Linear, F.softmax and their backward all land on the kernels), removed on exit;
+- the forward of the RMSNorm classes of the dense families (and of the draft's) is replaced for the
+  duration by one calling the invariant kernel;
+- the static-cache attention of the decoder (target and draft) asks `active()` and takes the invariant
+  attention kernel.
+On the CPU only the last two apply (their PyTorch references); the CPU is deterministic run to run anyway.
+Not covered: the target's attention inside training (SDPA, deterministic run to run) and the draft's TTT
+attention (flex); training needs repeatability there, not invariance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import warnings
+
+import torch
+
+from .invariant_matmul import matmul
+from .invariant_norm import rms_norm
+from .invariant_softmax import softmax
+
+_active = False
+
+# module, class: RMSNorm classes whose forward is HF Llama's formula (weight * normed.to(input dtype)).
+NORM_CLASSES = [("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
+                ("transformers.models.mistral.modeling_mistral", "MistralRMSNorm"),
+                ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm"),
+                ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm"),
+                ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeRMSNorm"),
+                ("transformers.models.llama4.modeling_llama4", "Llama4TextRMSNorm"),
+                ("specforge.eagle3.draft", "RMSNorm")]
+
+
+def active() -> bool:
+    return _active
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _norm_forward(self, x):
+    eps = getattr(self, "variance_epsilon", None)
+    return rms_norm(x, _local(self.weight), self.eps if eps is None else eps)
+
+
+def _mm(a, b):
+    return matmul(a, b)
+
+
+def _bmm(a, b):
+    return matmul(a, b)
+
+
+def _addmm(bias, a, b, *, beta=1, alpha=1):
+    if bias.dim() == 1 and beta == 1 and alpha == 1:
+        return matmul(a, b, bias)
+    out = matmul(a, b)
+    if alpha != 1:
+        out = out * alpha
+    return out + (bias if beta == 1 else bias * beta)
+
+
+def _softmax(x, dim, half_to_float):
+    return softmax(x, dim, log=False, out_dtype=torch.float32 if half_to_float else None)
+
+
+def _log_softmax(x, dim, half_to_float):
+    return softmax(x, dim, log=True, out_dtype=torch.float32 if half_to_float else None)
+
+
+def _norm_classes():
+    for module, name in NORM_CLASSES:
+        try:
+            yield getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):  # a family this transformers version lacks
+            continue
+
+
+@contextlib.contextmanager
+def batch_invariant(enabled: bool = True):
+    """Route the ops above through the batch-invariant kernels while open (a no-op when not `enabled`, or
+    when already open)."""
+    global _active
+    if not enabled or _active:
+        yield
+        return
+    lib = torch.library.Library("aten", "IMPL")
+    with warnings.catch_warnings():  # "overriding a previously registered kernel" is the point
+        warnings.simplefilter("ignore")
+        for op, fn in (("mm", _mm), ("addmm", _addmm), ("bmm", _bmm), ("_softmax", _softmax),
+                       ("_log_softmax", _log_softmax)):
+            lib.impl(op, fn, "CUDA")
+    saved = [(cls, cls.__dict__["forward"]) for cls in _norm_classes()]
+    for cls, _ in saved:
+        cls.forward = _norm_forward
+    _active = True
+    try:
+        yield
+    finally:
+        _active = False
+        for cls, fwd in saved:
+            cls.forward = fwd
+        lib._destroy()
