@@ -78,8 +78,10 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (to see what they buy)")
     ap.add_argument("--deterministic", action="store_true", help="the batch-invariant kernels (bench.deterministic)")
+    ap.add_argument("--matmul", choices=["decode", "train"], default="decode",
+                    help="with --deterministic: the matmul setting (decode: K split; train: wide tiles, no split)")
     args = ap.parse_args()
-    with batch_invariant(args.deterministic):
+    with batch_invariant(args.deterministic, training=args.matmul == "train"):
         step_costs(args)
 
 
@@ -137,7 +139,7 @@ def step_costs(args):
     c = rows["draft step, chain (1 token + lm_head + top-k)"] / dec_ms
     v = rows[f"target verify, chain (S+1={s + 1} tokens)"] / dec_ms - 1
     prefill = rows[f"draft prefill of accepted tokens ({s + 1})"] / dec_ms
-    mode = ("eager" if args.eager else "CUDA graphs") + (", deterministic switch on" if args.deterministic else "")
+    mode = ("eager" if args.eager else "CUDA graphs") + (f", deterministic switch on ({args.matmul} matmul setting)" if args.deterministic else "")
     print(f"\n## {name}: {torch.cuda.get_device_name()}, bf16, context {n}, {mode}")
     print(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bw / 1e12:.2f} TB/s, weight-read floor {floor:.3f} ms")
     print("| step | ms | vs decode step |")

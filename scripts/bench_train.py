@@ -59,7 +59,7 @@ def run_variant(name, shape, target, samples, overrides, args):
     depth = [f"target.aux_layer_ids=[1,{args.layers // 2},{args.layers - 1}]"] if args.layers else []
     cfg = load_config(shape, overrides=["device=cuda", f"train.batch_size={args.batch}",
                                         f"data.max_length={args.seq}", *depth, *overrides])
-    with batch_invariant(cfg.train.deterministic):  # what `specforge train` does with the switch
+    with batch_invariant(cfg.train.deterministic, training=True):  # what `specforge train` does with the switch
         return _run_variant(cfg, name, shape, target, samples, args)
 
 

@@ -155,17 +155,18 @@ def _rows_agree(fn, make, rows=ROWS):
 @cuda
 @pytest.mark.parametrize("k, n", [(4096, 1024), (4096, 14336), (576, 49152), (1000, 77)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_matmul(k, n, dtype):
+@pytest.mark.parametrize("training", [False, True])
+def test_gpu_matmul(k, n, dtype, training):
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(2048, k, device="cuda", generator=g).to(dtype)
     w = (torch.randn(n, k, device="cuda", generator=g) / math.sqrt(k)).to(dtype)
     bias = torch.randn(n, device="cuda", generator=g).to(dtype)
-    got = matmul(x[:64], w.t(), bias)
+    got = matmul(x[:64], w.t(), bias, training=training)
     want = x[:64].double() @ w.t().double() + bias.double()
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
-    _rows_agree(lambda a: matmul(a, w.t()), lambda m: x[:m])
-    _rows_agree(lambda a: matmul(a, w.t(), bias), lambda m: x[:m])
+    _rows_agree(lambda a: matmul(a, w.t(), training=training), lambda m: x[:m])
+    _rows_agree(lambda a: matmul(a, w.t(), bias, training=training), lambda m: x[:m])
 
 
 @cuda

@@ -350,7 +350,7 @@ def train(cfg: Config) -> Path:
     if cfg.train.deterministic and cfg.train.compile:
         raise SystemExit("train.deterministic and train.compile: torch.compile would replace the batch-invariant "
                          "kernels with its own; set one of them to false")
-    with batch_invariant(cfg.train.deterministic):
+    with batch_invariant(cfg.train.deterministic, training=True):
         return _train(cfg)
 
 

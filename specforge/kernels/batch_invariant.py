@@ -26,6 +26,7 @@ from .invariant_norm import rms_norm
 from .invariant_softmax import softmax
 
 _active = False
+_training = False  # the matmul's setting: decoding (K split) or training (wide tiles; see invariant_matmul)
 
 # module, class: RMSNorm classes whose forward is HF Llama's formula (weight * normed.to(input dtype)).
 NORM_CLASSES = [("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
@@ -51,17 +52,17 @@ def _norm_forward(self, x):
 
 
 def _mm(a, b):
-    return matmul(a, b)
+    return matmul(a, b, training=_training)
 
 
 def _bmm(a, b):
-    return matmul(a, b)
+    return matmul(a, b, training=_training)
 
 
 def _addmm(bias, a, b, *, beta=1, alpha=1):
     if bias.dim() == 1 and beta == 1 and alpha == 1:
-        return matmul(a, b, bias)
-    out = matmul(a, b)
+        return matmul(a, b, bias, training=_training)
+    out = matmul(a, b, training=_training)
     if alpha != 1:
         out = out * alpha
     return out + (bias if beta == 1 else bias * beta)
@@ -84,13 +85,14 @@ def _norm_classes():
 
 
 @contextlib.contextmanager
-def batch_invariant(enabled: bool = True):
+def batch_invariant(enabled: bool = True, training: bool = False):
     """Route the ops above through the batch-invariant kernels while open (a no-op when not `enabled`, or
-    when already open)."""
-    global _active
+    when already open). `training`: the matmul setting for many rows."""
+    global _active, _training
     if not enabled or _active:
         yield
         return
+    _training = training
     lib = torch.library.Library("aten", "IMPL")
     with warnings.catch_warnings():  # "overriding a previously registered kernel" is the point
         warnings.simplefilter("ignore")
@@ -104,7 +106,7 @@ def batch_invariant(enabled: bool = True):
     try:
         yield
     finally:
-        _active = False
+        _active, _training = False, False
         for cls, fwd in saved:
             cls.forward = fwd
         lib._destroy()

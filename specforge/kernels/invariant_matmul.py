@@ -24,9 +24,12 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
-# Fixed tile shapes per input dtype: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+# Fixed tile shapes per input dtype: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Two settings, each
+# batch-invariant on its own: decoding (few rows; K split by the weight's shape) and training (many rows;
+# wider tiles, no split). `scripts/bench_invariant.py` measured the choice (docs/benchmarks.md).
 TILES = {torch.bfloat16: (128, 128, 64, 8, 3), torch.float16: (128, 128, 64, 8, 3),
          torch.float32: (64, 64, 32, 4, 2)}
+TRAIN_TILES = {**TILES, torch.bfloat16: (128, 256, 64, 8, 3), torch.float16: (128, 256, 64, 8, 3)}
 MIN_SPLIT = 512  # the smallest K range one split reduces
 
 
@@ -121,7 +124,8 @@ if triton is not None:
         tl.store(c_ptr + offs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
-def _triton_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _triton_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], split_k: bool = True,
+                   tiles: Optional[tuple] = None) -> torch.Tensor:
     batched = a.dim() == 3
     a3, b3 = (a, b) if batched else (a[None], b[None])
     nb, m, k = a3.shape
@@ -134,9 +138,9 @@ def _triton_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor
         if bias is not None:
             out += bias
         return out if batched else out[0]
-    bm, bn, bk, warps, stages = TILES.get(a.dtype, TILES[torch.float32])
+    bm, bn, bk, warps, stages = tiles or TILES[a.dtype]
     sms = _sm_count(a.device.index or 0)
-    splits = num_splits(n, k, bn, bk, sms)
+    splits = num_splits(n, k, bn, bk, sms) if split_k else 1
     k_per_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
     splits = triton.cdiv(k, k_per_split)
     tiles = nb * splits * triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -157,10 +161,14 @@ def _triton_matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor
     return out if batched else out[0]
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """a @ b (+ bias), batch-invariant: [M, K] x [K, N] or [B, M, K] x [B, K, N]."""
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           training: bool = False) -> torch.Tensor:
+    """a @ b (+ bias), batch-invariant: [M, K] x [K, N] or [B, M, K] x [B, K, N]. `training=True` takes the
+    training setting (TRAIN_TILES, no K split: the split's float32 partial sums cost more than the
+    parallelism they buy when there are many rows); results differ from the decoding setting's in the last
+    bits, and each setting is invariant on its own."""
     if a.dtype != b.dtype:
         raise TypeError(f"invariant matmul: dtypes differ ({a.dtype} and {b.dtype})")
     if a.is_cuda and triton is not None and a.dtype in TILES:
-        return _triton_matmul(a, b, bias)
+        return _triton_matmul(a, b, bias, split_k=not training, tiles=(TRAIN_TILES if training else TILES)[a.dtype])
     return matmul_reference(a, b, bias)
