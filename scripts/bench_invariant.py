@@ -10,7 +10,6 @@ log-softmax over the 128k vocab and the cache attention of a decode step.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 import torch.nn.functional as F
@@ -20,19 +19,11 @@ from specforge.kernels.invariant_matmul import TILES, TRAIN_TILES, _triton_matmu
 from specforge.kernels.invariant_norm import rms_norm
 from specforge.kernels.invariant_softmax import softmax
 
+from bench_decode import time_ms
 
-def ms(fn, iters=20) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+
+def ms(fn) -> float:
+    return time_ms(fn, iters=20, warmup=3)
 
 
 LAYER = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096),

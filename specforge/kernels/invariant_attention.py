@@ -61,7 +61,7 @@ if triton is not None:
     @triton.jit
     def _split_kernel(q_ptr, k_ptr, v_ptr, order_ptr, count_ptr, m_ptr, l_ptr, acc_ptr, scale,
                       S, L, HK, G, NSPLIT,
-                      s_qb, s_qh, s_qs, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl, s_ob, s_os,
+                      s_qb, s_qh, s_qs, s_kb, s_kh, s_kl, s_vb, s_vh, s_vl,
                       HAS_ORDER: tl.constexpr, IEEE: tl.constexpr, D: tl.constexpr,
                       SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
         pid = tl.program_id(0)
@@ -157,7 +157,7 @@ def _triton_attention(q, k, v, mask, scale):
     _split_kernel[(b * hk * s, nsplit)](
         q, k, v, order, count, m, l_, acc, scale, s, length, hk, hq // hk, nsplit,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), 0, 0,
+        v.stride(0), v.stride(1), v.stride(2),
         HAS_ORDER=mask is not None, IEEE=q.dtype == torch.float32, D=d, SPLIT=SPLIT, BLOCK_N=BLOCK_N,
         BLOCK_G=BLOCK_G, num_warps=4, num_stages=2)
     out = torch.empty(b, hq, s, d, dtype=q.dtype, device=q.device)

@@ -62,7 +62,8 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         with torch.enable_grad():
-            xg, wg = x.detach().requires_grad_(ctx.needs_input_grad[0]), weight.detach().requires_grad_(ctx.needs_input_grad[1])
+            xg = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            wg = weight.detach().requires_grad_(ctx.needs_input_grad[1])
             y = rms_norm_reference(xg, wg, ctx.eps)
             wanted = [t for t in (xg, wg) if t.requires_grad]
             grads = iter(torch.autograd.grad(y, wanted, grad))
