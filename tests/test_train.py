@@ -99,3 +99,9 @@ def test_bench_cli_writes_reports(tmp_path, tiny_target_folder):
     assert overall["accept_length"] >= 1.0 and len(overall["accept_rate_by_position"]) == 3
     assert (out / "bench" / "plot.png").stat().st_size > 1000
     assert "| overall |" in (out / "bench" / "results.md").read_text()
+    # The deterministic switch through the CLI (tree drafting): the same outputs, recorded in the settings.
+    main(["bench", "--target", str(tiny_target_folder), f"out_dir={out}", "--spec-steps", "3", "--topk", "2",
+          "--deterministic", "bench.limit=2", "bench.max_new_tokens=12", f"bench.out={out / 'det'}"])
+    det = json.loads((out / "det" / "results.json").read_text())
+    assert det["settings"]["deterministic"] is True
+    assert det["by_category"]["overall"]["outputs_differing"] == 0
