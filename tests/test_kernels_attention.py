@@ -1,6 +1,9 @@
 """TTT attention: the FlexAttention form (flex's eager path on CPU) equals the plain PyTorch reference,
 forward and gradients, and the draft unrolled with either gives the same hidden states."""
 
+import shutil
+import warnings
+
 import pytest
 import torch
 
@@ -103,3 +106,27 @@ def test_ttt_unroll_flex_equals_reference():
     params = [p for n, p in draft.named_parameters() if not n.startswith(("norm.", "lm_head."))]  # used by logits only
     for a, e in zip(torch.autograd.grad(loss_flex, params), torch.autograd.grad(loss_ref, params)):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="compiling flex on the CPU needs a C++ compiler")
+def test_compiled_flex_survives_the_shapes_of_real_data():
+    """Batches of one and of several rows, rows of one and of several 128-token blocks, every TTT step:
+    more graphs than dynamo's default limit of 8. The compiled flex must keep compiling (not fall back to
+    the unfused path for good, which a 4-GPU run did) and keep equal to the reference. Forward only: the
+    CPU kernel has no backward."""
+    from specforge.kernels.ttt_attention import _compiled_flex_attention
+
+    flex = _compiled_flex_attention()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for b, t in [(2, 256), (2, 384), (1, 512), (2, 128), (1, 384), (1, 128), (3, 256), (2, 640)]:
+            for k in range(3):
+                q = torch.randn(b, 4, t, 16, generator=g)
+                keys = [torch.randn(b, 2, t, 16, generator=g) for _ in range(k + 1)]
+                vals = [torch.randn(b, 2, t, 16, generator=g) for _ in range(k + 1)]
+                got = flex(q, torch.cat(keys, 2), torch.cat(vals, 2), block_mask=ttt_block_mask(t, k, q.device),
+                           scale=0.25, enable_gqa=True)
+                want = ttt_attention_reference(q, keys, vals)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not [w for w in caught if "without torch.compile" in str(w.message)]

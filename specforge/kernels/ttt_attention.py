@@ -101,15 +101,25 @@ def ttt_block_mask(t: int, k: int, device, doc_ids: Optional[torch.Tensor] = Non
     return bm
 
 
+RECOMPILE_LIMIT = 64
+
+
 def _compiled_flex_attention():
     """torch.compile(flex_attention), built on first use: without compile, flex_attention runs an unfused
     implementation that materialises the full score matrix (the very thing to avoid). Shapes are left to
     dynamo's automatic dynamic: T changes from batch to batch and the kv length with k, so after the first
-    recompile the lengths become symbolic instead of compiling one kernel per length."""
+    recompile the lengths become symbolic instead of compiling one kernel per length.
+
+    Each new regime still costs a graph: a batch of one row, a row of one 128-token block (dynamo
+    specialises sizes 0 and 1), every block-mask tensor's first size change, grad or no grad (eval). Real
+    data meets more than dynamo's default limit of 8 graphs per function, after which flex falls back to the
+    unfused path for good (seen on a 4-GPU run of variable-length conversations). The count is bounded, so
+    the limit is raised instead."""
     global _compiled_flex
     if _compiled_flex is None:
         from torch.nn.attention.flex_attention import flex_attention
 
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         _compiled_flex = torch.compile(flex_attention)
     return _compiled_flex
 
