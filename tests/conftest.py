@@ -53,6 +53,14 @@ def tiny_draft(target, draft_vocab=64, seed=1, dtype=torch.float32, std=0.2, **s
     return draft.to(dtype)
 
 
+def unroll_inputs(b: int, t: int, seed: int = 0):
+    """A float64 tiny draft and random (token ids [b, t], aux features [b, t, 3H]) for TTT unroll tests."""
+    draft = tiny_draft(tiny_target(dtype=torch.float64), dtype=torch.float64)
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 256, (b, t))
+    return draft, ids, torch.randn(b, t, 3 * draft.config.hidden_size, dtype=torch.float64)
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """The embedded default's real tokenizer and chat template."""

@@ -11,7 +11,7 @@ from specforge.eagle3.ttt import TTTAttention, ttt_unroll
 from specforge.kernels.ttt_attention import (ttt_attention, ttt_attention_flex, ttt_attention_reference,
                                              ttt_block_mask)
 
-from .conftest import tiny_draft, tiny_target
+from .conftest import unroll_inputs
 
 
 def _inputs(b, hq, hkv, t, d, k, dtype, seed=0):
@@ -90,12 +90,8 @@ def test_dispatch_and_bad_impl():
 
 
 def test_ttt_unroll_flex_equals_reference():
-    target = tiny_target(dtype=torch.float64)
-    draft = tiny_draft(target, dtype=torch.float64)
-    torch.manual_seed(0)
     b, t, steps = 2, 19, 4
-    ids = torch.randint(0, 256, (b, t))
-    aux = torch.randn(b, t, 192, dtype=torch.float64)
+    draft, ids, aux = unroll_inputs(b, t)
     ref = [h for _, h in ttt_unroll(draft, ids, aux, steps, attention="reference")]
     flex = [h for _, h in ttt_unroll(draft, ids, aux, steps, attention="flex")]
     for a, e in zip(flex, ref):

@@ -4,7 +4,7 @@ import torch
 
 from specforge.eagle3.ttt import SoftLabels, shift_left, ttt_loss, ttt_unroll
 
-from .conftest import causal_attention, tiny_draft, tiny_target
+from .conftest import causal_attention, unroll_inputs
 
 
 class KVCache:
@@ -35,12 +35,8 @@ def chain_logits(draft, ids, aux, anchor, depth):
 
 
 def test_ttt_step_k_equals_chain_depth_k():
-    target = tiny_target(dtype=torch.float64)
-    draft = tiny_draft(target, dtype=torch.float64)
-    torch.manual_seed(0)
     b, t, steps = 2, 14, 5
-    ids = torch.randint(0, 256, (b, t))
-    aux = torch.randn(b, t, 192, dtype=torch.float64)
+    draft, ids, aux = unroll_inputs(b, t)
     ttt = [draft.logits(h) for _, h in ttt_unroll(draft, ids, aux, steps)]
     checked = 0
     for anchor in range(t - 2):
@@ -53,12 +49,8 @@ def test_ttt_step_k_equals_chain_depth_k():
 
 def test_ttt_loss_against_direct_computation():
     """Loss and accuracy of step k computed directly from the chain logits, position by position."""
-    target = tiny_target(dtype=torch.float64)
-    draft = tiny_draft(target, dtype=torch.float64)
-    torch.manual_seed(1)
     b, t, steps = 1, 12, 3
-    ids = torch.randint(0, 256, (b, t))
-    aux = torch.randn(b, t, 192, dtype=torch.float64)
+    draft, ids, aux = unroll_inputs(b, t, seed=1)
     full = torch.randn(b, t, 256, dtype=torch.float64) * 3
     draft_ids = torch.arange(64) + draft.d2t
     labels = SoftLabels(full[..., draft_ids], torch.logsumexp(full, -1), full.argmax(-1))
