@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from specforge.eagle3.draft import RMSNorm, grouped_attention
+from specforge.eagle3.draft import RMSNorm, cache_mask, grouped_attention
 from specforge.kernels import batch_invariant as bi
 from specforge.kernels.invariant_attention import attention, attention_reference, key_order
 from specforge.kernels.invariant_matmul import matmul, matmul_reference
@@ -112,7 +112,7 @@ def test_switch_swaps_and_restores():
     x = torch.randn(3, 8, 16)
     mask = torch.ones(1, 4, 6, dtype=torch.bool).tril(2)
     q, k, v = torch.randn(1, 4, 4, 16), torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
-    plain = grouped_attention(q, k, v, mask)
+    plain = grouped_attention(q, k, v, cache_mask(mask, 2))
     assert not bi.active()
     with bi.batch_invariant():
         assert bi.active()
@@ -122,7 +122,7 @@ def test_switch_swaps_and_restores():
         assert bi.active()
         norm = RMSNorm(16, 1e-6)
         torch.testing.assert_close(norm(x), rms_norm_reference(x, norm.weight, 1e-6), rtol=0, atol=0)
-        torch.testing.assert_close(grouped_attention(q, k, v, mask), plain, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grouped_attention(q, k, v, cache_mask(mask, 2)), plain, rtol=1e-5, atol=1e-6)
         a, b = torch.randn(5, 7), torch.randn(7, 3)
         assert torch.equal(torch.mm(a, b), a @ b)  # CPU ops keep their own kernels
     assert not bi.active()

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .draft import Eagle3Draft, grouped_attention
+from .draft import Eagle3Draft, cache_mask, grouped_attention
 from .static_target import StaticTarget
 
 
@@ -95,7 +95,7 @@ class SpecDecoder:
         def attend(q, k, v):
             self.dk.index_copy_(2, slots, k)
             self.dv.index_copy_(2, slots, v)
-            return grouped_attention(q, self.dk, self.dv, mask[None])
+            return grouped_attention(q, self.dk, self.dv, cache_mask(mask[None], q.shape[1] // k.shape[1]))
 
         return self.draft.layer(self.draft.embed(tokens[None]), hidden, positions[None], attend)
 

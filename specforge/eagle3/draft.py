@@ -5,7 +5,7 @@ This is the only definition of the draft forward. Training (TTT, `ttt.py`) and d
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedd
 from ..config import DraftConfig
 from ..kernels import batch_invariant
 from ..kernels.invariant_attention import attention as invariant_attention
+from ..kernels.invariant_attention import key_order
 
 # attend(q [B, heads, T, D], k, v [B, kv_heads, T, D]) -> [B, heads, T, D]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -204,17 +205,31 @@ def group_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
     return mask[:, None, None].expand(b, 1, groups, s, length).reshape(b, 1, groups * s, length)
 
 
-def grouped_attention(q, k, v, mask: torch.Tensor):
-    """Attention of q [B, Hq, S, D] over a KV cache k, v [B, Hkv, L, D]; mask [B, S, L] (True = attend).
+class CacheMask(NamedTuple):
+    """A cache mask [B, S, L] (True = attend) with what the attention derives from it, made once per
+    forward and read by every layer: the per-head rows for SDPA, or the key order of the batch-invariant
+    kernel (on CUDA, under the deterministic switch)."""
+    mask: torch.Tensor
+    rows_mask: Optional[torch.Tensor]
+    keys: Optional[tuple[torch.Tensor, torch.Tensor]]
+
+
+def cache_mask(mask: torch.Tensor, groups: int) -> CacheMask:
+    if batch_invariant.active():
+        return CacheMask(mask, None, key_order(mask) if mask.is_cuda else None)
+    return CacheMask(mask, group_mask(mask, groups), None)
+
+
+def grouped_attention(q, k, v, m: CacheMask):
+    """Attention of q [B, Hq, S, D] over a KV cache k, v [B, Hkv, L, D] under `cache_mask(mask, Hq/Hkv)`.
     Query heads sharing a kv head are folded into the row dimension, so no repeated K/V and no GQA special
     case: one plain attention with Hkv heads and Hq/Hkv*S rows. Under the deterministic switch, the
     batch-invariant kernel instead."""
-    if batch_invariant.active():
-        return invariant_attention(q, k, v, mask)
+    if m.rows_mask is None:
+        return invariant_attention(q, k, v, m.mask, keys=m.keys)
     b, hq, s, d = q.shape
     hk = k.shape[1]
-    rows_mask = group_mask(mask, hq // hk)
-    o = F.scaled_dot_product_attention(q.reshape(b, hk, hq // hk * s, d), k, v, attn_mask=rows_mask)
+    o = F.scaled_dot_product_attention(q.reshape(b, hk, hq // hk * s, d), k, v, attn_mask=m.rows_mask)
     return o.reshape(b, hq, s, d)
 
 

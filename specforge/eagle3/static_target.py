@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..targets import decoder_model, decoder_parts, text_config
-from .draft import apply_rope, grouped_attention
+from .draft import apply_rope, cache_mask, grouped_attention
 
 DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -53,6 +53,7 @@ class StaticTarget(nn.Module):
         h = self.embed_tokens(tokens)
         cos, sin = self.rope(h, positions)
         aux = {}
+        shared_mask = cache_mask(mask, self.num_heads // self.num_kv_heads)
         for i, layer in enumerate(self.layers):
             if i in self.aux_layer_ids:
                 aux[i] = h
@@ -67,7 +68,7 @@ class StaticTarget(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             self.k_cache[i].index_copy_(2, slots, k)
             self.v_cache[i].index_copy_(2, slots, v)
-            o = grouped_attention(q, self.k_cache[i], self.v_cache[i], mask)
+            o = grouped_attention(q, self.k_cache[i], self.v_cache[i], shared_mask)
             h = h + a.o_proj(o.transpose(1, 2).reshape(b, s, -1))
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         logits = self.lm_head(self.norm(h))

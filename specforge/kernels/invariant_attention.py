@@ -139,7 +139,7 @@ if triton is not None:
         tl.store(o_ptr + b * s_ob + h * s_oh + s * s_os + dd, out.to(o_ptr.dtype.element_ty))
 
 
-def _triton_attention(q, k, v, mask, scale):
+def _triton_attention(q, k, v, mask, scale, keys):
     b, hq, s, d = q.shape
     hk, length = k.shape[1], k.shape[2]
     if hq // hk > BLOCK_G or d & (d - 1) or d < 16:
@@ -147,7 +147,7 @@ def _triton_attention(q, k, v, mask, scale):
                          f"head dim {d} (a power of two, at least 16) are what the kernel serves")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if mask is not None:
-        order, count = key_order(mask)
+        order, count = keys if keys is not None else key_order(mask)
     else:
         order = count = q  # unused
     nsplit = triton.cdiv(length, SPLIT)
@@ -166,10 +166,11 @@ def _triton_attention(q, k, v, mask, scale):
     return out
 
 
-def attention(q, k, v, mask: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> torch.Tensor:
+def attention(q, k, v, mask: Optional[torch.Tensor] = None, scale: Optional[float] = None,
+              keys: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Batch-invariant attention on CUDA; the reference elsewhere (and for float64). Rows that attend
-    nothing give zeros."""
+    nothing give zeros. `keys`: `key_order(mask)`, when the caller shares one across layers."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if q.is_cuda and triton is not None and q.dtype != torch.float64:
-        return _triton_attention(q, k, v, mask, scale)
+        return _triton_attention(q, k, v, mask, scale, keys)
     return attention_reference(q, k, v, mask, scale)
