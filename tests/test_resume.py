@@ -182,3 +182,25 @@ def test_deterministic_switch_on_the_cpu_changes_no_bit(tmp_path, tiny_target_fo
     _assert_same(_result(tmp_path / "det"), unbroken["online"])
     with pytest.raises(SystemExit, match="train.deterministic and train.compile"):
         train(_cfg(tiny_target_folder, data, tmp_path / "x", "train.deterministic=true", "train.compile=true"))
+
+
+def test_prune_killed_mid_removal_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A kill while an old checkpoint is being deleted (files gone one by one, the train state among the first)
+    must not leave a folder that no later prune sees."""
+    from specforge.eagle3 import checkpoint as ck
+    for step in (1, 2, 3):
+        folder = tmp_path / f"step_{step:07d}"
+        folder.mkdir()
+        (folder / ck.TRAIN_STATE).write_bytes(b"x")
+        (folder / "model.safetensors").write_bytes(b"x")
+    real_rmtree = ck.shutil.rmtree
+
+    def killed(path, *a, **k):  # deletes the train state, then the process dies
+        (path / ck.TRAIN_STATE).unlink()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ck.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ck.prune_checkpoints(tmp_path, keep=2)
+    monkeypatch.setattr(ck.shutil, "rmtree", real_rmtree)
+    ck.prune_checkpoints(tmp_path, keep=2)  # the next save's prune
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000002", "step_0000003"]

@@ -213,7 +213,11 @@ def prune_checkpoints(folder: Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     if keep > 0:
         for old in step_folders(folder)[:-keep]:
-            shutil.rmtree(old)
+            # Renamed first, so that a kill during the removal leaves a `.old` folder (cleared next time), not a
+            # `step_*` folder that has lost its train state and would never be pruned.
+            gone = old.with_name(old.name + ".old")
+            old.rename(gone)
+            shutil.rmtree(gone)
 
 
 def load_train_state(folder: Path) -> dict:
