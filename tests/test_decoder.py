@@ -46,13 +46,13 @@ def trained_draft(target):
 PROMPTS = [[5, 17, 99, 3], [200, 1, 1, 7, 8, 9, 10], [42], [13, 250, 77, 77, 12, 0]]
 
 
-@pytest.mark.parametrize("steps, topk, tokens, fast_chain", [
+@pytest.mark.parametrize("steps, topk, tokens, device_rounds", [
     (1, 1, None, True), (3, 1, None, True), (5, 1, None, True), (3, 1, None, False), (5, 1, None, False),
-    (3, 2, 6, False), (4, 3, 10, False), (5, 4, 16, False)])
-def test_greedy_speculative_equals_plain_greedy(target, trained_draft, steps, topk, tokens, fast_chain):
+    (3, 2, 6, False), (4, 3, 10, False), (5, 4, 16, False), (3, 2, 6, True), (4, 3, 10, True), (5, 4, 16, True),
+    (5, 2, 4, True), (2, 3, 10, True)])
+def test_greedy_speculative_equals_plain_greedy(target, trained_draft, steps, topk, tokens, device_rounds):
     dec = SpecDecoder(target, trained_draft, AUX, max_len=160, spec_steps=steps, topk=topk, num_draft_tokens=tokens,
-                      fast_chain=fast_chain)
-    assert dec.fast_chain == (fast_chain and topk == 1)
+                      device_rounds=device_rounds)
     lengths = []
     for p in PROMPTS:
         plain, _ = dec.generate_plain(p, 60)
@@ -62,6 +62,38 @@ def test_greedy_speculative_equals_plain_greedy(target, trained_draft, steps, to
     # Both outcomes happen: some rounds accept draft tokens, some reject all.
     assert max(lengths) > 1 and min(lengths) == 1
     assert sum(lengths) == sum(len(dec.generate(p, 60)[0]) - 1 for p in PROMPTS)
+
+
+@pytest.mark.parametrize("steps, topk, tokens", [(5, 4, 16), (4, 3, 10), (3, 2, 7), (5, 2, 4)])
+def test_device_tree_is_the_host_tree(target, trained_draft, steps, topk, tokens):
+    """The device tree round builds, node for node, the tree of the host-side `_propose` (the readable
+    reference), and accepts the same path, in every round of a whole generation."""
+    dec = SpecDecoder(target, trained_draft, AUX, max_len=160, spec_steps=steps, topk=topk, num_draft_tokens=tokens)
+    host_propose, host_verify, device_propose = dec._propose, dec._verify, dec._propose_on_device
+    seen = []
+
+    def propose_both(root, root_hidden, n_t):
+        n = int(n_t)
+        snapshot = dec.dk.clone(), dec.dv.clone()
+        tree = host_propose(int(root), root_hidden, n, None)
+        dec.dk.copy_(snapshot[0])
+        dec.dv.copy_(snapshot[1])
+        tokens, parents, depths = device_propose(root, root_hidden, n_t)
+        assert tokens.tolist() == tree.tokens.tolist()
+        assert parents.tolist() == tree.parents
+        assert depths.tolist() == tree.depths.tolist()
+        seen.append((tree, n))
+        return tokens, parents, depths
+
+    dec._propose_on_device = propose_both
+    device_lengths, host_lengths = [], []
+    for p in PROMPTS:
+        device_lengths += dec.generate(p, 50)[1].accept_lengths
+    dec.device_rounds = False
+    for p in PROMPTS:
+        host_lengths += dec.generate(p, 50)[1].accept_lengths
+    assert device_lengths == host_lengths and max(host_lengths) > 1
+    assert len(seen) == len(device_lengths)
 
 
 def test_rollback_leaves_caches_as_a_fresh_run(target, trained_draft):
@@ -105,9 +137,9 @@ def oracle_propose(dec, target, seq_ref):
 
 
 @pytest.mark.parametrize("steps", [1, 3, 5])
-@pytest.mark.parametrize("fast_chain", [True, False])
-def test_oracle_draft_reaches_full_acceptance(target, trained_draft, steps, fast_chain):
-    dec = SpecDecoder(target, trained_draft, AUX, max_len=160, spec_steps=steps, fast_chain=fast_chain)
+@pytest.mark.parametrize("device_rounds", [True, False])
+def test_oracle_draft_reaches_full_acceptance(target, trained_draft, steps, device_rounds):
+    dec = SpecDecoder(target, trained_draft, AUX, max_len=160, spec_steps=steps, device_rounds=device_rounds)
     prompt = PROMPTS[0]
     plain, _ = dec.generate_plain(prompt, 40)
     seq_ref = [prompt + plain]

@@ -43,7 +43,7 @@ class SpecDecoder:
 
     def __init__(self, target_model, draft: Eagle3Draft, aux_layer_ids: list[int], max_len: int = 2048,
                  spec_steps: int = 5, topk: int = 1, num_draft_tokens: Optional[int] = None,
-                 temperature: float = 0.0, seed: int = 0, cuda_graphs: bool = False, fast_chain: bool = True):
+                 temperature: float = 0.0, seed: int = 0, cuda_graphs: bool = False, device_rounds: bool = True):
         if temperature > 0 and topk != 1:
             raise ValueError("speculative sampling is built for chain drafting (topk=1) only")
         self.spec_steps, self.topk, self.temperature, self.seed = spec_steps, topk, temperature, seed
@@ -65,8 +65,9 @@ class SpecDecoder:
         self.draft_ids = torch.arange(draft.d2t.numel(), device=self.device) + draft.d2t
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict = {}
-        # Greedy chains take a path that keeps tokens on the device: one host sync per round.
-        self.fast_chain = fast_chain and topk == 1 and temperature <= 0
+        # Greedy rounds (chain or tree) keep every token on the device: one host sync per round. The host-side
+        # path (`_propose` / `_verify`) serves sampling, and is the reference the device rounds are tested against.
+        self.device_rounds = device_rounds and temperature <= 0
         # Slot indices of both caches, persistent (captured graphs read them on every replay).
         self._arange = torch.arange(max(self.target.k_cache.shape[3], self.draft_slots), device=self.device)
         self._slots_t = self._arange[:self.target.k_cache.shape[3]]
@@ -171,8 +172,9 @@ class SpecDecoder:
             tokens_after = torch.tensor((seq + out)[draft_len + 1:n + 1], device=self.device)
             root_hidden = self._draft_prefill(pending_aux, tokens_after, draft_len, n)
             draft_len = n
-            if self.fast_chain:
-                accepted, pending_aux = self._chain_round(out[-1], root_hidden, n)
+            if self.device_rounds:
+                rnd = self._chain_round if self.topk == 1 else self._tree_round
+                accepted, pending_aux = rnd(out[-1], root_hidden, n)
                 path = range(len(accepted))
             else:
                 tree = self._propose(out[-1], root_hidden, n, gen)
@@ -252,6 +254,98 @@ class SpecDecoder:
             tok, hidden = self._run(("chain_step", depth), step, tok, hidden, n_t)
             tokens.append(tok)
         return torch.cat(tokens)
+
+    def _tree_round(self, root_token: int, root_hidden: torch.Tensor, n: int):
+        """Greedy tree with every step on the device (the chain round's counterpart): propose, verify, pick
+        the accepted path and move its cache entries without reading anything back, then one host sync.
+        It builds the tree `_propose` builds and accepts the path `_verify` accepts. Returns (accepted
+        tokens including the bonus, target features of the accepted positions)."""
+        n_t = torch.tensor([n], device=self.device)
+        tokens, parents, depths = self._run(("tree_propose",), self._propose_on_device,
+                                            torch.tensor([root_token], device=self.device), root_hidden, n_t)
+        summary, aux = self._run(("tree_verify",), self._verify_on_device, tokens, parents, depths, n_t)
+        summary = summary.tolist()  # the one host sync of the round
+        a, bonus = summary[0], summary[1]
+        return summary[2:2 + a] + [bonus], aux[:a + 1]
+
+    def _propose_on_device(self, root: torch.Tensor, root_hidden: torch.Tensor, n_t: torch.Tensor):
+        """`_propose` in fixed shapes. Every depth after the first expands exactly `topk` nodes (the frontier);
+        the candidate pool is laid out depth by depth, so "ties go to the lower pool index" (a stable sort)
+        is also "ties go to the shallower node". Scores add up in float64, as the host path's Python floats do.
+        Returns the tree's tokens [T], parents [T] (-1 at the root) and depths [T]."""
+        k, steps = self.topk, self.spec_steps
+        rows = self._arange[:k]
+        region = steps * k  # draft slots n .. n+region-1: the expanded node of frontier row r at depth d is at
+        rel = (self._slots_d - n_t).clamp(0, region - 1)  # n + (d-1)*k + r
+        in_region = (self._slots_d >= n_t) & (self._slots_d < n_t + region)
+        prefix = self._slots_d < n_t
+
+        def candidates(hidden, base):  # the top k children of each row, scored by cumulative log-probability
+            top = torch.log_softmax(self.draft.logits(hidden).float(), dim=-1).topk(k, dim=-1)
+            return self.draft_ids[top.indices].flatten(), (base[:, None] + top.values.double()).flatten()
+
+        tok, score = candidates(root_hidden[None], torch.zeros(1, dtype=torch.float64, device=self.device))
+        pool_tok, pool_score = [tok], [score]
+        pool_parent = [torch.full((k,), -1, device=self.device)]
+        pool_depth = [torch.ones(k, dtype=torch.long, device=self.device)]
+        offset = 0  # pool index of this depth's first candidate
+        hidden = root_hidden[None].expand(k, -1)  # per candidate row's parent: the draft output it extends
+        ancestors = torch.zeros(k, region, dtype=torch.bool, device=self.device)
+        region_slots = self._arange[:region]
+        for depth in range(1, steps):
+            order = torch.sort(-score, stable=True).indices[:k]  # the frontier: best k of this depth
+            parent_row = order // k if depth > 1 else torch.zeros_like(order)
+            # Each node sees its ancestors' slots and its own. (Elementwise, not a scalar index_put: what
+            # a CUDA graph captures must not copy from the host.)
+            ancestors = ancestors[parent_row] | (region_slots[None, :] == ((depth - 1) * k + rows)[:, None])
+            mask = prefix | (in_region & ancestors[:, rel])
+            out = self._draft(tok[order], hidden[parent_row][None], (n_t - 1 + depth).expand(k),
+                              n_t + (depth - 1) * k + rows, mask)[0]
+            frontier_pool = offset + order
+            offset += score.numel()
+            tok, score = candidates(out, score[order])
+            pool_tok.append(tok)
+            pool_score.append(score)
+            pool_parent.append(frontier_pool[:, None].expand(k, k).flatten())
+            pool_depth.append(torch.full((k * k,), depth + 1, device=self.device))
+            hidden = out
+        all_score, all_parent = torch.cat(pool_score), torch.cat(pool_parent)
+        keep = torch.sort(-all_score, stable=True).indices[: self.num_draft_tokens - 1].sort().values
+        # pool index -> tree index (kept nodes only)
+        tree_index = torch.zeros_like(all_parent).index_copy_(0, keep, self._arange[1:keep.numel() + 1])
+        kept_parent = all_parent[keep]
+        parents = torch.where(kept_parent < 0, 0, tree_index[kept_parent.clamp(min=0)])
+        return (torch.cat([root, torch.cat(pool_tok)[keep]]),
+                torch.cat([torch.full((1,), -1, device=self.device), parents]),
+                torch.cat([torch.zeros(1, dtype=torch.long, device=self.device), torch.cat(pool_depth)[keep]]))
+
+    def _verify_on_device(self, tokens, parents, depths, n_t):
+        """`_verify` in fixed shapes: target forward under the ancestor mask; a node is accepted when it and
+        every ancestor equal the target's choice after their parent; the deepest accepted node ends the path.
+        Moves the path's cache entries into place. Returns ([accepted draft tokens a, bonus, path tokens],
+        target features along the path), padded to the longest path."""
+        t = tokens.numel()
+        idx = self._arange[:t]
+        up = parents.clamp(min=0)  # the root is its own parent
+        ancestors, node = idx[:, None] == idx[None, :], idx
+        for _ in range(self.spec_steps):
+            node = up[node]
+            ancestors = ancestors | (idx[None, :] == node[:, None])
+        slots_t = self._slots_t
+        in_tree = (slots_t >= n_t) & (slots_t < n_t + t)
+        mask = (slots_t < n_t) | (in_tree & ancestors[:, (slots_t - n_t).clamp(0, t - 1)])
+        logits, aux = self.target(tokens[None], (n_t + depths)[None], n_t + idx, mask[None])
+        choice = logits[0].argmax(-1)
+        agrees = (tokens == choice[up]) | (idx == 0)
+        accepted = ~(ancestors & ~agrees[None]).any(-1)
+        # Siblings hold distinct tokens, so at most one node per depth is accepted. (Indexed by a 1-element
+        # tensor, never a 0-dim one, which Python indexing may read back to the host.)
+        best = torch.where(accepted, depths, -1).argmax(0, keepdim=True)
+        width = min(self.spec_steps + 1, t)
+        path = torch.where(ancestors.index_select(0, best)[0], idx, t + idx).sort().values[:width].clamp(max=t - 1)
+        self.target.move_slots(n_t + path, n_t + self._arange[:width])
+        summary = torch.cat([depths.index_select(0, best), choice.index_select(0, best), tokens[path[1:]]])
+        return summary, aux[0][path]
 
     def _propose(self, root_token: int, root_hidden: torch.Tensor, n: int, gen) -> Tree:
         """Best-first tree (EAGLE-2 style): expand the `topk` best frontier nodes per depth, then keep the
