@@ -1,8 +1,9 @@
 """Online training on several GPUs (or CPU processes): tokens/s per GPU, peak memory per GPU, against one.
 
-Launch under torchrun; every rank builds the same random-weight target of a real shape, split over the tp
-ranks with `parallelize_target` when tp > 1, and the draft sharded with FSDP2, then runs the training step of
-`specforge train` (the same functions: dp rows, globally normalised loss, summed gradients).
+Launch under torchrun. Every rank builds its slices of the same random-weight target of a real shape (split
+over the tp ranks with `parallelize_target` before any weight is materialised, when tp > 1) and the draft
+sharded with FSDP2, then runs the training step of `specforge train` (the same functions: dp rows, globally
+normalised loss, summed gradients).
 
   torchrun --nproc-per-node 1 scripts/bench_parallel.py --shape llama3.1-8b                # the baseline
   torchrun --nproc-per-node 2 scripts/bench_parallel.py --shape llama3.1-8b                # dp=2
@@ -48,11 +49,8 @@ def main():
                                              f"data.max_length={args.seq}", f"device={dist.device}", *depth,
                                              *args.overrides])
     dev = dist.device
-    target = random_target(args.shape, dev, num_layers=args.layers)
-    if dist.tp > 1:
-        from specforge.parallel.tensor_parallel import parallelize_target
-
-        target = parallelize_target(target, dist.tp_mesh)
+    # Split while built: each rank materialises only its slices of the target.
+    target = random_target(args.shape, dev, num_layers=args.layers, tp_mesh=dist.tp_mesh if dist.tp > 1 else None)
     ids = aux_layer_ids(cfg.target, target)
     head = replicated_head(TargetHead.from_model(target))
     vocab = head.embed.weight.shape[0]

@@ -52,24 +52,43 @@ def shape_config(shape: str, num_layers: int | None = None):
     return cfg
 
 
-def random_target(shape: str, device, dtype=torch.bfloat16, num_layers: int | None = None, seed: int = 0):
-    """An HF causal LM of a real shape (LlamaForCausalLM, Llama4ForCausalLM), built directly on the device
-    with N(0, 0.02) weights and unit norms."""
+def random_target(shape: str, device, dtype=torch.bfloat16, num_layers: int | None = None, seed: int = 0,
+                  tp_mesh=None):
+    """An HF causal LM of a real shape (LlamaForCausalLM, Llama4ForCausalLM) with N(0, 0.02) weights and unit
+    norms, built on the meta device and materialised directly in `dtype` on `device`. With `tp_mesh` it is
+    split first (`parallelize_target`) and each rank materialises only its slices, so a target larger than one
+    GPU can be built: each weight is drawn whole, one at a time, and cut, which makes the split model exactly
+    the unsplit one's slices."""
     from transformers import AutoModelForCausalLM
 
-    from .targets import decoder_model
+    from .targets import decoder_model, decoder_parts
 
     cfg = shape_config(shape, num_layers)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
-    model = model.to_empty(device=device).to(dtype)
+    model.to(dtype)
+    full_shapes = {name: p.shape for name, p in model.named_parameters()}
+    if tp_mesh is not None:
+        from .parallel.tensor_parallel import parallelize_target
+
+        parallelize_target(model, tp_mesh)
+    model.to_empty(device=device)
+    embed, _, _, lm_head = decoder_parts(model)
+    if cfg.tie_word_embeddings:
+        lm_head.weight = embed.weight  # to_empty gave each its own storage
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
             if p.dim() == 1:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+                local.fill_(1.0)
+                continue
+            full = torch.empty(full_shapes[name], dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
+            if tp_mesh is not None:
+                from .parallel.tensor_parallel import local_slice, shard_spec
+
+                full = local_slice(full, shard_spec(model, name, p), tp_mesh)
+            local.copy_(full)
     # to_empty left the rope frequency buffers uninitialised: build that module afresh.
     base = decoder_model(model)
     base.rotary_emb = type(base.rotary_emb)(cfg).to(device)

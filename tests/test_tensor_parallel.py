@@ -119,6 +119,36 @@ def _check_slices(model, ref_state: dict, rank: int) -> dict:
     return {"sharded": sharded, "problems": problems}
 
 
+# Shapes for `model_shapes.random_target` (registered in the workers): a tied dense Llama and an MoE Llama 4.
+RANDOM_SHAPES = {
+    "tiny-llama": dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                       tie_word_embeddings=True),
+    "tiny-llama4": dict(model_type="llama4_text", vocab_size=VOCAB, hidden_size=64, intermediate_size=32,
+                        intermediate_size_mlp=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=16, num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
+                        max_position_embeddings=256, tie_word_embeddings=False),
+}
+
+
+def _random_targets(mesh, rank: int) -> dict:
+    """A random target built split (each rank materialises only its slices) against the same one built whole."""
+    from specforge.model_shapes import SHAPES, random_target
+
+    out = {}
+    for name, shape in RANDOM_SHAPES.items():
+        res = out[f"random:{name}"] = {}
+        try:
+            SHAPES[name] = shape
+            whole = random_target(name, "cpu", torch.float32, seed=3)
+            split = random_target(name, "cpu", torch.float32, seed=3, tp_mesh=mesh)
+            res.update(_check_slices(split, whole.state_dict(), rank))
+            res["diff"] = _diffs(_outputs(split), _outputs(whole))
+        except BaseException:  # noqa: BLE001
+            res["error"] = traceback.format_exc()
+    return out
+
+
 def _worker(rank: int, workdir: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -149,6 +179,7 @@ def _worker(rank: int, workdir: str) -> None:
                 res["inplace_diff"] = _diffs(_outputs(parallelize_target(whole, mesh)), ref["out"])
         except BaseException:  # noqa: BLE001 (SystemExit included: the tests report it)
             res["error"] = traceback.format_exc()
+    results.update(_random_targets(mesh, rank))
     (work / f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
@@ -220,6 +251,17 @@ def test_parallelize_a_loaded_target(tp_run, family):
     for rank in range(2):
         res = _result(tp_run, family, rank)
         assert all(d < TOL for d in res["inplace_diff"].values()), (rank, res["inplace_diff"])
+
+
+@pytest.mark.parametrize("name", list(RANDOM_SHAPES))
+def test_random_target_built_split_is_the_whole_ones_slices(tp_run, name):
+    """bench_parallel's targets: built split, each rank holds exactly its cut of the same target built whole,
+    and computes what the whole one does."""
+    for rank in range(2):
+        res = _result(tp_run, f"random:{name}", rank)
+        assert res["problems"] == []
+        assert any(n.endswith("self_attn.q_proj.weight") for n in res["sharded"])
+        assert all(d < TOL for d in res["diff"].values()), (rank, res["diff"])
 
 
 def test_llama4_multimodal_folder_loads_text_only(tp_run):
