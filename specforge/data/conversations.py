@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator
 
+from ..log import say
+
 ROLE_ALIASES = {
     "user": "user", "human": "user",
     "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "model": "assistant",
@@ -119,7 +121,7 @@ def read_jsonl(path: str | Path, on_error: str = "raise", need_answer: bool = Fa
                 conv.id = f"{path.stem}-{lineno}"
             yield conv
     if kept < lines:
-        print(f"data: skipped {lines - kept} of {lines} lines of {path} (first: {first})", flush=True)
+        say(f"data: skipped {lines - kept} of {lines} lines of {path} (first: {first})")
         if not kept:
             raise DataError(f"{path}: every line was bad (first: {first})")
 

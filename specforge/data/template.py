@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ..log import say
 from .conversations import Conversation, DataError
 
 
@@ -121,12 +122,10 @@ def tokenize_all(tokenizer, convs: list[Conversation], data, what: str = "conver
             ids, mask = ids[:data.max_length], mask[:data.max_length]
         samples.append(Sample(torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool), conv.id))
     if skipped:
-        print(f"data: skipped {skipped} of {len(convs)} {what} that could not be tokenised (first: {first})",
-              flush=True)
+        say(f"data: skipped {skipped} of {len(convs)} {what} that could not be tokenised (first: {first})")
     if too_long:
         done = "dropped" if data.too_long == "drop" else "truncated"
-        print(f"data: {too_long} of {len(convs)} {what} longer than max_length={data.max_length} were {done}",
-              flush=True)
+        say(f"data: {too_long} of {len(convs)} {what} longer than max_length={data.max_length} were {done}")
     if convs and not samples:
         raise DataError(f"data: none of the {len(convs)} {what} is usable"
                         f"{f' (first error: {first})' if first else ''}"
