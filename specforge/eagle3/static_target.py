@@ -7,26 +7,41 @@ an explicit boolean mask over slots. That one mechanism serves a decode step (1 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
 from ..targets import decoder_model, decoder_parts, text_config
 from .draft import apply_rope, cache_mask, grouped_attention
 
-DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# Families whose decoder layer is the Llama layer (pre-norm attention with q/k/v/o projections, then an MLP
+# called on [B, S, H]); Qwen3-MoE's sparse block is called like an MLP.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+
+
+def sliding_window(cfg) -> Optional[int]:
+    """The attention window of the layers that have one (None: every layer attends to the whole prefix)."""
+    window = getattr(cfg, "sliding_window", None)
+    windowed = "sliding_attention" in (getattr(cfg, "layer_types", None) or []) or cfg.model_type == "mistral"
+    return window if windowed else None
 
 
 class StaticTarget(nn.Module):
     def __init__(self, model: nn.Module, aux_layer_ids: list[int], max_len: int, batch: int = 1):
         super().__init__()
-        family = text_config(model.config).model_type
-        if family not in DENSE_FAMILIES:
-            raise SystemExit(f"bench: the static-cache decoder runs dense Llama/Qwen targets ({', '.join(DENSE_FAMILIES)}); "
-                             f"{family!r} (mixture-of-experts or chunked attention) is not supported by it yet")
+        cfg = text_config(model.config)
+        if cfg.model_type not in FAMILIES:
+            raise SystemExit(f"bench: the static-cache decoder runs Llama-layer targets ({', '.join(FAMILIES)}); "
+                             f"{cfg.model_type!r} (chunked attention or another layer) is not supported by it yet")
+        window = sliding_window(cfg)
+        if window is not None and window < max_len:
+            raise SystemExit(f"bench: the target attends through a sliding window of {window} tokens (config "
+                             f"sliding_window), which the static-cache decoder does not apply; keep bench.max_len plus "
+                             f"the tokens verified per round within {window}")
         self.model = model
         embed, layers, norm, lm_head = decoder_parts(model)
         self.embed_tokens, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
-        cfg = text_config(model.config)
         self.aux_layer_ids = list(aux_layer_ids)
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -70,7 +85,8 @@ class StaticTarget(nn.Module):
             self.v_cache[i].index_copy_(2, slots, v)
             o = grouped_attention(q, self.k_cache[i], self.v_cache[i], shared_mask)
             h = h + a.o_proj(o.transpose(1, 2).reshape(b, s, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            mlp = layer.mlp(layer.post_attention_layernorm(h))
+            h = h + (mlp[0] if isinstance(mlp, tuple) else mlp)  # MoE blocks of some versions add router logits
         logits = self.lm_head(self.norm(h))
         return logits, torch.cat([aux[j] for j in self.aux_layer_ids], dim=-1)
 
