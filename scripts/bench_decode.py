@@ -6,6 +6,7 @@ the decode step, and the draft's steps against the target step. With the theory 
 speedup ~ acceptance_length / (1 + S*c + v), c = draft step / target step, v = verify / decode - 1.
 
   python scripts/bench_decode.py --shape llama3.1-8b            # random weights of the real shape
+  python scripts/bench_decode.py --shape llama4-scout --layers 8  # Scout's layers, fewer of them
   python scripts/bench_decode.py --target smollm2-135m --draft outputs/smollm2-135m/draft
 """
 
@@ -52,8 +53,9 @@ def copy_bandwidth() -> float:
 def build(args):
     dev = torch.device("cuda")
     if args.shape:
-        target = random_target(args.shape, dev, torch.bfloat16)
-        cfg = load_config(args.shape)
+        target = random_target(args.shape, dev, torch.bfloat16, num_layers=args.layers)
+        depth = [f"target.aux_layer_ids=[1,{args.layers // 2},{args.layers - 1}]"] if args.layers else []
+        cfg = load_config(args.shape, overrides=depth)
         ids = aux_layer_ids(cfg.target, target)
         embed = decoder_parts(target)[0]
         dcfg = draft_config(target.config, cfg.target.draft, embed.weight.shape[0], ids)
@@ -70,6 +72,7 @@ def build(args):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default=None)
+    ap.add_argument("--layers", type=int, default=None, help="with --shape: fewer layers (llama4-scout fits one GPU)")
     ap.add_argument("--target", default=None)
     ap.add_argument("--draft", default=None)
     ap.add_argument("--spec-steps", type=int, default=5)

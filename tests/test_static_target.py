@@ -1,10 +1,11 @@
 """The decoder's target forward over a static KV cache equals the HF model's own forward (float64), for every
 family it runs: prefill, a causal block of verify tokens, then single decode steps, logits and aux features
-alike. Then a mixture-of-experts target through the whole speculative decoder."""
+alike, with windows and chunks short enough to cut into the sequence. Then mixture-of-experts targets
+through the whole speculative decoder."""
 
 import pytest
 import torch
-from transformers import (LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+from transformers import (Llama4ForCausalLM, Llama4TextConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from specforge.eagle3.decoder import SpecDecoder
@@ -30,15 +31,23 @@ def build(family: str, **extra):
                                                    num_experts=4, num_experts_per_tok=2, mlp_only_layers=[2]))
     elif family == "mistral":
         model = MistralForCausalLM(MistralConfig(**COMMON, intermediate_size=96, **extra))
+    elif family == "llama4":  # MoE and dense layers, rope layers chunked, no-rope layers with a query temperature
+        model = Llama4ForCausalLM(Llama4TextConfig(
+            **COMMON, intermediate_size=32, intermediate_size_mlp=96, num_local_experts=4, num_experts_per_tok=1,
+            interleave_moe_layer_step=2, no_rope_layer_interval=3, attention_chunk_size=6, floor_scale=4,
+            attn_scale=0.5, use_qk_norm=True, **extra))
     else:
         raise ValueError(family)
-    if family == "qwen3_moe" and hasattr(model, "set_experts_implementation"):
+    if family in ("qwen3_moe", "llama4") and hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation("eager")  # the grouped-mm experts take no float64
     return model.double().eval().requires_grad_(False)
 
 
-@pytest.mark.parametrize("family, extra", [("llama", {}), ("qwen2", {}), ("qwen3", {}), ("qwen3_moe", {}),
-                                           ("mistral", {"sliding_window": None})])
+@pytest.mark.parametrize("family, extra", [
+    ("llama", {}), ("qwen2", {}), ("qwen3", {}), ("qwen3_moe", {}), ("mistral", {"sliding_window": None}),
+    ("mistral", {"sliding_window": 7}),  # every layer windowed
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 3}),  # layers 3.. windowed
+    ("llama4", {})])
 def test_static_forward_equals_the_hf_forward(family, extra):
     model = build(family, **extra)
     g = torch.Generator().manual_seed(1)
@@ -62,19 +71,12 @@ def test_static_forward_equals_the_hf_forward(family, extra):
     torch.testing.assert_close(torch.cat(got_aux), ref_aux, rtol=0, atol=1e-5)
 
 
-def test_sliding_window_shorter_than_the_cache_is_refused():
-    model = build("mistral", sliding_window=24)
-    with pytest.raises(SystemExit, match="sliding window of 24 tokens"):
-        StaticTarget(model, AUX, max_len=32)
-    StaticTarget(model, AUX, max_len=24)  # within the window the forward is exact
-    with pytest.raises(SystemExit, match="sliding window of 16 tokens"):
-        StaticTarget(build("qwen3", use_sliding_window=True, sliding_window=16, max_window_layers=2), AUX, 32)
-
-
+@pytest.mark.parametrize("family", ["qwen3_moe", "llama4"])
 @pytest.mark.parametrize("topk, tokens", [(1, None), (3, 10)])
-def test_moe_target_speculative_equals_plain(topk, tokens):
-    """Qwen3-MoE through the decoder (chain and tree), float32: speculative greedy output is plain greedy output."""
-    model = build("qwen3_moe").float()
+def test_moe_target_speculative_equals_plain(family, topk, tokens):
+    """Qwen3-MoE and Llama 4 (chunks of 6 positions: tree nodes cross chunk boundaries) through the decoder,
+    chain and tree, float32: speculative greedy output is plain greedy output."""
+    model = build(family).float()
     draft = tiny_draft(model, draft_vocab=256)
     draft.set_vocab(torch.zeros(256, dtype=torch.long), torch.ones(256, dtype=torch.bool))
     dec = SpecDecoder(model, draft, [2, 4, 5], max_len=96, spec_steps=4, topk=topk, num_draft_tokens=tokens)

@@ -1,9 +1,12 @@
 """The target's forward over a static KV cache, for decoding (plain and speculative alike).
 
-It reads the HF model's own modules (norms, projections, MLP, rope frequencies) and replaces only the
-attention bookkeeping: keys and values go to fixed slots of a preallocated cache, and every query gets
+It reads the HF model's own modules (norms, projections, MLP or experts, rope frequencies) and replaces only
+the attention bookkeeping: keys and values go to fixed slots of a preallocated cache, and every query gets
 an explicit boolean mask over slots. That one mechanism serves a decode step (1 token), a chain verify
-(S+1 tokens, causal) and a tree verify (ancestor mask). Shapes stay static, so CUDA graphs can replay it."""
+(S+1 tokens, causal) and a tree verify (ancestor mask). Shapes stay static, so CUDA graphs can replay it.
+
+Layers that see only part of the past (a sliding window: Mistral, some Qwen layers; chunks: Llama 4) narrow
+the caller's mask by the tokens' positions, which the cache keeps per slot (in a tree, slot is not position)."""
 
 from __future__ import annotations
 
@@ -15,16 +18,37 @@ from torch import nn
 from ..targets import decoder_model, decoder_parts, text_config
 from .draft import apply_rope, cache_mask, grouped_attention
 
-# Families whose decoder layer is the Llama layer (pre-norm attention with q/k/v/o projections, then an MLP
-# called on [B, S, H]); Qwen3-MoE's sparse block is called like an MLP.
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+# Families whose layer is pre-norm attention with q/k/v/o projections, then an MLP or a sparse block called on
+# [B, S, H]. Llama 4 adds its own rotation (adjacent channel pairs), L2 q/k norms, chunked attention on rope
+# layers, and a query temperature on the layers without rope.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "llama4_text")
 
 
-def sliding_window(cfg) -> Optional[int]:
-    """The attention window of the layers that have one (None: every layer attends to the whole prefix)."""
+def layer_spans(cfg) -> list[tuple[str, Optional[int]]]:
+    """Per layer: ("full", None), ("window", W) (a key at most W-1 positions back) or ("chunk", C) (the query's
+    own chunk of C positions), as HF's masks for the config have it."""
+    kinds = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
     window = getattr(cfg, "sliding_window", None)
-    windowed = "sliding_attention" in (getattr(cfg, "layer_types", None) or []) or cfg.model_type == "mistral"
-    return window if windowed else None
+    out = []
+    for kind in kinds:
+        if kind == "chunked_attention":
+            out.append(("chunk", cfg.attention_chunk_size))
+        elif window is not None and (kind == "sliding_attention" or cfg.model_type == "mistral"):
+            out.append(("window", window))
+        else:
+            out.append(("full", None))
+    return out
+
+
+def rope_pairs(x, positions, inv_freq, scaling):
+    """Llama 4's rotation of adjacent channel pairs (HF applies it as a complex product in float32); x is
+    [B, S, H, D], positions [B, S]."""
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    freqs = positions[..., None].to(dt) * inv_freq.to(dt)
+    cos, sin = (freqs.cos() * scaling)[:, :, None], (freqs.sin() * scaling)[:, :, None]
+    pairs = x.to(dt).unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
 class StaticTarget(nn.Module):
@@ -32,13 +56,8 @@ class StaticTarget(nn.Module):
         super().__init__()
         cfg = text_config(model.config)
         if cfg.model_type not in FAMILIES:
-            raise SystemExit(f"bench: the static-cache decoder runs Llama-layer targets ({', '.join(FAMILIES)}); "
-                             f"{cfg.model_type!r} (chunked attention or another layer) is not supported by it yet")
-        window = sliding_window(cfg)
-        if window is not None and window < max_len:
-            raise SystemExit(f"bench: the target attends through a sliding window of {window} tokens (config "
-                             f"sliding_window), which the static-cache decoder does not apply; keep bench.max_len plus "
-                             f"the tokens verified per round within {window}")
+            raise SystemExit(f"bench: the static-cache decoder runs {', '.join(FAMILIES)} targets; "
+                             f"{cfg.model_type!r} is not supported by it yet")
         self.model = model
         embed, layers, norm, lm_head = decoder_parts(model)
         self.embed_tokens, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
@@ -47,11 +66,20 @@ class StaticTarget(nn.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.rotary = decoder_model(model).rotary_emb
+        self.llama4 = cfg.model_type == "llama4_text"
+        # Query temperature of Llama 4's layers without rope: (floor_scale, attn_scale), or None.
+        self.temperature = (cfg.floor_scale, cfg.attn_scale) if getattr(cfg, "attn_temperature_tuning", False) \
+            else None
+        # Spans that a cache of max_len slots can exceed; the others are plain causal attention here.
+        self.spans = [(k, n) if k != "full" and n < max_len else ("full", None) for k, n in layer_spans(cfg)]
         self.max_len = max_len
         w = embed.weight
         shape = (len(layers), batch, self.num_kv_heads, max_len, self.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=w.dtype, device=w.device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=w.dtype, device=w.device), persistent=False)
+        # The position of the token in each slot (read only by windowed and chunked layers).
+        self.register_buffer("slot_positions", torch.zeros(max_len, dtype=torch.long, device=w.device),
+                             persistent=False)
 
     def rope(self, x, positions):
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -60,15 +88,32 @@ class StaticTarget(nn.Module):
         s = self.rotary.attention_scaling
         return (emb.cos() * s).to(x.dtype), (emb.sin() * s).to(x.dtype)
 
+    def _masks(self, mask: torch.Tensor, positions: torch.Tensor) -> dict:
+        """The per-forward form of the mask for each kind of layer span present."""
+        groups = self.num_heads // self.num_kv_heads
+        out = {}
+        for kind, n in dict.fromkeys(self.spans):
+            m = mask
+            if kind == "window":
+                m = mask & (positions[:, :, None] - self.slot_positions < n)
+            elif kind == "chunk":
+                m = mask & (positions[:, :, None] // n == self.slot_positions // n)
+            out[(kind, n)] = cache_mask(m, groups)
+        return out
+
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor):
         """tokens, positions [B, S]; slots [S] cache slots to write; mask [B, S, max_len] (True = attend,
         the new tokens' own slots included). Returns (logits [B, S, V], aux [B, S, 3H])."""
         b, s = tokens.shape
         h = self.embed_tokens(tokens)
-        cos, sin = self.rope(h, positions)
+        self.slot_positions.index_copy_(0, slots, positions[0])
+        masks = self._masks(mask, positions)
+        if self.llama4:
+            inv_freq, scaling = self.rotary.inv_freq, self.rotary.attention_scaling
+        else:
+            cos, sin = self.rope(h, positions)
         aux = {}
-        shared_mask = cache_mask(mask, self.num_heads // self.num_kv_heads)
         for i, layer in enumerate(self.layers):
             if i in self.aux_layer_ids:
                 aux[i] = h
@@ -77,16 +122,28 @@ class StaticTarget(nn.Module):
             q = a.q_proj(x).view(b, s, -1, self.head_dim)
             k = a.k_proj(x).view(b, s, -1, self.head_dim)
             v = a.v_proj(x).view(b, s, -1, self.head_dim)
-            if hasattr(a, "q_norm"):  # Qwen3: per-head RMSNorm before rope
-                q, k = a.q_norm(q), a.k_norm(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if self.llama4:  # rotation (rope layers), then L2 norms; or the query temperature (no-rope layers)
+                if a.use_rope:
+                    q, k = rope_pairs(q, positions, inv_freq, scaling), rope_pairs(k, positions, inv_freq, scaling)
+                if hasattr(a, "qk_norm"):
+                    q, k = a.qk_norm(q), a.qk_norm(k)
+                if self.temperature is not None and not a.use_rope:
+                    floor_scale, attn_scale = self.temperature
+                    scale = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
+                    q = (q * scale[:, :, None, None]).to(q.dtype)
+                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            else:
+                if hasattr(a, "q_norm"):  # Qwen3: per-head RMSNorm before rope
+                    q, k = a.q_norm(q), a.k_norm(k)
+                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             self.k_cache[i].index_copy_(2, slots, k)
             self.v_cache[i].index_copy_(2, slots, v)
-            o = grouped_attention(q, self.k_cache[i], self.v_cache[i], shared_mask)
+            o = grouped_attention(q, self.k_cache[i], self.v_cache[i], masks[self.spans[i]])
             h = h + a.o_proj(o.transpose(1, 2).reshape(b, s, -1))
-            mlp = layer.mlp(layer.post_attention_layernorm(h))
-            h = h + (mlp[0] if isinstance(mlp, tuple) else mlp)  # MoE blocks of some versions add router logits
+            ff = layer.feed_forward if self.llama4 else layer.mlp
+            out = ff(layer.post_attention_layernorm(h))
+            h = h + (out[0] if isinstance(out, tuple) else out).view(h.shape)  # sparse blocks add router logits
         logits = self.lm_head(self.norm(h))
         return logits, torch.cat([aux[j] for j in self.aux_layer_ids], dim=-1)
 
@@ -96,3 +153,4 @@ class StaticTarget(nn.Module):
         implicit: slots past the new length are masked out and overwritten later)."""
         self.k_cache.index_copy_(3, dst, self.k_cache.index_select(3, src))
         self.v_cache.index_copy_(3, dst, self.v_cache.index_select(3, src))
+        self.slot_positions.index_copy_(0, dst, self.slot_positions.index_select(0, src))
