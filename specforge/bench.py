@@ -7,6 +7,7 @@ acceptance length, per-position acceptance and tokens/s come from the speculativ
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from .data.template import ensure_chat_template, prompt_ids
 from .eagle3.checkpoint import load_draft
 from .eagle3.decoder import SpecDecoder
 from .kernels.batch_invariant import batch_invariant
-from .targets import decoder_parts, load_target, resolve_device, text_config
+from .parallel.mesh import Dist, init_distributed, is_main, launched, shutdown
+from .parallel.tensor_parallel import load_target_tp
+from .targets import decoder_parts, load_target, text_config
 
 
 def run_bench(cfg: Config) -> dict:
@@ -27,10 +30,26 @@ def run_bench(cfg: Config) -> dict:
         return _run_bench(cfg)
 
 
+def _processes(cfg: Config) -> Dist:
+    """Under a launcher (`--nproc N`) every process decodes the same prompts with its slice of the target
+    (tensor parallel over all N); the draft is replicated, so all take the same decisions. Rank 0 reports."""
+    if launched():
+        world = int(os.environ["WORLD_SIZE"])
+        if cfg.parallel.tp_size not in (1, world):
+            raise SystemExit(f"bench: parallel.tp_size={cfg.parallel.tp_size}, but {world} processes: the bench "
+                             f"splits the target over all of them (leave parallel.tp_size out)")
+        cfg.parallel.tp_size = world
+    return init_distributed(cfg)
+
+
 def _run_bench(cfg: Config) -> dict:
     b = cfg.bench
-    device = resolve_device(cfg.device)
-    target, tok = load_target(cfg.target, device)
+    dist = _processes(cfg)
+    device, main = dist.device, is_main(dist)
+    if dist.tp > 1:
+        target, tok = load_target_tp(cfg.target, dist.tp_mesh, device)
+    else:
+        target, tok = load_target(cfg.target, device)
     ensure_chat_template(tok, cfg.data.chat_template)
     draft_dir = Path(b.draft) if b.draft else cfg.output_dir() / "draft"
     if not (draft_dir / "config.json").is_file():
@@ -45,7 +64,7 @@ def _run_bench(cfg: Config) -> dict:
         aux_ids = aux_layer_ids(cfg.target, target)
     dec = SpecDecoder(target, draft, aux_ids, max_len=b.max_len, spec_steps=b.spec_steps, topk=b.topk,
                       num_draft_tokens=b.num_draft_tokens, temperature=b.temperature, seed=b.seed,
-                      cuda_graphs=b.cuda_graphs)
+                      cuda_graphs=b.cuda_graphs and dist.tp == 1)  # collectives stay out of graphs
     convs = list(read_jsonl(b.prompts or bundled_path("bench_prompts.jsonl")))[: b.limit]
     eos = tok.eos_token_id
     # Warm-up (allocations, first-call costs) outside the timed runs.
@@ -54,7 +73,7 @@ def _run_bench(cfg: Config) -> dict:
     dec.generate_plain(warm, 8, eos)
 
     rows = []
-    for conv in tqdm(convs, desc="bench", unit="prompt"):
+    for conv in tqdm(convs, desc="bench", unit="prompt", **({} if main else {"disable": True})):
         messages = [m for m in conv.messages if m["role"] == "system"]
         for turn, text in enumerate(conv.user_turns()):
             messages.append({"role": "user", "content": text})
@@ -73,12 +92,14 @@ def _run_bench(cfg: Config) -> dict:
                            "temperature": b.temperature, "max_new_tokens": b.max_new_tokens,
                            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                            "dtype": str(embed.weight.dtype), "cuda_graphs": dec.cuda_graphs,
-                           "deterministic": b.deterministic,
+                           "deterministic": b.deterministic, "tensor_parallel": dist.tp,
                            "prompts": str(b.prompts or "bundled bench_prompts.jsonl")}
     out = Path(b.out) if b.out else cfg.output_dir() / "bench"
-    write_reports(results, rows, out)
-    print(markdown_table(results))
-    print(f"bench: wrote {out}/results.json, results.md, plot.png")
+    if main:
+        write_reports(results, rows, out)
+        print(markdown_table(results))
+        print(f"bench: wrote {out}/results.json, results.md, plot.png")
+    shutdown(dist)
     return results
 
 

@@ -48,6 +48,8 @@ def main(argv=None):
     p.add_argument("--deterministic", action="store_true", default=None,
                    help="batch-invariant GPU kernels: speculative greedy output equals plain greedy output, "
                         "and the same figures on every run (bench.deterministic)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="split the target over N processes of this machine (tensor parallel; one per GPU)")
     # key=value overrides may come before or after the flags.
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]

@@ -199,13 +199,22 @@ def test_llama4_scout_preset_runs_end_to_end(tmp_path, tiny_scout_folder, data):
     config = json.loads((tmp_path / "one" / "draft" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLMEagle3"]
     assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
-    # The trained draft against its Llama 4 target in the bench, chain and tree: outputs identical to plain.
-    for extra in ([], ["--topk", "3", "--num-draft-tokens", "8"]):
-        main(["bench", *args, f"out_dir={tmp_path / 'one'}", *extra, "bench.limit=2", "bench.max_new_tokens=24",
-              f"bench.out={tmp_path / 'bench'}"])
+    # The trained draft against its Llama 4 target in the bench, chain and tree: outputs identical to plain;
+    # then the tree bench with the target split over two processes gives the same acceptance, turn by turn.
+    bench = [*args, f"out_dir={tmp_path / 'one'}", "bench.limit=2", "bench.max_new_tokens=24"]
+    tree = ["--topk", "3", "--num-draft-tokens", "8"]
+    for extra in ([], tree):
+        main(["bench", *bench, *extra, f"bench.out={tmp_path / 'bench'}"])
         report = json.loads((tmp_path / "bench" / "results.json").read_text())
         assert len(report["turns"]) >= 2 and all(t["identical"] for t in report["turns"])
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "specforge", "bench", "--nproc", "2", *bench, *tree,
+                          f"bench.out={tmp_path / 'bench_tp'}"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    split = json.loads((tmp_path / "bench_tp" / "results.json").read_text())
+    assert split["settings"]["tensor_parallel"] == 2
+    assert [t["accept_lengths"] for t in split["turns"]] == [t["accept_lengths"] for t in report["turns"]]
+    assert all(t["identical"] for t in split["turns"])
     run = subprocess.run([sys.executable, "-m", "specforge", "train", "--nproc", "2", *args, "parallel.tp_size=2",
                           f"out_dir={tmp_path / 'tp'}"], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]

@@ -51,6 +51,10 @@ def rope_pairs(x, positions, inv_freq, scaling):
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
 
 
+def _local_rows(weight) -> int:
+    return (weight.to_local() if hasattr(weight, "to_local") else weight).shape[0]
+
+
 class StaticTarget(nn.Module):
     def __init__(self, model: nn.Module, aux_layer_ids: list[int], max_len: int, batch: int = 1):
         super().__init__()
@@ -62,9 +66,12 @@ class StaticTarget(nn.Module):
         embed, layers, norm, lm_head = decoder_parts(model)
         self.embed_tokens, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
         self.aux_layer_ids = list(aux_layer_ids)
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # This process's heads: all of them, or its share of a tensor-parallel target (whose projections
+        # return local heads, and whose o_proj sums the shares).
+        attn = layers[0].self_attn
+        self.num_heads = _local_rows(attn.q_proj.weight) // self.head_dim
+        self.num_kv_heads = _local_rows(attn.k_proj.weight) // self.head_dim
         self.rotary = decoder_model(model).rotary_emb
         self.llama4 = cfg.model_type == "llama4_text"
         # Query temperature of Llama 4's layers without rope: (floor_scale, attn_scale), or None.
