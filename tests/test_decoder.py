@@ -151,10 +151,12 @@ def test_oracle_draft_reaches_full_acceptance(target, trained_draft, steps, devi
     assert all(a == steps + 1 for a in stats.accept_lengths[:-1])
 
 
-def test_speculative_sampling_matches_target_distribution():
+@pytest.mark.parametrize("topk, nodes", [(1, None), (3, 7)])
+def test_speculative_sampling_matches_target_distribution(topk, nodes):
     """Marginals of the 2nd and 3rd sampled tokens against the exact target distribution (enumerated),
-    by a chi-square test. The draft is random and its vocab covers half the target's, so draft tokens
-    are often rejected and tokens outside the draft vocab come only from the residual or the bonus."""
+    by a chi-square test, for a sampled chain and a tree of top-k candidates. The draft is random and its
+    vocab covers half the target's, so draft tokens are often rejected and tokens outside the draft vocab
+    come only from the residual or the bonus."""
     target = tiny_target(seed=5, vocab_size=16, initializer_range=0.15)
     draft = tiny_draft(target, draft_vocab=8, std=0.3)
     prompt, temp = [3, 7, 1], 1.0
@@ -167,11 +169,14 @@ def test_speculative_sampling_matches_target_distribution():
     joint12 = p1[:, None] * p2
     want2 = joint12.sum(0)
     want3 = (joint12[..., None] * p3).sum((0, 1))
-    dec = SpecDecoder(target, draft, AUX, max_len=32, spec_steps=2, temperature=temp)
+    dec = SpecDecoder(target, draft, AUX, max_len=32, spec_steps=2, topk=topk, num_draft_tokens=nodes,
+                      temperature=temp)
     n = 2500
     got2, got3 = torch.zeros(16), torch.zeros(16)
+    lengths = []
     for seed in range(n):
-        out, _ = dec.generate(prompt, 3, seed=seed)
+        out, stats = dec.generate(prompt, 3, seed=seed)
+        lengths += stats.accept_lengths
         got2[out[1]] += 1
         got3[out[2]] += 1
     for got, want in ((got2, want2), (got3, want3)):
@@ -179,5 +184,7 @@ def test_speculative_sampling_matches_target_distribution():
         keep = expected > 5
         chi2 = (((got.double() - expected) ** 2 / expected)[keep]).sum()
         assert chi2 < 40.0, (chi2, got, expected)  # 15 dof: p < 0.001 at 37.7
+    if topk > 1:  # some rounds accepted draft tokens, so the test saw the tree path, not only bonus tokens
+        assert max(lengths) > 1
     # The same seed gives the same tokens.
     assert dec.generate(prompt, 8, seed=11)[0] == dec.generate(prompt, 8, seed=11)[0]

@@ -44,8 +44,6 @@ class SpecDecoder:
     def __init__(self, target_model, draft: Eagle3Draft, aux_layer_ids: list[int], max_len: int = 2048,
                  spec_steps: int = 5, topk: int = 1, num_draft_tokens: Optional[int] = None,
                  temperature: float = 0.0, seed: int = 0, cuda_graphs: bool = False, device_rounds: bool = True):
-        if temperature > 0 and topk != 1:
-            raise ValueError("speculative sampling is built for chain drafting (topk=1) only")
         self.spec_steps, self.topk, self.temperature, self.seed = spec_steps, topk, temperature, seed
         self.num_draft_tokens = num_draft_tokens or spec_steps + 1
         max_nodes = 1 + sum(topk ** d if d == 1 else topk * topk for d in range(1, spec_steps + 1))
@@ -354,12 +352,13 @@ class SpecDecoder:
         tokens, parents, depths, scores = [], [], [], []  # candidate pool (tree index = pool index + 1)
         draft_slot: dict[int, int] = {}  # pool index -> draft cache slot of its expanded entry
         node_hidden: dict[int, torch.Tensor] = {}  # pool index -> draft output of its expanded entry
-        probs = [] if self.temperature > 0 else None
+        sampled_chain = self.temperature > 0 and k == 1  # a tree's candidates are the top k at any temperature
+        probs = [] if sampled_chain else None
         frontier = [-1]  # pool indices to expand; -1 = root
         hidden = root_hidden[None]  # [len(frontier), H]
         for depth in range(1, steps + 1):
             logits = self.draft.logits(hidden).float()  # [F, Vd]
-            if self.temperature > 0:
+            if sampled_chain:
                 q = torch.softmax(logits[0].cpu() / self.temperature, dim=-1)
                 choice = torch.multinomial(q, 1, generator=gen)
                 probs.append(q)
@@ -421,7 +420,8 @@ class SpecDecoder:
         logits, aux = self._target(tree.tokens, n + tree.depths, slots, mask)
         logits, aux = logits[0], aux[0]
         if self.temperature > 0:
-            return self._accept_sampled(tree, logits, gen) + (aux,)
+            accept = self._accept_sampled if tree.draft_probs is not None else self._accept_sampled_tree
+            return accept(tree, logits, gen) + (aux,)
         children: dict[int, list[int]] = {}
         for i, p in enumerate(tree.parents[1:], 1):
             children.setdefault(p, []).append(i)
@@ -454,6 +454,29 @@ class SpecDecoder:
             return path, int(torch.multinomial(residual / residual.sum(), 1, generator=gen))
         return path, int(torch.multinomial(p_all[len(path) - 1], 1, generator=gen))
 
+
+    def _accept_sampled_tree(self, tree: Tree, logits, gen):
+        """Speculative sampling on a tree of top-k candidates. A candidate chosen without sampling is a proposal
+        that puts all its mass on one token, so rejection sampling against it reads: accept child x with
+        probability p(x); on rejection remove x from p and renormalise, then try the next sibling; when no
+        child is accepted, sample the bonus from what is left. Each emitted token is thus distributed as p."""
+        p_all = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
+        children: dict[int, list[int]] = {}
+        for i, parent in enumerate(tree.parents[1:], 1):
+            children.setdefault(parent, []).append(i)
+        tokens = tree.tokens.tolist()
+        path, p = [0], p_all[0].clone()
+        while True:
+            for child in children.get(path[-1], []):
+                x = tokens[child]
+                if float(torch.rand(1, generator=gen)) < float(p[x]):
+                    path.append(child)
+                    p = p_all[child].clone()
+                    break
+                p[x] = 0.0
+                p = p / p.sum()
+            else:
+                return path, int(torch.multinomial(p, 1, generator=gen))
 
 class CapturedCall:
     """A CUDA graph of fn over static input buffers; replay copies new inputs into them first.
