@@ -40,13 +40,10 @@ def layer_spans(cfg) -> list[tuple[str, Optional[int]]]:
     return out
 
 
-def rope_pairs(x, positions, inv_freq, scaling):
+def rope_pairs(x, cos, sin):
     """Llama 4's rotation of adjacent channel pairs (HF applies it as a complex product in float32); x is
-    [B, S, H, D], positions [B, S]."""
-    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    freqs = positions[..., None].to(dt) * inv_freq.to(dt)
-    cos, sin = (freqs.cos() * scaling)[:, :, None], (freqs.sin() * scaling)[:, :, None]
-    pairs = x.to(dt).unflatten(-1, (-1, 2))
+    [B, S, H, D], cos and sin [B, S, 1, D/2] in the precision to rotate in."""
+    pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
 
@@ -116,8 +113,14 @@ class StaticTarget(nn.Module):
         h = self.embed_tokens(tokens)
         self.slot_positions.index_copy_(0, slots, positions[0])
         masks = self._masks(mask, positions)
-        if self.llama4:
-            inv_freq, scaling = self.rotary.inv_freq, self.rotary.attention_scaling
+        if self.llama4:  # angles per channel pair, kept in float32 (float64 for a float64 model)
+            dt = torch.float64 if h.dtype == torch.float64 else torch.float32
+            freqs = positions[..., None, None].to(dt) * self.rotary.inv_freq.to(dt)
+            scaling = self.rotary.attention_scaling
+            cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
+            if self.temperature is not None:
+                floor_scale, attn_scale = self.temperature
+                q_scale = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
         else:
             cos, sin = self.rope(h, positions)
         aux = {}
@@ -131,13 +134,11 @@ class StaticTarget(nn.Module):
             v = a.v_proj(x).view(b, s, -1, self.head_dim)
             if self.llama4:  # rotation (rope layers), then L2 norms; or the query temperature (no-rope layers)
                 if a.use_rope:
-                    q, k = rope_pairs(q, positions, inv_freq, scaling), rope_pairs(k, positions, inv_freq, scaling)
+                    q, k = rope_pairs(q, cos, sin), rope_pairs(k, cos, sin)
                 if hasattr(a, "qk_norm"):
                     q, k = a.qk_norm(q), a.qk_norm(k)
                 if self.temperature is not None and not a.use_rope:
-                    floor_scale, attn_scale = self.temperature
-                    scale = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
-                    q = (q * scale[:, :, None, None]).to(q.dtype)
+                    q = (q * q_scale[:, :, None, None]).to(q.dtype)
                 q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             else:
                 if hasattr(a, "q_norm"):  # Qwen3: per-head RMSNorm before rope
