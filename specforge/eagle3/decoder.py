@@ -273,8 +273,9 @@ class SpecDecoder:
         Returns the tree's tokens [T], parents [T] (-1 at the root) and depths [T]."""
         k, steps = self.topk, self.spec_steps
         rows = self._arange[:k]
-        region = steps * k  # draft slots n .. n+region-1: the expanded node of frontier row r at depth d is at
-        rel = (self._slots_d - n_t).clamp(0, region - 1)  # n + (d-1)*k + r
+        # Draft slots n .. n+region-1 hold the expanded nodes: frontier row r of depth d at slot n + (d-1)*k + r.
+        region = steps * k
+        rel = (self._slots_d - n_t).clamp(0, region - 1)
         in_region = (self._slots_d >= n_t) & (self._slots_d < n_t + region)
         prefix = self._slots_d < n_t
 
