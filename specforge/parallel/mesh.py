@@ -53,7 +53,7 @@ def init_distributed(cfg) -> Dist:
     if not launched():
         if tp != 1:
             raise SystemExit(f"parallel.tp_size={tp} needs {tp} processes (or a multiple): launch with "
-                             f"`specforge train --nproc {tp} ...` or "
+                             f"`specforge train --nproc {tp} ...` (or `bench`) or "
                              f"`torchrun --nproc-per-node {tp} -m specforge train ...`")
         return Dist(1, 0, 0, 1, 1, 0, 0, resolve_device(cfg.device))
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
