@@ -108,7 +108,10 @@ def test_key_order_of_a_tree_is_position_order():
 # ---- the switch ----
 
 def test_switch_swaps_and_restores():
+    from transformers.models.llama4.modeling_llama4 import Llama4TextL2Norm
+
     before = LlamaRMSNorm.forward, RMSNorm.forward
+    l2_before = Llama4TextL2Norm.forward
     x = torch.randn(3, 8, 16)
     mask = torch.ones(1, 4, 6, dtype=torch.bool).tril(2)
     q, k, v = torch.randn(1, 4, 4, 16), torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16)
@@ -125,8 +128,13 @@ def test_switch_swaps_and_restores():
         torch.testing.assert_close(grouped_attention(q, k, v, cache_mask(mask, 2)), plain, rtol=1e-5, atol=1e-6)
         a, b = torch.randn(5, 7), torch.randn(7, 3)
         assert torch.equal(torch.mm(a, b), a @ b)  # CPU ops keep their own kernels
+        assert Llama4TextL2Norm.forward is bi._l2_norm_forward
+        for dtype in (torch.bfloat16, torch.float32, torch.float64):  # HF's float32 formula, bit for bit
+            y = x.to(dtype)
+            assert torch.equal(Llama4TextL2Norm(1e-5)(y), l2_before(Llama4TextL2Norm(1e-5), y))
     assert not bi.active()
     assert (LlamaRMSNorm.forward, RMSNorm.forward) == before
+    assert Llama4TextL2Norm.forward is l2_before
     with bi.batch_invariant(enabled=False):
         assert not bi.active()
 

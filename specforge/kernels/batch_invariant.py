@@ -4,8 +4,8 @@ decoder's attention run on the batch-invariant kernels of this package.
 HF models are not forked. The switch swaps what they call:
 - aten::mm, addmm, bmm, _softmax and _log_softmax get CUDA implementations from a torch.library
   registration (so nn.Linear, F.softmax and their backward all land on the kernels), removed on exit;
-- the forward of the RMSNorm classes of the dense families (and of the draft's) is replaced for the
-  duration by one calling the invariant kernel;
+- the forward of the RMSNorm classes of the supported families (and of the draft's), and of Llama 4's q/k
+  L2 norm, is replaced for the duration by one calling the invariant kernel;
 - the static-cache attention of the decoder (target and draft) asks `active()` and takes the invariant
   attention kernel.
 On the CPU only the last two apply (their PyTorch references); the CPU is deterministic run to run anyway.
@@ -51,6 +51,16 @@ def _norm_forward(self, x):
     return rms_norm(x, _local(self.weight), self.eps if eps is None else eps)
 
 
+def _l2_norm_forward(self, x):
+    """Llama 4's q/k L2 norm: HF's RMSNorm formula without a weight, in float32 whatever the input."""
+    ones = torch.ones(x.shape[-1], dtype=torch.float32, device=x.device)
+    return rms_norm(x.float(), ones, self.eps).type_as(x)
+
+
+# module, class: weightless L2 norms, swapped for `_l2_norm_forward`.
+L2_NORM_CLASSES = [("transformers.models.llama4.modeling_llama4", "Llama4TextL2Norm")]
+
+
 def _mm(a, b):
     return matmul(a, b, training=_training)
 
@@ -76,8 +86,8 @@ def _log_softmax(x, dim, half_to_float):
     return softmax(x, dim, log=True, out_dtype=torch.float32 if half_to_float else None)
 
 
-def _norm_classes():
-    for module, name in NORM_CLASSES:
+def _norm_classes(names=NORM_CLASSES):
+    for module, name in names:
         try:
             yield getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):  # a family this transformers version lacks
@@ -99,9 +109,11 @@ def batch_invariant(enabled: bool = True, training: bool = False):
         for op, fn in (("mm", _mm), ("addmm", _addmm), ("bmm", _bmm), ("_softmax", _softmax),
                        ("_log_softmax", _log_softmax)):
             lib.impl(op, fn, "CUDA")
-    saved = [(cls, cls.__dict__["forward"]) for cls in _norm_classes()]
-    for cls, _ in saved:
-        cls.forward = _norm_forward
+    swaps = [(cls, _norm_forward) for cls in _norm_classes()] + \
+        [(cls, _l2_norm_forward) for cls in _norm_classes(L2_NORM_CLASSES)]
+    saved = [(cls, cls.__dict__["forward"]) for cls, _ in swaps]
+    for cls, forward in swaps:
+        cls.forward = forward
     _active = True
     try:
         yield
