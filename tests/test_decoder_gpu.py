@@ -25,3 +25,22 @@ def test_graphs_equal_eager_and_plain(steps, topk, tokens):
     for (spec_e, plain_e), (spec_g, plain_g) in zip(outs[False], outs[True]):
         assert spec_g == spec_e and plain_g == plain_e
         assert spec_e == plain_e
+
+
+@pytest.mark.parametrize("family", ["llama4", "qwen3_moe"])
+@pytest.mark.parametrize("topk, tokens", [(1, None), (3, 10)])
+def test_moe_targets_graphs_equal_eager_and_plain(family, topk, tokens):
+    """Llama 4 (chunks of 6 positions, so the per-slot positions that narrow the mask are read inside the
+    captured graphs) and Qwen3-MoE, float32."""
+    from .test_static_target import build
+
+    target = build(family).float().cuda()
+    draft = tiny_draft(target).cuda()
+    prompts = [[5, 17, 99, 3], list(range(40, 70))]
+    outs = {}
+    for graphs in (False, True):
+        dec = SpecDecoder(target, draft, AUX, max_len=120, spec_steps=4, topk=topk, num_draft_tokens=tokens,
+                          cuda_graphs=graphs)
+        outs[graphs] = [(dec.generate(p, 40)[0], dec.generate_plain(p, 40)[0]) for p in prompts]
+    assert outs[True] == outs[False]
+    assert all(spec == plain for spec, plain in outs[True])
