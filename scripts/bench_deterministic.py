@@ -48,6 +48,7 @@ def run(dec: SpecDecoder, prompts, new_tokens, eos):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default=None)
+    ap.add_argument("--layers", type=int, default=None, help="with --shape: fewer layers")
     ap.add_argument("--target", default=None)
     ap.add_argument("--draft", default=None)
     ap.add_argument("--prompts", type=int, default=20)
