@@ -147,13 +147,7 @@ class Eagle3Draft(nn.Module):
         return self.embed_tokens(token_ids).to(self.fc.weight.dtype)
 
     def rope(self, like: torch.Tensor, position_ids: torch.Tensor):
-        """cos/sin for the given positions. Frequencies come from HF's rope init (so every rope scaling
-        type of the target works); angles are computed in float64 for float64 inputs, else float32."""
-        dt = torch.float64 if like.dtype == torch.float64 else torch.float32
-        freqs = position_ids[..., None].to(dt) * self.rotary_emb.inv_freq.to(dt)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        scale = self.rotary_emb.attention_scaling
-        return (emb.cos() * scale).to(like.dtype), (emb.sin() * scale).to(like.dtype)
+        return rope_cos_sin(self.rotary_emb, like, position_ids)
 
     def layer(self, embeds: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
               attend: AttendFn) -> torch.Tensor:
@@ -190,6 +184,22 @@ class Eagle3Draft(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocab."""
         return self.lm_head(self.norm(hidden))
+
+
+def rope_angles(rotary, like: torch.Tensor, positions: torch.Tensor):
+    """cos and sin [..., D/2] of the rope angles of `positions`, times the rotary's attention scaling.
+    Frequencies come from HF's rope init (`rotary`, an HF rotary embedding module, so every rope scaling type
+    of the target works); computed in float64 for float64 inputs (`like`), else float32, and left so."""
+    dt = torch.float64 if like.dtype == torch.float64 else torch.float32
+    freqs = positions[..., None].to(dt) * rotary.inv_freq.to(dt)
+    scale = rotary.attention_scaling
+    return freqs.cos() * scale, freqs.sin() * scale
+
+
+def rope_cos_sin(rotary, like: torch.Tensor, positions: torch.Tensor):
+    """cos/sin [..., D] for `apply_rope` (both halves rotate by the same angles), in `like`'s dtype."""
+    cos, sin = rope_angles(rotary, like, positions)
+    return torch.cat([cos, cos], dim=-1).to(like.dtype), torch.cat([sin, sin], dim=-1).to(like.dtype)
 
 
 def apply_rope(x, cos, sin):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..targets import decoder_model, decoder_parts, text_config
-from .draft import apply_rope, cache_mask, grouped_attention
+from .draft import apply_rope, cache_mask, grouped_attention, rope_angles, rope_cos_sin
 
 # Families whose layer is pre-norm attention with q/k/v/o projections, then an MLP or a sparse block called on
 # [B, S, H]. Llama 4 adds its own rotation (adjacent channel pairs), L2 q/k norms, chunked attention on rope
@@ -85,13 +85,6 @@ class StaticTarget(nn.Module):
         self.register_buffer("slot_positions", torch.zeros(max_len, dtype=torch.long, device=w.device),
                              persistent=False)
 
-    def rope(self, x, positions):
-        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        freqs = positions[..., None].to(dt) * self.rotary.inv_freq.to(dt)
-        emb = torch.cat([freqs, freqs], dim=-1)
-        s = self.rotary.attention_scaling
-        return (emb.cos() * s).to(x.dtype), (emb.sin() * s).to(x.dtype)
-
     def _masks(self, mask: torch.Tensor, positions: torch.Tensor) -> dict:
         """The per-forward form of the mask for each kind of layer span present."""
         groups = self.num_heads // self.num_kv_heads
@@ -114,15 +107,12 @@ class StaticTarget(nn.Module):
         self.slot_positions.index_copy_(0, slots, positions[0])
         masks = self._masks(mask, positions)
         if self.llama4:  # angles per channel pair, kept in float32 (float64 for a float64 model)
-            dt = torch.float64 if h.dtype == torch.float64 else torch.float32
-            freqs = positions[..., None, None].to(dt) * self.rotary.inv_freq.to(dt)
-            scaling = self.rotary.attention_scaling
-            cos, sin = freqs.cos() * scaling, freqs.sin() * scaling
+            cos, sin = (t[:, :, None] for t in rope_angles(self.rotary, h, positions))  # [B, S, 1, D/2]
             if self.temperature is not None:
                 floor_scale, attn_scale = self.temperature
                 q_scale = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
         else:
-            cos, sin = self.rope(h, positions)
+            cos, sin = rope_cos_sin(self.rotary, h, positions)
         aux = {}
         for i, layer in enumerate(self.layers):
             if i in self.aux_layer_ids:
