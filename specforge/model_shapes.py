@@ -69,7 +69,7 @@ def random_target(shape: str, device, dtype=torch.bfloat16, num_layers: int | No
     model.to(dtype)
     full_shapes = {name: p.shape for name, p in model.named_parameters()}
     if tp_mesh is not None:
-        from .parallel.tensor_parallel import parallelize_target
+        from .parallel.tensor_parallel import local_slice, parallelize_target, shard_spec
 
         parallelize_target(model, tp_mesh)
     model.to_empty(device=device)
@@ -85,8 +85,6 @@ def random_target(shape: str, device, dtype=torch.bfloat16, num_layers: int | No
                 continue
             full = torch.empty(full_shapes[name], dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
             if tp_mesh is not None:
-                from .parallel.tensor_parallel import local_slice, shard_spec
-
                 full = local_slice(full, shard_spec(model, name, p), tp_mesh)
             local.copy_(full)
     # to_empty left the rope frequency buffers uninitialised: build that module afresh.

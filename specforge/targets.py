@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -57,8 +58,6 @@ def embedded_smollm2_folder() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    import shutil
-
     # The processes of a launched run may all convert at once: each writes its own temporary folder, and the
     # first complete folder to be renamed into place is the one every process uses.
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")

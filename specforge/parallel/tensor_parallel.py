@@ -180,12 +180,12 @@ def shard_spec(model: nn.Module, name: str, param: torch.Tensor) -> Optional[tup
     return getattr(model.get_submodule(mod_name), PLAIN_SHARDS, {}).get(attr)
 
 
-
 def local_slice(full: torch.Tensor, spec: Optional[tuple[int, int]], tp_mesh) -> torch.Tensor:
     """This rank's slice of a whole parameter, cut as `shard_spec` says (the whole tensor if replicated)."""
     if spec is None:
         return full
     return _local_cut(full, spec[0], spec[1], tp_mesh.size(), tp_mesh.get_local_rank())
+
 
 def _checkpoint_index(folder: Path) -> dict[str, str]:
     """Tensor name -> safetensors file (from the index where there is one, else from the files' headers)."""
