@@ -86,11 +86,11 @@ def main(argv=None):
 
             train(cfg)
         elif args.cmd == "prepare-data":
-            from .eagle3.train import prepare_data
+            from .prepare import prepare_data
 
             prepare_data(cfg)
         elif args.cmd == "build-vocab":
-            from .eagle3.train import build_vocab_cmd
+            from .prepare import build_vocab_cmd
 
             build_vocab_cmd(cfg)
         elif args.cmd == "dump-hidden":

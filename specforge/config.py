@@ -167,6 +167,18 @@ class Config:
     def output_dir(self) -> Path:
         return Path(self.out_dir or Path("outputs") / self.target.name)
 
+    def prepared_path(self) -> Path:
+        """Where `prepare-data` writes the target's answers."""
+        return Path(self.prepare.out) if self.prepare.out else self.output_dir() / "prepared.jsonl"
+
+    def vocab_path(self) -> Path:
+        """The draft vocabulary file (d2t/t2d)."""
+        return Path(self.data.vocab_path) if self.data.vocab_path else self.output_dir() / "vocab.safetensors"
+
+    def dump_dir(self) -> Path:
+        """Where `dump-hidden` writes and offline training reads."""
+        return Path(self.dump.out) if self.dump.out else self.output_dir() / "hidden"
+
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "targets").glob("*.yaml"))

@@ -18,19 +18,14 @@ from .data.batching import collate
 from .data.shards import (DumpIdentity, Manifest, check_identity, load_manifest, samples_sha256, shard_bounds,
                           write_shard)
 from .data.template import Sample, ensure_chat_template, tokenize_all
+from .prepare import all_conversations
 from .targets import FeatureCapture, aux_layer_ids, config_sha256, load_target, resolve_device
 
 DUMP_DTYPES = ("bfloat16", "float32", "float8")
 WRITERS = 2  # shards being written at once (hashing and file writes release the GIL)
 
 
-def dump_dir(cfg: Config) -> Path:
-    return Path(cfg.dump.out) if cfg.dump.out else cfg.output_dir() / "hidden"
-
-
 def dump_hidden(cfg: Config) -> Path:
-    from .eagle3.train import all_conversations
-
     if cfg.dump.dtype not in DUMP_DTYPES:
         raise SystemExit(f"dump.dtype={cfg.dump.dtype!r}: choose one of {', '.join(DUMP_DTYPES)}")
     device = resolve_device(cfg.device)
@@ -41,7 +36,7 @@ def dump_hidden(cfg: Config) -> Path:
     identity = DumpIdentity(target=cfg.target.name, target_config_sha256=config_sha256(target.config),
                             aux_layer_ids=ids, dtype=cfg.dump.dtype, data_sha256=samples_sha256(samples),
                             num_samples=len(samples))
-    return write_dump(target, samples, ids, identity, dump_dir(cfg), cfg.dump.shard_tokens, cfg.dump.batch_size,
+    return write_dump(target, samples, ids, identity, cfg.dump_dir(), cfg.dump.shard_tokens, cfg.dump.batch_size,
                       device)
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import TargetConfig
+from .layers import RMSNorm
 from .log import say
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -177,8 +178,6 @@ def load_target_head(cfg: TargetConfig, device: torch.device, dtype: Optional[to
     """Only the embedding, final norm and lm_head, read from the checkpoint's safetensors files: offline
     training never holds the whole target."""
     from safetensors import safe_open
-
-    from .eagle3.draft import RMSNorm
 
     folder = Path(target_folder(cfg))
     config = checked_config(folder)

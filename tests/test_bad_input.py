@@ -15,7 +15,7 @@ from specforge.config import DataConfig, TargetConfig, load_config
 from specforge.data.conversations import Conversation, DataError, bundled_path, read_jsonl
 from specforge.data.template import ensure_chat_template, tokenize_all
 from specforge.eagle3.checkpoint import load_draft, save_draft
-from specforge.eagle3.train import load_conversations
+from specforge.prepare import load_conversations
 from specforge.targets import load_target, load_target_head
 
 from .conftest import tiny_draft, tiny_target

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from specforge.eagle3.draft import RMSNorm, cache_mask, grouped_attention
+from specforge.layers import RMSNorm, cache_mask, grouped_attention
 from specforge.kernels import batch_invariant as bi
 from specforge.kernels.invariant_attention import attention, attention_reference, key_order
 from specforge.kernels.invariant_matmul import matmul, matmul_reference

@@ -17,7 +17,8 @@ from typing import Optional
 
 import torch
 
-from .draft import Eagle3Draft, cache_mask, grouped_attention
+from ..layers import cache_mask, grouped_attention
+from .draft import Eagle3Draft
 from .static_target import StaticTarget
 
 

@@ -5,19 +5,16 @@ This is the only definition of the draft forward. Training (TTT, `ttt.py`) and d
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding
 
 from ..config import DraftConfig
-from ..kernels import batch_invariant
-from ..kernels.invariant_attention import attention as invariant_attention
-from ..kernels.invariant_attention import key_order
+from ..layers import RMSNorm, apply_rope, rope_cos_sin
 
 # attend(q [B, heads, T, D], k, v [B, kv_heads, T, D]) -> [B, heads, T, D]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,20 +47,6 @@ def draft_config(target_config, draft: DraftConfig, target_vocab: int, aux_layer
     cfg.draft_vocab_size = min(draft.draft_vocab_size, target_vocab)
     cfg.eagle_aux_hidden_state_layer_ids = list(aux_layer_ids)
     return cfg
-
-
-class RMSNorm(nn.Module):
-    """Llama's RMSNorm (statistics in at least float32, as HF does), which keeps float64 exact for tests."""
-
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x):
-        y = x.to(torch.promote_types(x.dtype, torch.float32))
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
 
 
 class DraftAttention(nn.Module):
@@ -184,63 +167,6 @@ class Eagle3Draft(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits over the draft vocab."""
         return self.lm_head(self.norm(hidden))
-
-
-def rope_angles(rotary, like: torch.Tensor, positions: torch.Tensor):
-    """cos and sin [..., D/2] of the rope angles of `positions`, times the rotary's attention scaling.
-    Frequencies come from HF's rope init (`rotary`, an HF rotary embedding module, so every rope scaling type
-    of the target works); computed in float64 for float64 inputs (`like`), else float32, and left so."""
-    dt = torch.float64 if like.dtype == torch.float64 else torch.float32
-    freqs = positions[..., None].to(dt) * rotary.inv_freq.to(dt)
-    scale = rotary.attention_scaling
-    return freqs.cos() * scale, freqs.sin() * scale
-
-
-def rope_cos_sin(rotary, like: torch.Tensor, positions: torch.Tensor):
-    """cos/sin [..., D] for `apply_rope` (both halves rotate by the same angles), in `like`'s dtype."""
-    cos, sin = rope_angles(rotary, like, positions)
-    return torch.cat([cos, cos], dim=-1).to(like.dtype), torch.cat([sin, sin], dim=-1).to(like.dtype)
-
-
-def apply_rope(x, cos, sin):
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-def group_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
-    """A boolean mask [B, S, L] repeated for the `groups` query heads that share a kv head: [B, 1, G*S, L]."""
-    b, s, length = mask.shape
-    return mask[:, None, None].expand(b, 1, groups, s, length).reshape(b, 1, groups * s, length)
-
-
-class CacheMask(NamedTuple):
-    """A cache mask [B, S, L] (True = attend) with what the attention derives from it, made once per
-    forward and read by every layer: the per-head rows for SDPA, or the key order of the batch-invariant
-    kernel (on CUDA, under the deterministic switch)."""
-    mask: torch.Tensor
-    rows_mask: Optional[torch.Tensor]
-    keys: Optional[tuple[torch.Tensor, torch.Tensor]]
-
-
-def cache_mask(mask: torch.Tensor, groups: int) -> CacheMask:
-    if batch_invariant.active():
-        return CacheMask(mask, None, key_order(mask) if mask.is_cuda else None)
-    return CacheMask(mask, group_mask(mask, groups), None)
-
-
-def grouped_attention(q, k, v, m: CacheMask):
-    """Attention of q [B, Hq, S, D] over a KV cache k, v [B, Hkv, L, D] under `cache_mask(mask, Hq/Hkv)`.
-    Query heads sharing a kv head are folded into the row dimension, so no repeated K/V and no GQA special
-    case: one plain attention with Hkv heads and Hq/Hkv*S rows. Under the deterministic switch, the
-    batch-invariant kernel instead."""
-    if m.rows_mask is None:
-        return invariant_attention(q, k, v, m.mask, keys=m.keys)
-    b, hq, s, d = q.shape
-    hk = k.shape[1]
-    o = F.scaled_dot_product_attention(q.reshape(b, hk, hq // hk * s, d), k, v, attn_mask=m.rows_mask)
-    return o.reshape(b, hq, s, d)
 
 
 def init_draft_weights(draft: Eagle3Draft, seed: Optional[int] = None, std: float = 0.02) -> None:

@@ -17,106 +17,19 @@ import torch
 from tqdm import tqdm
 
 from ..config import Config
-from ..data.conversations import DataError, bundled_path, read_jsonl, write_jsonl
-from ..data.regenerate import regenerate
-from ..data.template import ensure_chat_template, tokenize_all
-from ..data.vocab import build_vocab, count_tokens, coverage, load_vocab, save_vocab
-from ..data.shards import load_manifest
-from ..data.sources import MemorySource, ShardSource, is_held_out
-from ..targets import (FeatureCapture, TargetHead, aux_layer_ids, config_sha256, default_aux_layers, document_mask,
-                       load_target, load_target_head, resolve_device, resolve_dtype, text_config)
+from ..data.sources import MemorySource, ShardSource
+from ..data.template import ensure_chat_template
 from ..kernels.batch_invariant import batch_invariant
-from ..parallel.checkpoint import load_checkpoint, save_checkpoint
+from ..parallel.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..parallel.data import check_batch_size, dp_rows
 from ..parallel.draft import backward, full_state_dict, replicated, replicated_head, reshard, shard_draft
-from ..parallel.mesh import Dist, all_reduce_sum, barrier, exists_everywhere, init_distributed, is_main, shutdown
+from ..parallel.mesh import Dist, all_reduce_sum, barrier, init_distributed, is_main, shutdown
+from ..prepare import load_samples, open_dump, vocab_for
+from ..targets import (FeatureCapture, TargetHead, aux_layer_ids, config_sha256, default_aux_layers, document_mask,
+                       load_target, load_target_head, resolve_dtype, text_config)
 from .checkpoint import load_draft, save_draft, step_folders
 from .draft import Eagle3Draft, draft_config, init_draft_weights, param_count
 from .ttt import StepStats, next_token_mask, soft_labels, step_weights, ttt_loss
-
-
-def prepared_path(cfg: Config) -> Path:
-    return Path(cfg.prepare.out) if cfg.prepare.out else cfg.output_dir() / "prepared.jsonl"
-
-
-def prepare_data(cfg: Config, model=None, tok=None, write: bool = True) -> Path:
-    """Answer the prompts with the target and write the conversations as JSONL (`write=False`: generate
-    only; the other ranks of a run, whose target shards rank 0 needs in every forward)."""
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.prepare.dtype, device)
-    if model is None or next(model.parameters()).dtype != dtype:
-        model, tok = load_target(cfg.target, device, dtype)
-    ensure_chat_template(tok, cfg.data.chat_template)
-    src = cfg.prepare.prompts or bundled_path("train_prompts.jsonl")
-    convs = list(read_jsonl(src))[: cfg.prepare.limit]
-    if write:
-        print(f"prepare-data: {len(convs)} prompts from {src}, answers by {cfg.target.name} "
-              f"({'greedy' if cfg.prepare.temperature == 0 else f'T={cfg.prepare.temperature}'}, "
-              f"max {cfg.prepare.max_new_tokens} new tokens)", flush=True)
-    out = regenerate(model, tok, convs, cfg.prepare.max_new_tokens, cfg.prepare.temperature,
-                     cfg.prepare.seed, cfg.prepare.batch_size)
-    path = prepared_path(cfg)
-    if not write:
-        return path
-    write_jsonl(path, out)
-    print(f"prepare-data: wrote {path}", flush=True)
-    return path
-
-
-def all_conversations(cfg: Config, model, tok, dist: Optional[Dist] = None):
-    """The training conversations before the held-out split. Without data.train_path: the bundled
-    prompts answered by the target (prepared once, then read back). Every rank generates (a tensor-parallel
-    target needs all of them), rank 0 writes, and all read the file back."""
-    path = cfg.data.train_path
-    if path is None:
-        path = prepared_path(cfg)
-        if not exists_everywhere(dist, path):
-            prepare_data(cfg, model, tok, write=is_main(dist))
-            barrier(dist)
-    convs = list(read_jsonl(path, on_error=cfg.data.on_error, need_answer=True))
-    if not convs:
-        raise DataError(f"{path}: no conversations in the file")
-    return convs
-
-
-def load_conversations(cfg: Config, model, tok, dist: Optional[Dist] = None):
-    """(training conversations, held-out conversations of data.eval_path or None)."""
-    convs = all_conversations(cfg, model, tok, dist)
-    if not cfg.data.eval_path:
-        return convs, None
-    return convs, list(read_jsonl(cfg.data.eval_path, on_error=cfg.data.on_error, need_answer=True))
-
-
-def load_samples(cfg: Config, model, tok, dist: Optional[Dist] = None):
-    """Tokenised (training, held-out) samples. Without data.eval_path the held-out split counts tokenised
-    samples, as the dump stores them, so online and offline training hold out the same conversations even
-    where data.too_long=drop or data.on_error=skip left some out."""
-    convs, held = load_conversations(cfg, model, tok, dist)
-    samples = tokenize_all(tok, convs, cfg.data)
-    if held is not None:
-        return samples, tokenize_all(tok, held, cfg.data, "held-out conversations")
-    return ([s for i, s in enumerate(samples) if not is_held_out(cfg, i)],
-            [s for i, s in enumerate(samples) if is_held_out(cfg, i)])
-
-
-def vocab_path(cfg: Config) -> Path:
-    return Path(cfg.data.vocab_path) if cfg.data.vocab_path else cfg.output_dir() / "vocab.safetensors"
-
-
-def vocab_for(cfg: Config, samples, target_vocab: int, draft_vocab: int, dist: Optional[Dist] = None):
-    """The draft vocab: read from its file, else built from the samples and written (by rank 0; every rank
-    builds the same one)."""
-    path = vocab_path(cfg)
-    if exists_everywhere(dist, path):
-        return load_vocab(path, target_vocab, draft_vocab)
-    counts = count_tokens(samples, target_vocab)
-    d2t, t2d = build_vocab(counts, draft_vocab)
-    if not is_main(dist):
-        return d2t, t2d
-    save_vocab(path, d2t, t2d, counts)
-    print(f"draft vocab: {draft_vocab} of {target_vocab} tokens cover {coverage(counts, t2d):.1%} "
-          f"of assistant tokens; wrote {path}", flush=True)
-    return d2t, t2d
 
 
 def build_draft(cfg: Config, head: TargetHead, aux_ids: list[int], d2t, t2d) -> Eagle3Draft:
@@ -278,14 +191,7 @@ def online_setup(cfg: Config, device, dist: Optional[Dist] = None):
 def offline_setup(cfg: Config, device, dist: Optional[Dist] = None):
     """Features from a dump; of the target only the embedding, final norm and lm_head are loaded (whole on
     every rank: parallel.tp_size has nothing to split here)."""
-    from ..dump import dump_dir
-
-    folder = Path(cfg.train.hidden) if cfg.train.hidden else dump_dir(cfg)
-    manifest = load_manifest(folder)
-    if manifest is None:
-        raise SystemExit(f"{folder}: no dump here (run `specforge dump-hidden` first, or pass --hidden DIR)")
-    if not manifest.complete:
-        raise SystemExit(f"{folder}: the dump is incomplete ({len(manifest.shards)} shards); rerun dump-hidden")
+    folder, manifest = open_dump(cfg)
     head = load_target_head(cfg.target, device)
     ident = manifest.identity
     want_ids = list(cfg.target.aux_layer_ids) if cfg.target.aux_layer_ids else default_aux_layers(
@@ -318,27 +224,6 @@ def resume_folder(cfg: Config, out: Path, verbose: bool = True) -> Optional[Path
     if not found and verbose:
         print(f"train: nothing to resume under {out / 'checkpoints'}; starting from step 0", flush=True)
     return found[-1] if found else None
-
-
-def rng_state(dist: Dist) -> dict:
-    """One process: every GPU's generator; one of several: its own GPU's (touching the others would make
-    a CUDA context on each)."""
-    if not torch.cuda.is_available():
-        cuda = []
-    elif dist.world == 1:
-        cuda = torch.cuda.get_rng_state_all()
-    else:
-        cuda = [torch.cuda.get_rng_state(dist.device)]
-    return {"torch": torch.get_rng_state(), "cuda": cuda}
-
-
-def set_rng_state(state: dict, dist: Dist) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        if dist.world == 1:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        else:
-            torch.cuda.set_rng_state(state["cuda"][0], dist.device)
 
 
 def train(cfg: Config) -> Path:
@@ -515,16 +400,3 @@ class _NoWriter:
 def _log_eval(writer, m: dict, step: int):
     for key, value in m.items():
         writer.add_scalar(f"eval/{key}", value, step)
-
-
-def build_vocab_cmd(cfg: Config) -> Path:
-    """`specforge build-vocab`: (re)build d2t/t2d from the loss-masked tokens of the training data, read
-    the way training reads it (online: tokenised conversations; offline: the dump's ids and masks)."""
-    setup = online_setup if cfg.train.mode == "online" else offline_setup
-    head, _, features, _, samples = setup(cfg, resolve_device(cfg.device))
-    features.close()
-    path = vocab_path(cfg)
-    path.unlink(missing_ok=True)
-    vocab_size = head.embed.weight.shape[0]
-    vocab_for(cfg, samples, vocab_size, min(cfg.target.draft.draft_vocab_size, vocab_size))
-    return path

@@ -12,19 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.fused_loss import fused_soft_ce, soft_ce_reference
+from ..kernels.fused_loss import SoftLabels, fused_soft_ce, soft_ce_reference
 from ..kernels.ttt_attention import IMPLS as TTT_ATTENTION_IMPLS
 from ..kernels.ttt_attention import ttt_attention
 from .draft import Eagle3Draft
-
-
-@dataclass
-class SoftLabels:
-    """The target's next-token distribution at every position, restricted to the draft vocab."""
-
-    logits: torch.Tensor  # [B, T, Vd] target logits at the draft-vocab ids (float32)
-    lse: torch.Tensor  # [B, T] log-sum-exp over the full target vocab (for expected acceptance)
-    argmax: torch.Tensor  # [B, T] target's greedy next token (target id)
 
 
 @torch.no_grad()

@@ -4,8 +4,8 @@ decoder's attention run on the batch-invariant kernels of this package.
 HF models are not forked. The switch swaps what they call:
 - aten::mm, addmm, bmm, _softmax and _log_softmax get CUDA implementations from a torch.library
   registration (so nn.Linear, F.softmax and their backward all land on the kernels), removed on exit;
-- the forward of the RMSNorm classes of the supported families (and of the draft's), and of Llama 4's q/k
-  L2 norm, is replaced for the duration by one calling the invariant kernel;
+- the forward of the RMSNorm classes of the supported families (and of ours, `register_norm_class`), and of
+  Llama 4's q/k L2 norm, is replaced for the duration by one calling the invariant kernel;
 - the static-cache attention of the decoder (target and draft) asks `active()` and takes the invariant
   attention kernel.
 On the CPU only the last two apply (their PyTorch references); the CPU is deterministic run to run anyway.
@@ -34,8 +34,17 @@ NORM_CLASSES = [("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
                 ("transformers.models.qwen2.modeling_qwen2", "Qwen2RMSNorm"),
                 ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm"),
                 ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeRMSNorm"),
-                ("transformers.models.llama4.modeling_llama4", "Llama4TextRMSNorm"),
-                ("specforge.eagle3.draft", "RMSNorm")]
+                ("transformers.models.llama4.modeling_llama4", "Llama4TextRMSNorm")]
+# This package's own RMSNorm classes, registered by the modules that define them (`register_norm_class`): a
+# kernel module never imports the model code above it.
+_registered_norms: list[type] = []
+
+
+def register_norm_class(cls: type) -> type:
+    """Have the switch swap `cls.forward` as it does HF's RMSNorms (same formula, a `weight` and `eps`)."""
+    if cls not in _registered_norms:
+        _registered_norms.append(cls)
+    return cls
 
 
 def active() -> bool:
@@ -109,7 +118,7 @@ def batch_invariant(enabled: bool = True, training: bool = False):
         for op, fn in (("mm", _mm), ("addmm", _addmm), ("bmm", _bmm), ("_softmax", _softmax),
                        ("_log_softmax", _log_softmax)):
             lib.impl(op, fn, "CUDA")
-    swaps = [(cls, _norm_forward) for cls in _norm_classes()] + \
+    swaps = [(cls, _norm_forward) for cls in [*_norm_classes(), *_registered_norms]] + \
         [(cls, _l2_norm_forward) for cls in _norm_classes(L2_NORM_CLASSES)]
     saved = [(cls, cls.__dict__["forward"]) for cls, _ in swaps]
     for cls, forward in swaps:

@@ -21,19 +21,28 @@ Per scored row i (draft logits z, target logits t over the draft vocab, full-voc
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:  # the labels are duck-typed: ttt.py imports this module
-    from ..eagle3.ttt import SoftLabels
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # CPU-only installs: the PyTorch path below is used
     triton = None
+
+
+@dataclass
+class SoftLabels:
+    """The target's next-token distribution at every position, restricted to the draft vocab: what the loss
+    matches (built by `specforge.eagle3.ttt.soft_labels`; plain tensors, so this module needs nothing above it)."""
+
+    logits: torch.Tensor  # [B, T, Vd] target logits at the draft-vocab ids (float32)
+    lse: torch.Tensor  # [B, T] log-sum-exp over the full target vocab (for expected acceptance)
+    argmax: torch.Tensor  # [B, T] target's greedy next token (target id)
+
 
 # Chunk rows so that one chunk's logits in float32 take at most this many bytes.
 CHUNK_BYTES = 256 << 20
@@ -44,7 +53,7 @@ def default_chunk(vocab: int, bytes_per_logit: int = 4, budget: int = CHUNK_BYTE
     return max(1, budget // (bytes_per_logit * vocab))
 
 
-def soft_ce_reference(normed_hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: "SoftLabels",
+def soft_ce_reference(normed_hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: SoftLabels,
                       b_idx: torch.Tensor, t_idx: torch.Tensor, weight: Optional[torch.Tensor] = None,
                       d2t: Optional[torch.Tensor] = None, denom: Optional[torch.Tensor] = None):
     """One TTT step, unfused: (weighted mean loss, correct, accept, count). All [N, Vd] tensors are
@@ -68,7 +77,7 @@ def soft_ce_reference(normed_hidden: torch.Tensor, lm_head_weight: torch.Tensor,
     return loss, correct, accept, torch.tensor(len(ce))
 
 
-def fused_soft_ce(normed_hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: "SoftLabels",
+def fused_soft_ce(normed_hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: SoftLabels,
                   b_idx: torch.Tensor, t_idx: torch.Tensor, weight: Optional[torch.Tensor] = None,
                   d2t: Optional[torch.Tensor] = None, chunk: Optional[int] = None,
                   use_triton: Optional[bool] = None, recompute: bool = False, denom: Optional[torch.Tensor] = None):

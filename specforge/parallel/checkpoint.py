@@ -83,3 +83,24 @@ def load_checkpoint(dist: Dist, draft, opt, folder: Path, total_steps: int) -> d
     load_local_shards(draft, opt, mine)
     state["rng"] = mine["rng"]
     return state
+
+
+def rng_state(dist: Dist) -> dict:
+    """One process: every GPU's generator; one of several: its own GPU's (touching the others would make
+    a CUDA context on each)."""
+    if not torch.cuda.is_available():
+        cuda = []
+    elif dist.world == 1:
+        cuda = torch.cuda.get_rng_state_all()
+    else:
+        cuda = [torch.cuda.get_rng_state(dist.device)]
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state: dict, dist: Dist) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        if dist.world == 1:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            torch.cuda.set_rng_state(state["cuda"][0], dist.device)

@@ -1,0 +1,89 @@
+"""Building blocks that the target-side code and the draft share: RMSNorm, rotary embeddings, and attention
+over a KV cache under a boolean mask. They sit below both (the static-cache target and the offline target
+head read them as the draft does), so neither has to import the other."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels import batch_invariant
+from .kernels.invariant_attention import attention as invariant_attention
+from .kernels.invariant_attention import key_order
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm (statistics in at least float32, as HF does), which keeps float64 exact for tests."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        y = x.to(torch.promote_types(x.dtype, torch.float32))
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+batch_invariant.register_norm_class(RMSNorm)  # the deterministic switch swaps its forward too
+
+
+def rope_angles(rotary, like: torch.Tensor, positions: torch.Tensor):
+    """cos and sin [..., D/2] of the rope angles of `positions`, times the rotary's attention scaling.
+    Frequencies come from HF's rope init (`rotary`, an HF rotary embedding module, so every rope scaling type
+    of the target works); computed in float64 for float64 inputs (`like`), else float32, and left so."""
+    dt = torch.float64 if like.dtype == torch.float64 else torch.float32
+    freqs = positions[..., None].to(dt) * rotary.inv_freq.to(dt)
+    scale = rotary.attention_scaling
+    return freqs.cos() * scale, freqs.sin() * scale
+
+
+def rope_cos_sin(rotary, like: torch.Tensor, positions: torch.Tensor):
+    """cos/sin [..., D] for `apply_rope` (both halves rotate by the same angles), in `like`'s dtype."""
+    cos, sin = rope_angles(rotary, like, positions)
+    return torch.cat([cos, cos], dim=-1).to(like.dtype), torch.cat([sin, sin], dim=-1).to(like.dtype)
+
+
+def apply_rope(x, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def group_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """A boolean mask [B, S, L] repeated for the `groups` query heads that share a kv head: [B, 1, G*S, L]."""
+    b, s, length = mask.shape
+    return mask[:, None, None].expand(b, 1, groups, s, length).reshape(b, 1, groups * s, length)
+
+
+class CacheMask(NamedTuple):
+    """A cache mask [B, S, L] (True = attend) with what the attention derives from it, made once per
+    forward and read by every layer: the per-head rows for SDPA, or the key order of the batch-invariant
+    kernel (on CUDA, under the deterministic switch)."""
+    mask: torch.Tensor
+    rows_mask: Optional[torch.Tensor]
+    keys: Optional[tuple[torch.Tensor, torch.Tensor]]
+
+
+def cache_mask(mask: torch.Tensor, groups: int) -> CacheMask:
+    if batch_invariant.active():
+        return CacheMask(mask, None, key_order(mask) if mask.is_cuda else None)
+    return CacheMask(mask, group_mask(mask, groups), None)
+
+
+def grouped_attention(q, k, v, m: CacheMask):
+    """Attention of q [B, Hq, S, D] over a KV cache k, v [B, Hkv, L, D] under `cache_mask(mask, Hq/Hkv)`.
+    Query heads sharing a kv head are folded into the row dimension, so no repeated K/V and no GQA special
+    case: one plain attention with Hkv heads and Hq/Hkv*S rows. Under the deterministic switch, the
+    batch-invariant kernel instead."""
+    if m.rows_mask is None:
+        return invariant_attention(q, k, v, m.mask, keys=m.keys)
+    b, hq, s, d = q.shape
+    hk = k.shape[1]
+    o = F.scaled_dot_product_attention(q.reshape(b, hk, hq // hk * s, d), k, v, attn_mask=m.rows_mask)
+    return o.reshape(b, hq, s, d)
