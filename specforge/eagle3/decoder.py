@@ -206,7 +206,7 @@ class SpecDecoder:
         def fn(aux, toks, start_t):  # positions and mask are built on the device (inside the graph)
             pos = start_t + steps
             mask = self._slots_d[None, :] <= pos[:, None]
-            hidden = self.draft.fc(aux[None].to(self.draft.fc.weight.dtype))
+            hidden = self.draft.project(aux[None])
             return self._draft(toks, hidden, pos, pos, mask)[0, -1]
 
         key = ("draft_prefill", n - start) if n - start <= self.spec_steps + 1 else None
@@ -247,7 +247,7 @@ class SpecDecoder:
                 pos = n_t - 1 + depth
                 slot = n_t + depth - 1
                 mask = (self._slots_d < n_t) | ((self._slots_d >= n_t) & (self._slots_d <= slot))
-                h = self._draft(tok, hidden, pos, slot, mask[None])
+                h = self._draft(tok, self.draft.carry(hidden), pos, slot, mask[None])
                 return self.draft_ids[self.draft.logits(h[0]).argmax(-1)], h
 
             tok, hidden = self._run(("chain_step", depth), step, tok, hidden, n_t)
@@ -299,7 +299,7 @@ class SpecDecoder:
             # a CUDA graph captures must not copy from the host.)
             ancestors = ancestors[parent_row] | (region_slots[None, :] == ((depth - 1) * k + rows)[:, None])
             mask = prefix | (in_region & ancestors[:, rel])
-            out = self._draft(tok[order], hidden[parent_row][None], (n_t - 1 + depth).expand(k),
+            out = self._draft(tok[order], self.draft.carry(hidden[parent_row][None]), (n_t - 1 + depth).expand(k),
                               n_t + (depth - 1) * k + rows, mask)[0]
             frontier_pool = offset + order
             offset += score.numel()
@@ -395,7 +395,7 @@ class SpecDecoder:
             toks = torch.tensor([tokens[i] for i in frontier], device=self.device)
             pos = torch.full((len(frontier),), n - 1 + depth, device=self.device)
             out = self._run(("draft_step", len(frontier)), lambda *a: self._draft(*a)[0],
-                            toks, torch.stack(parent_hidden)[None], pos, slots, mask)
+                            toks, self.draft.carry(torch.stack(parent_hidden)[None]), pos, slots, mask)
             for row, node in enumerate(frontier):
                 node_hidden[node] = out[row]
             hidden = out

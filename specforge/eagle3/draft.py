@@ -129,6 +129,14 @@ class Eagle3Draft(nn.Module):
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(token_ids).to(self.fc.weight.dtype)
 
+    def project(self, aux: torch.Tensor) -> torch.Tensor:
+        """Step 0's hidden state from the target's features [.., 3H]: fc (the features in the draft's dtype)."""
+        return self.fc(aux.to(self.fc.weight.dtype))
+
+    def carry(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What a step's output hands to the next step (TTT and decoding alike): the layer's output itself."""
+        return hidden
+
     def rope(self, like: torch.Tensor, position_ids: torch.Tensor):
         return rope_cos_sin(self.rotary_emb, like, position_ids)
 

@@ -94,14 +94,15 @@ def ttt_unroll(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Te
     impl ("auto", "flex", "reference"). Packed rows pass `doc_ids` and the per-conversation
     `position_ids` (rope position at step k: position_ids + k)."""
     b, t = input_ids.shape
-    hidden = draft.fc(aux_hidden.to(draft.fc.weight.dtype))
+    hidden = draft.project(aux_hidden)
     attend = TTTAttention(attention, doc_ids)
     positions = position_ids if position_ids is not None else \
         torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
     for k in range(steps):
         embeds = draft.embed(shift_left(input_ids, k + 1))
-        hidden = draft.layer(embeds, hidden, positions + k, attend)
-        yield k, hidden
+        out = draft.layer(embeds, hidden, positions + k, attend)
+        yield k, out
+        hidden = draft.carry(out)
 
 
 @dataclass
