@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specforge.eagle3.decoder import SpecDecoder, Tree
-from specforge.eagle3.static_target import StaticTarget
+from specforge.static_target import StaticTarget
 from specforge.eagle3.ttt import SoftLabels, ttt_loss
 
 from .conftest import tiny_draft, tiny_target

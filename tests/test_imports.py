@@ -11,16 +11,16 @@ PACKAGE = Path(__file__).resolve().parent.parent / "specforge"
 
 # Lowest first. A module belongs to the layer that names it, else to the one that names a package above it.
 LAYERS = [
-    ("base", ["specforge", "specforge.log", "specforge.config"]),
+    ("base", ["specforge", "specforge.log", "specforge.config", "specforge.graphs"]),
     ("kernels", ["specforge.kernels"]),
     ("building blocks", ["specforge.layers"]),
     ("data", ["specforge.data"]),
-    ("target", ["specforge.targets", "specforge.parallel.mesh", "specforge.parallel.tensor_parallel",
+    ("target", ["specforge.targets", "specforge.static_target", "specforge.parallel.mesh", "specforge.parallel.tensor_parallel",
                 "specforge.parallel.data", "specforge.parallel.draft", "specforge.model_shapes"]),
     ("draft", ["specforge.eagle3.draft", "specforge.eagle3.ttt"]),
     ("checkpoint", ["specforge.eagle3.checkpoint", "specforge.parallel.checkpoint"]),
     ("commands", ["specforge.prepare", "specforge.dump", "specforge.eagle3.train"]),
-    ("decoder", ["specforge.eagle3.static_target", "specforge.eagle3.decoder", "specforge.bench"]),
+    ("decoder", ["specforge.eagle3.decoder", "specforge.bench"]),
     ("cli", ["specforge.cli", "specforge.__main__"]),
 ]
 

@@ -253,7 +253,7 @@ def test_gpu_switch_makes_speculative_equal_plain_in_bf16(topk, nodes):
     """A bf16 target with near-tied logits: the switch on, speculative greedy output is plain greedy output,
     and a forward's rows do not depend on the batch (rows of other prompts beside them)."""
     from specforge.eagle3.decoder import SpecDecoder
-    from specforge.eagle3.static_target import StaticTarget
+    from specforge.static_target import StaticTarget
 
     target = tiny_target(seed=3, initializer_range=0.05, num_hidden_layers=6).cuda().to(torch.bfloat16)
     draft = tiny_draft(target, std=0.05).cuda().to(torch.bfloat16)

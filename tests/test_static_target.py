@@ -9,7 +9,7 @@ from transformers import (Llama4ForCausalLM, Llama4TextConfig, LlamaForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 from specforge.eagle3.decoder import SpecDecoder
-from specforge.eagle3.static_target import StaticTarget
+from specforge.static_target import StaticTarget
 
 from .conftest import tiny_draft, tiny_llama_config
 

@@ -17,9 +17,10 @@ from typing import Optional
 
 import torch
 
+from ..graphs import CapturedCall
 from ..layers import cache_mask, grouped_attention
 from .draft import Eagle3Draft
-from .static_target import StaticTarget
+from ..static_target import StaticTarget
 
 
 @dataclass
@@ -479,25 +480,3 @@ class SpecDecoder:
                 p = p / p.sum()
             else:
                 return path, int(torch.multinomial(p, 1, generator=gen))
-
-class CapturedCall:
-    """A CUDA graph of fn over static input buffers; replay copies new inputs into them first.
-    Any other tensor fn reads must outlive the graph (a module buffer, not a temporary of the first call):
-    replays read the memory the capture saw."""
-
-    def __init__(self, fn, args):
-        self.inputs = [a.clone() for a in args]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn(*self.inputs)  # warm-up: kernels chosen, workspaces allocated
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = fn(*self.inputs)
-        self.graph.replay()
-
-    def replay(self, args):
-        for buf, a in zip(self.inputs, args):
-            buf.copy_(a)
-        self.graph.replay()

@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..layers import apply_rope, cache_mask, grouped_attention, rope_angles, rope_cos_sin
-from ..targets import decoder_model, decoder_parts, text_config
+from .layers import apply_rope, cache_mask, grouped_attention, rope_angles, rope_cos_sin
+from .targets import decoder_model, decoder_parts, text_config
 
 # Families whose layer is pre-norm attention with q/k/v/o projections, then an MLP or a sparse block called on
 # [B, S, H]. Llama 4 adds its own rotation (adjacent channel pairs), L2 q/k norms, chunked attention on rope
