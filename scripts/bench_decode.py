@@ -1,13 +1,16 @@
 """Step costs of speculative decoding on a GPU: the numbers that bound its speedup.
 
-Prints one table per target: the target's decode step (1 token over a static KV cache, replayed from a
-CUDA graph) against its weight-read floor, the verify step of S+1 (chain) and T (tree) tokens against
-the decode step, and the draft's steps against the target step. With the theory of eagle3.md,
-speedup ~ acceptance_length / (1 + S*c + v), c = draft step / target step, v = verify / decode - 1.
+Prints one table per target: the target's decode step (1 token over a static KV cache, replayed from a CUDA
+graph) against its weight-read floor, the verify steps of S+1 (chain) and T (tree) tokens, the draft's steps, a
+whole round (draft prefill, drafting, verification, acceptance, cache moves: what one replay runs per round),
+and plain greedy decoding per token in blocks of `--plain-block`. With the theory of eagle3.md, speedup ~
+acceptance_length / (1 + S*c + v + prefill), c = draft step / target step, v = verify / decode - 1; the measured
+round gives the same bound without the sum: acceptance_length * (plain ms per token) / (round ms).
 
   python scripts/bench_decode.py --shape llama3.1-8b            # random weights of the real shape
   python scripts/bench_decode.py --shape llama4-scout --layers 8  # Scout's layers, fewer of them
   python scripts/bench_decode.py --target smollm2-135m --draft outputs/smollm2-135m/draft
+  python scripts/bench_decode.py --shape smollm2-135m --check docs/step_costs.json   # fail if slower than recorded
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 
 import torch
 
@@ -66,7 +70,8 @@ def build(args):
     target, _ = load_target(cfg.target, dev)
     embed = decoder_parts(target)[0]
     draft = load_draft(args.draft, embed, dtype=torch.bfloat16, device=dev)
-    return cfg.target.name, target, draft, draft.config.eagle_aux_hidden_state_layer_ids
+    ids = draft.config.eagle_aux_hidden_state_layer_ids or aux_layer_ids(cfg.target, target)
+    return cfg.target.name, target, draft, ids
 
 
 def main():
@@ -76,73 +81,120 @@ def main():
     ap.add_argument("--target", default=None)
     ap.add_argument("--draft", default=None)
     ap.add_argument("--spec-steps", type=int, default=5)
-    ap.add_argument("--tree", default="4,16", help="topk,num_draft_tokens for the tree verify row")
+    ap.add_argument("--tree", default="4,16", help="topk,num_draft_tokens for the tree rows")
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--plain-block", type=int, default=4)
+    ap.add_argument("--json", default=None, help="write the figures here")
+    ap.add_argument("--check", default=None, help="a --json file of recorded figures: exit 1 if a row is slower "
+                                                  "than recorded by more than --tolerance")
+    ap.add_argument("--tolerance", type=float, default=0.25)
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (to see what they buy)")
+    ap.add_argument("--no-compile", action="store_true", help="graphs of the uncompiled forwards")
+    ap.add_argument("--profile", action="store_true", help="kernels per step and the costliest, from the profiler")
     ap.add_argument("--deterministic", action="store_true", help="the batch-invariant kernels (bench.deterministic)")
     ap.add_argument("--matmul", choices=["decode", "train"], default="decode",
                     help="with --deterministic: the matmul setting (decode: K split; train: wide tiles, no split)")
     args = ap.parse_args()
     with batch_invariant(args.deterministic, training=args.matmul == "train"):
-        step_costs(args)
+        rows = step_costs(args)
+    if args.check:
+        sys.exit(check(rows, args.check, args.tolerance))
 
 
-def step_costs(args):
+def decoder(args, target, draft, ids, topk=1, tokens=None):
+    return SpecDecoder(target, draft, ids, max_len=args.context + 64, spec_steps=args.spec_steps, topk=topk,
+                       num_draft_tokens=tokens, cuda_graphs=not args.eager,
+                       compile=not (args.no_compile or args.deterministic), plain_block=args.plain_block)
+
+
+def round_call(dec: SpecDecoder, n: int):
+    """A replayable round from a fixed state at cache length n (rounds are idempotent for the same state)."""
+    w = dec.path_rows
+    g = torch.Generator(device="cuda").manual_seed(0)
+    state = (torch.tensor([n], device="cuda"),
+             torch.randn(w, 3 * dec.draft.config.hidden_size, device="cuda", generator=g).to(dec.dk.dtype),
+             torch.randint(0, 1000, (w,), device="cuda", generator=g), torch.tensor([max(1, w // 2)], device="cuda"))
+    fn = dec._chain_round if dec.topk == 1 else dec._tree_round
+    return lambda: dec._run(("round",), fn, *state, clone=False)
+
+
+def fill_context(dec: SpecDecoder, n: int) -> None:
+    """Real cache contents for the timed steps: the target's and the draft's prefill over n random tokens."""
+    prompt = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(1)).tolist()
+    _, aux = dec._prefill(prompt)
+    dec._draft_prefill(aux[:n - 1], torch.tensor(prompt[1:], device="cuda"), 0, n - 1)
+
+
+def step_costs(args) -> dict:
     name, target, draft, ids = build(args)
-    s = args.spec_steps
+    s, n = args.spec_steps, args.context
     k, t_nodes = (int(x) for x in args.tree.split(","))
     bw = copy_bandwidth()
     weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
-    dec = SpecDecoder(target, draft, ids, max_len=args.context + 64, spec_steps=s, cuda_graphs=not args.eager)
-    n = args.context
+    dec = decoder(args, target, draft, ids)
+    tree = decoder(args, dec.target, draft, ids, topk=k, tokens=t_nodes)
+    fill_context(dec, n)
     dev = dec.device
     rows = {}
 
-    def target_step(tokens):
+    def target_step(d, tokens):
         toks = torch.randint(0, 1000, (tokens,), device=dev)
         pos = n + torch.arange(tokens, device=dev)
-        mask = dec._prefix_mask(tokens, n, dec.target.k_cache.shape[3])
+        mask = d._prefix_mask(tokens, n, d.target.k_cache.shape[3])
         mask[:, n:n + tokens] = torch.ones(tokens, tokens, dtype=torch.bool, device=dev).tril()
-        return lambda: dec._target(toks, pos, pos, mask)
+        return lambda: d._target(toks, pos, pos, mask)
 
-    rows["target decode step (1 token)"] = time_ms(target_step(1))
-    rows[f"target verify, chain (S+1={s + 1} tokens)"] = time_ms(target_step(s + 1))
-    chain_dec = dec
-    # A decoder set up for the tree, so that its T-token verify is captured too.
-    dec = SpecDecoder(target, draft, ids, max_len=args.context + 64, spec_steps=s, topk=k, num_draft_tokens=t_nodes,
-                      cuda_graphs=not args.eager)
-    rows[f"target verify, tree (T={t_nodes} tokens)"] = time_ms(target_step(t_nodes))
-    dec = chain_dec
     hid = torch.randn(1, draft.config.hidden_size, device=dev, dtype=torch.bfloat16)
 
-    def draft_step(rows_):
+    def draft_step(d, rows_, whole=True):
+        """One draft step over `rows_` rows with lm_head and argmax (chain) or log-softmax + top-k (tree); with
+        `whole=False` only the layer is in the graph and the rest runs eagerly (the earlier measurement)."""
         toks = torch.randint(0, 1000, (rows_,), device=dev)
         pos = torch.full((rows_,), n, device=dev)
         slots = n + torch.arange(rows_, device=dev)
-        mask = dec._prefix_mask(rows_, n + rows_, dec.draft_slots)
+        mask = d._prefix_mask(rows_, n + rows_, d.draft_slots)
         h = hid.expand(rows_, -1)[None]
 
-        def run():
-            out = dec._run(("draft_step", rows_), lambda *a: dec._draft(*a)[0], toks, h, pos, slots, mask)
-            return torch.log_softmax(draft.logits(out).float(), -1).topk(max(1, k), dim=-1)
+        def head(out):
+            logits = d._logits(out).float()
+            return logits.argmax(-1) if rows_ == 1 else torch.log_softmax(logits, -1).topk(k, dim=-1).indices
 
-        return run
+        if not whole:
+            return lambda: head(d._run(("layer only", rows_), lambda *a: d._draft(*a)[0], toks, h, pos, slots, mask))
+        return lambda: d._run(("draft_step", rows_), lambda *a: head(d._draft(*a)[0]), toks, h, pos, slots, mask,
+                              clone=False)
 
-    def draft_prefill(length):
-        aux = torch.randn(length, 3 * draft.config.hidden_size, device=dev, dtype=torch.bfloat16)
-        toks = torch.randint(0, 1000, (length,), device=dev)
-        return lambda: dec._draft_prefill(aux, toks, n - length, n)
+    def plain(d):
+        tok, n_t = torch.tensor([5], device=dev), torch.tensor([n], device=dev)
+        b = d.plain_block
+        return lambda: d._run(("plain", b), lambda t, m: d._plain_steps(t, m, b), tok, n_t, clone=False)
 
-    rows["draft step, chain (1 token + lm_head + top-k)"] = time_ms(draft_step(1))
-    rows[f"draft step, tree ({k} tokens + lm_head + top-k)"] = time_ms(draft_step(k))
-    rows[f"draft prefill of accepted tokens ({s + 1})"] = time_ms(draft_prefill(s + 1))
+    rows["target decode step (1 token)"] = time_ms(target_step(dec, 1))
+    rows[f"target verify, chain (S+1={s + 1} tokens)"] = time_ms(target_step(dec, s + 1))
+    rows[f"target verify, tree (T={t_nodes} tokens)"] = time_ms(target_step(tree, t_nodes))
+    rows["draft step, chain (1 token + lm_head + argmax)"] = time_ms(draft_step(dec, 1))
+    rows[f"draft step, tree ({k} tokens + lm_head + top-k)"] = time_ms(draft_step(tree, k))
+    if not args.eager:
+        rows["draft step, chain, layer in the graph, head eager"] = time_ms(draft_step(dec, 1, whole=False))
+    pend = dec.path_rows
+    aux = torch.randn(pend, 3 * draft.config.hidden_size, device=dev, dtype=torch.bfloat16)
+    toks = torch.randint(0, 1000, (pend,), device=dev)
+    rows[f"draft prefill of accepted tokens ({pend})"] = time_ms(
+        lambda: dec._draft_prefill(aux, toks, n - pend, n))
+    rows[f"plain decoding, per token (blocks of {dec.plain_block})"] = time_ms(plain(dec)) / dec.plain_block
+    rows[f"round, chain S={s} (one replay)"] = time_ms(round_call(dec, n))
+    rows[f"round, tree S={s} topk {k} T={t_nodes} (one replay)"] = time_ms(round_call(tree, n))
     floor = weight_bytes / bw * 1e3
     dec_ms = rows["target decode step (1 token)"]
-    c = rows["draft step, chain (1 token + lm_head + top-k)"] / dec_ms
+    plain_ms = rows[f"plain decoding, per token (blocks of {dec.plain_block})"]
+    c = rows["draft step, chain (1 token + lm_head + argmax)"] / dec_ms
     v = rows[f"target verify, chain (S+1={s + 1} tokens)"] / dec_ms - 1
-    prefill = rows[f"draft prefill of accepted tokens ({s + 1})"] / dec_ms
-    mode = ("eager" if args.eager else "CUDA graphs") + (f", deterministic switch on ({args.matmul} matmul setting)" if args.deterministic else "")
+    prefill = rows[f"draft prefill of accepted tokens ({pend})"] / dec_ms
+    chain_round = rows[f"round, chain S={s} (one replay)"]
+    tree_round = rows[f"round, tree S={s} topk {k} T={t_nodes} (one replay)"]
+    mode = ("eager" if args.eager else "CUDA graphs") + ("" if args.no_compile or args.deterministic else
+                                                          ", torch.compile") + \
+        (f", deterministic switch on ({args.matmul} matmul setting)" if args.deterministic else "")
     print(f"\n## {name}: {torch.cuda.get_device_name()}, bf16, context {n}, {mode}")
     print(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bw / 1e12:.2f} TB/s, weight-read floor {floor:.3f} ms")
     print("| step | ms | vs decode step |")
@@ -150,14 +202,54 @@ def step_costs(args):
     for key, ms in rows.items():
         print(f"| {key} | {ms:.3f} | {ms / dec_ms:.2f} |")
     print(f"| weight-read floor of the decode step | {floor:.3f} | {floor / dec_ms:.2f} |")
-    print(f"\nc = {c:.3f}, v = {v:.3f}, draft prefill = {prefill:.3f} decode steps")
-    for al in (2.0, 3.0, 4.0):
-        print(f"speedup bound at acceptance length {al}: {al / (1 + s * c + v + prefill):.2f}x "
-              f"(S={s}, counting the draft prefill)")
+    print(f"\nc = {c:.3f}, v = {v:.3f}, draft prefill = {prefill:.3f} decode steps; decode step = {dec_ms / floor:.2f}x "
+          f"the weight-read floor; chain round = {chain_round / dec_ms:.2f} decode steps (1 + S*c + v + prefill = "
+          f"{1 + s * c + v + prefill:.2f})")
+    for al in (2.0, 2.5, 3.0, 4.0):
+        print(f"speedup bound at acceptance length {al}: {al / (1 + s * c + v + prefill):.2f}x by the formula, "
+              f"{al * plain_ms / chain_round:.2f}x by the measured chain round against plain decoding, "
+              f"{al * plain_ms / tree_round:.2f}x by the tree round")
+    if args.profile:
+        profile(dec, draft_step(dec, 1), target_step(dec, 1), round_call(dec, n))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"name": name, "device": torch.cuda.get_device_name(), "rows": rows, "floor_ms": floor,
-                       "c": c, "v": v, "prefill": prefill, "bandwidth": bw}, f, indent=2)
+            json.dump({"name": name, "device": torch.cuda.get_device_name(), "mode": mode, "rows": rows,
+                       "floor_ms": floor, "c": c, "v": v, "prefill": prefill, "bandwidth": bw}, f, indent=2)
+    return {"name": name, "mode": mode, "rows": rows}
+
+
+def profile(dec, draft_fn, target_fn, round_fn, reps: int = 10) -> None:
+    """Kernels launched per replay of each graph, and where their time goes (CUPTI sees inside graphs)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    for label, fn in (("draft step, chain", draft_fn), ("target decode step", target_fn), ("chain round", round_fn)):
+        fn()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count > 0]
+        count = sum(e.count for e in kernels) / reps
+        total = sum(e.device_time_total for e in kernels) / reps
+        print(f"\n### {label}: {count:.0f} kernels per replay, {total / 1e3:.3f} ms of kernel time")
+        for e in sorted(kernels, key=lambda e: -e.device_time_total)[:8]:
+            print(f"- {e.count / reps:.0f} x {e.key[:90]}: {e.device_time_total / reps / 1e3:.3f} ms")
+
+
+def check(rows: dict, path: str, tolerance: float) -> int:
+    """0 if no step is slower than the recorded figure (same name and mode) by more than `tolerance`."""
+    with open(path) as f:
+        recorded = json.load(f)
+    want = next((r for r in recorded if r["name"] == rows["name"] and r["mode"] == rows["mode"]), None)
+    if want is None:
+        print(f"check: no figures recorded in {path} for {rows['name']} ({rows['mode']})")
+        return 1
+    slow = [f"{k}: {ms:.3f} ms, recorded {want['rows'][k]:.3f}" for k, ms in rows["rows"].items()
+            if k in want["rows"] and ms > want["rows"][k] * (1 + tolerance)]
+    print(f"check against {path} ({want.get('date', '')}, {want.get('device', '')}): "
+          + ("ok" if not slow else "SLOWER than recorded: " + "; ".join(slow)))
+    return 1 if slow else 0
 
 
 if __name__ == "__main__":

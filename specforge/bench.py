@@ -10,6 +10,7 @@ import json
 import os
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -18,10 +19,12 @@ from .config import Config
 from .data.conversations import bundled_path, read_jsonl
 from .data.template import ensure_chat_template, prompt_ids
 from .eagle3.checkpoint import load_draft
+from .eagle3.acceptance import chain_accept_lengths, match_lengths
 from .eagle3.decoder import SpecDecoder
 from .kernels.batch_invariant import batch_invariant
 from .parallel.mesh import Dist, init_distributed, is_main, launched, shutdown
 from .parallel.tensor_parallel import load_target_tp
+from .static_target import StaticTarget
 from .targets import decoder_parts, load_target, text_config
 
 
@@ -62,16 +65,34 @@ def _run_bench(cfg: Config) -> dict:
         from .targets import aux_layer_ids
 
         aux_ids = aux_layer_ids(cfg.target, target)
-    dec = SpecDecoder(target, draft, aux_ids, max_len=b.max_len, spec_steps=b.spec_steps, topk=b.topk,
-                      num_draft_tokens=b.num_draft_tokens, temperature=b.temperature, seed=b.seed,
-                      cuda_graphs=b.cuda_graphs and dist.tp == 1)  # collectives stay out of graphs
-    convs = list(read_jsonl(b.prompts or bundled_path("bench_prompts.jsonl")))[: b.limit]
-    eos = tok.eos_token_id
-    # Warm-up (allocations, first-call costs) outside the timed runs.
-    warm = prompt_ids(tok, [{"role": "user", "content": "Hello"}])
-    dec.generate(warm, 8, eos)
-    dec.generate_plain(warm, 8, eos)
+    settings = sweep_settings(b) if b.sweep else [(b.spec_steps, b.topk, b.num_draft_tokens or b.spec_steps + 1)]
+    # One static target for every decoder of the run: one KV cache, one compiled forward.
+    static = StaticTarget(target, aux_ids, b.max_len + max(max(t for _, _, t in settings), b.plain_block))
+    compile = b.compile if b.compile is not None else device.type == "cuda" and not b.deterministic and dist.tp == 1
 
+    def decoder(steps: int, topk: int, tokens: int) -> SpecDecoder:
+        return SpecDecoder(static, draft, aux_ids, max_len=b.max_len, spec_steps=steps, topk=topk,
+                           num_draft_tokens=tokens, temperature=b.temperature, seed=b.seed,
+                           cuda_graphs=b.cuda_graphs and dist.tp == 1,  # collectives stay out of graphs
+                           compile=compile, plain_block=b.plain_block)
+
+    convs = list(read_jsonl(b.prompts or bundled_path("bench_prompts.jsonl")))[: b.limit]
+    common = {"target": cfg.target.name, "draft": str(draft_dir), "temperature": b.temperature,
+              "max_new_tokens": b.max_new_tokens,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "dtype": str(embed.weight.dtype), "compile": compile, "deterministic": b.deterministic,
+              "tensor_parallel": dist.tp, "prompts": str(b.prompts or "bundled bench_prompts.jsonl")}
+    out = Path(b.out) if b.out else cfg.output_dir() / "bench"
+    if b.sweep:
+        results = run_sweep(b, decoder, static, draft, tok, convs, main)
+        results["settings"] = {**common, "cuda_graphs": b.cuda_graphs and dist.tp == 1}
+        if main:
+            write_sweep(results, out, draft_dir)
+        shutdown(dist)
+        return results
+    dec = decoder(*settings[0])
+    eos = tok.eos_token_id
+    warm_up(dec, tok)
     rows = []
     for conv in tqdm(convs, desc="bench", unit="prompt", **({} if main else {"disable": True})):
         messages = [m for m in conv.messages if m["role"] == "system"]
@@ -87,20 +108,118 @@ def _run_bench(cfg: Config) -> dict:
             rows.append(row)
             messages.append({"role": "assistant", "content": tok.decode(spec, skip_special_tokens=True)})
     results = summarize(rows, b.spec_steps)
-    results["settings"] = {"target": cfg.target.name, "draft": str(draft_dir), "spec_steps": b.spec_steps,
-                           "topk": b.topk, "num_draft_tokens": dec.num_draft_tokens,
-                           "temperature": b.temperature, "max_new_tokens": b.max_new_tokens,
-                           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                           "dtype": str(embed.weight.dtype), "cuda_graphs": dec.cuda_graphs,
-                           "deterministic": b.deterministic, "tensor_parallel": dist.tp,
-                           "prompts": str(b.prompts or "bundled bench_prompts.jsonl")}
-    out = Path(b.out) if b.out else cfg.output_dir() / "bench"
+    results["settings"] = {**common, "spec_steps": b.spec_steps, "topk": b.topk,
+                           "num_draft_tokens": dec.num_draft_tokens, "cuda_graphs": dec.cuda_graphs}
     if main:
         write_reports(results, rows, out)
         print(markdown_table(results))
         print(f"bench: wrote {out}/results.json, results.md, plot.png")
     shutdown(dist)
     return results
+
+
+def warm_up(dec: SpecDecoder, tok) -> None:
+    """Allocations, compilation and graph capture, outside the timed runs."""
+    warm = prompt_ids(tok, [{"role": "user", "content": "Hello"}])
+    for _ in range(2):  # the second pass meets the graphs captured by the first
+        dec.generate(warm, 24, tok.eos_token_id)
+        dec.generate_plain(warm, 24, tok.eos_token_id)
+
+
+def sweep_settings(b) -> list[tuple[int, int, int]]:
+    """(spec_steps, topk, num_draft_tokens) of every setting a sweep decodes: the chains, then the trees."""
+    out = [(s, 1, s + 1) for s in b.sweep_chains]
+    for tree in b.sweep_trees:
+        try:
+            steps, topk, tokens = (int(x) for x in str(tree).split(","))
+        except ValueError:
+            raise SystemExit(f"bench.sweep_trees: {tree!r} is not 'spec_steps,topk,num_draft_tokens'") from None
+        out.append((steps, topk, tokens))
+    return out
+
+
+def run_sweep(b, decoder, static, draft, tok, convs, main: bool) -> dict:
+    """Plain greedy decoding of every turn once (the baseline, and the text the chain estimate reads), the
+    estimated acceptance of chains of 1..sweep_max_steps from one unroll of the draft over that text, then
+    each setting decoded over the same prompts and timed."""
+    eos = tok.eos_token_id
+    settings = sweep_settings(b)
+    base = decoder(1, 1, 2)
+    warm_up(base, tok)
+    turns = []  # (prompt ids, plain output)
+    plain_tokens, plain_seconds = 0, 0.0
+    for conv in tqdm(convs, desc="sweep: plain", unit="prompt", **({} if main else {"disable": True})):
+        messages = [m for m in conv.messages if m["role"] == "system"]
+        for text in conv.user_turns():
+            messages.append({"role": "user", "content": text})
+            ids = prompt_ids(tok, messages)
+            plain, p = base.generate_plain(ids, b.max_new_tokens, eos)
+            turns.append((ids, plain))
+            plain_tokens, plain_seconds = plain_tokens + p.new_tokens, plain_seconds + p.seconds
+            messages.append({"role": "assistant", "content": tok.decode(plain, skip_special_tokens=True)})
+    plain_tps = plain_tokens / max(plain_seconds, 1e-9)
+    matches = [match_lengths(static, draft, ids + plain, b.sweep_max_steps) for ids, plain in turns]
+    estimates = {}
+    for steps in range(1, b.sweep_max_steps + 1):
+        lens = [a for (ids, plain), m in zip(turns, matches) for a in chain_accept_lengths(m, len(ids), len(plain), steps)]
+        estimates[steps] = sum(lens) / max(1, len(lens))
+    rows = []
+    for steps, topk, tokens in settings:
+        dec = decoder(steps, topk, tokens)
+        warm_up(dec, tok)
+        lens, new, seconds, differing = [], 0, 0.0, 0
+        for ids, plain in tqdm(turns, desc=f"sweep: S={steps} k={topk} T={tokens}", unit="turn",
+                               **({} if main else {"disable": True})):
+            spec, s = dec.generate(ids, b.max_new_tokens, eos)
+            lens += s.accept_lengths
+            new, seconds, differing = new + s.new_tokens, seconds + s.seconds, differing + (spec != plain)
+        tps = new / max(seconds, 1e-9)
+        rows.append({"spec_steps": steps, "topk": topk, "num_draft_tokens": tokens,
+                     "accept_length": sum(lens) / max(1, len(lens)),
+                     "estimated_accept_length": estimates.get(steps) if topk == 1 else None,
+                     "spec_tokens_per_s": tps, "speedup": tps / plain_tps, "outputs_differing": differing})
+    best = max(rows, key=lambda r: r["spec_tokens_per_s"])
+    best_chain = max((r for r in rows if r["topk"] == 1), key=lambda r: r["spec_tokens_per_s"], default=None)
+    return {"turns": len(turns), "plain_tokens_per_s": plain_tps, "estimated_chain_accept_length": estimates,
+            "rows": rows, "best": best, "best_chain": best_chain}
+
+
+def serve_flags(draft_dir, best: dict, best_chain: Optional[dict]) -> list[str]:
+    """The SGLang and vLLM settings of the fastest setting (vLLM: its fastest chain)."""
+    lines = [f"SGLang: --speculative-algorithm EAGLE3 --speculative-draft-model-path {draft_dir} "
+             f"--speculative-num-steps {best['spec_steps']} --speculative-eagle-topk {best['topk']} "
+             f"--speculative-num-draft-tokens {best['num_draft_tokens']}"]
+    if best_chain is not None:
+        conf = json.dumps({"method": "eagle3", "model": str(draft_dir),
+                           "num_speculative_tokens": best_chain["spec_steps"]})
+        lines.append(f"vLLM: --speculative-config '{conf}'")
+    return lines
+
+
+def sweep_table(results: dict) -> str:
+    lines = ["| setting | accept length | estimated (one unroll) | spec tok/s | speedup | outputs differing |",
+             "|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        name = (f"chain S={r['spec_steps']}" if r["topk"] == 1 else
+                f"tree S={r['spec_steps']}, topk {r['topk']}, T={r['num_draft_tokens']}")
+        est = "" if r["estimated_accept_length"] is None else f"{r['estimated_accept_length']:.2f}"
+        lines.append(f"| {name} | {r['accept_length']:.2f} | {est} | {r['spec_tokens_per_s']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['outputs_differing']} of {results['turns']} |")
+    est = " ".join(f"S={k}: {v:.2f}" for k, v in results["estimated_chain_accept_length"].items())
+    lines += ["", f"plain decoding: {results['plain_tokens_per_s']:.1f} tok/s", f"estimated chain acceptance: {est}"]
+    return "\n".join(lines)
+
+
+def write_sweep(results: dict, out: Path, draft_dir) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    flags = serve_flags(draft_dir, results["best"], results["best_chain"])
+    text = sweep_table(results) + "\n\nfastest:\n" + "\n".join(flags)
+    tmp = out / "sweep.json.tmp"
+    tmp.write_text(json.dumps({**results, "serve_flags": flags}, indent=2))
+    tmp.replace(out / "sweep.json")
+    (out / "sweep.md").write_text(text + "\n")
+    print(text)
+    print(f"bench: wrote {out}/sweep.json, sweep.md")
 
 
 def summarize(rows: list[dict], steps: int) -> dict:

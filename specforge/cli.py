@@ -50,6 +50,9 @@ def main(argv=None):
                         "and the same figures on every run (bench.deterministic)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="split the target over N processes of this machine (tensor parallel; one per GPU)")
+    p.add_argument("--sweep", action="store_true", default=None,
+                   help="decode chain lengths and tree shapes, report each and the fastest with its serving flags "
+                        "(bench.sweep)")
     # key=value overrides may come before or after the flags.
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
@@ -71,7 +74,7 @@ def main(argv=None):
         overrides.append(f"train.mode={args.mode}")
     flags = {"spec_steps": "bench.spec_steps", "topk": "bench.topk", "num_draft_tokens": "bench.num_draft_tokens",
              "temperature": "bench.temperature", "draft": "bench.draft", "prompts": "bench.prompts",
-             "hidden": "train.hidden", "data": "data.train_path", "out": "dump.out",
+             "hidden": "train.hidden", "data": "data.train_path", "out": "dump.out", "sweep": "bench.sweep",
              "chat_template": "data.chat_template", "resume": "train.resume",
              "deterministic": f"{'bench' if args.cmd == 'bench' else 'train'}.deterministic"}
     for flag, key in flags.items():

@@ -138,7 +138,17 @@ class BenchConfig:
     max_len: int = 2048
     limit: Optional[int] = None  # only the first n prompts
     baseline: bool = True  # also run plain decoding (speedup, and the losslessness check at greedy)
-    cuda_graphs: bool = True  # on a GPU, replay the target and draft steps from CUDA graphs
+    cuda_graphs: bool = True  # on a GPU, replay each round (and blocks of plain steps) from CUDA graphs
+    # torch.compile the target and draft forwards inside the graphs; None = on a GPU, unless deterministic (the
+    # batch-invariant kernels are not compiled) or tensor parallel
+    compile: Optional[bool] = None
+    plain_block: int = 4  # plain greedy decoding: tokens per graph replay (one host read per block)
+    # `--sweep`: plain decoding once, the chain acceptance of every length up to sweep_max_steps estimated from
+    # it, then the settings below decoded and timed; the fastest is reported with SGLang and vLLM flags.
+    sweep: bool = False
+    sweep_max_steps: int = 8
+    sweep_chains: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6])
+    sweep_trees: list[str] = field(default_factory=lambda: ["3,4,8", "4,4,12", "5,4,16", "6,8,24", "6,8,32"])
     # Batch-invariant kernels (specforge/kernels/batch_invariant.py): on a GPU, speculative greedy output
     # then equals plain greedy output token for token, and every run gives the same figures.
     deterministic: bool = False

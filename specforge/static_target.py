@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .layers import apply_rope, cache_mask, grouped_attention, rope_angles, rope_cos_sin
@@ -52,8 +53,73 @@ def _local_rows(weight) -> int:
     return (weight.to_local() if hasattr(weight, "to_local") else weight).shape[0]
 
 
+def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, Optional[torch.Tensor], list[int]]:
+    """One weight (and bias) for linears that read the same input, so that a step runs one matmul instead of
+    several. The modules' parameters become views of it: no extra memory, values unchanged, and the HF module
+    still computes what it did. Returns (weight, bias or None, output widths)."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    has_bias = [m.bias is not None for m in linears]
+    bias = None
+    if any(has_bias):
+        bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.weight.shape[0])
+                          for m in linears])
+    widths, start = [], 0
+    for i, m in enumerate(linears):
+        rows = m.weight.shape[0]
+        m.weight = nn.Parameter(weight[start:start + rows], requires_grad=False)
+        if has_bias[i]:
+            m.bias = nn.Parameter(bias[start:start + rows], requires_grad=False)
+        widths.append(rows)
+        start += rows
+    return weight, bias, widths
+
+
+def is_sparse_block(ff: nn.Module) -> bool:
+    """Qwen3-MoE's sparse block in transformers 5's layout: a router (`gate`) and experts stored as 3-D
+    tensors (gate_up_proj [E, 2I, H], down_proj [E, H, I])."""
+    e = getattr(ff, "experts", None)
+    return (hasattr(ff, "gate") and e is not None and getattr(e, "gate_up_proj", None) is not None
+            and e.gate_up_proj.dim() == 3 and getattr(e, "down_proj", None) is not None and e.down_proj.dim() == 3
+            and e.gate_up_proj.shape[1] == 2 * e.down_proj.shape[2])
+
+
+def sparse_moe(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A Qwen3-MoE sparse block's output, computed without data-dependent shapes or host reads, so that a CUDA
+    graph can capture it: each token's top-k experts' weights are gathered and applied with batched matmuls
+    (HF's eager path loops over the experts hit, which needs the host). Same routing and weighting as HF."""
+    b, s, h = x.shape
+    flat = x.reshape(-1, h)
+    routed = block.gate(flat)
+    if isinstance(routed, tuple):  # (router logits, top-k weights, top-k indices)
+        weights, idx = routed[1], routed[2]
+    else:  # a router that returns logits only
+        probs = torch.softmax(routed.float(), dim=-1)
+        weights, idx = probs.topk(block.top_k, dim=-1)
+        if getattr(block, "norm_topk_prob", False):
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(routed.dtype)
+    e = block.experts
+    n, k = idx.shape
+    which = idx.reshape(-1)
+    rows = flat[:, None].expand(n, k, h).reshape(n * k, h, 1)
+    gate, up = torch.bmm(e.gate_up_proj.index_select(0, which), rows)[..., 0].chunk(2, dim=-1)
+    act = (e.act_fn(gate) * up)[..., None]
+    out = torch.bmm(e.down_proj.index_select(0, which), act)[..., 0].view(n, k, h)
+    return (out * weights[..., None].to(out.dtype)).sum(1).to(x.dtype).view(b, s, h)
+
+
+def is_gated_mlp(ff: nn.Module) -> bool:
+    """A SwiGLU-style MLP: down(act(gate(x)) * up(x)) (HF names the activation act_fn, or activation_fn)."""
+    return all(isinstance(getattr(ff, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) \
+        and (hasattr(ff, "act_fn") or hasattr(ff, "activation_fn"))
+
+
 class StaticTarget(nn.Module):
-    def __init__(self, model: nn.Module, aux_layer_ids: list[int], max_len: int, batch: int = 1):
+    """`fuse=True` (not under tensor parallelism) joins each layer's q/k/v projections, and the gate and up
+    projections of dense MLPs, into one matmul each (`fuse_linears`: the HF parameters become views)."""
+
+    def __init__(self, model: nn.Module, aux_layer_ids: list[int], max_len: int, batch: int = 1,
+                 fuse: bool = True):
         super().__init__()
         cfg = text_config(model.config)
         if cfg.model_type not in FAMILIES:
@@ -84,6 +150,20 @@ class StaticTarget(nn.Module):
         # The position of the token in each slot (read only by windowed and chunked layers).
         self.register_buffer("slot_positions", torch.zeros(max_len, dtype=torch.long, device=w.device),
                              persistent=False)
+        # Per layer: the fused q/k/v and gate/up weights, or None where the HF modules are called.
+        split = hasattr(attn.q_proj.weight, "to_local")  # tensor parallel: the shards stay as they are
+        self.qkv = [fuse_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj])
+                    if fuse and not split else None for l in layers]
+        self.gate_up = [fuse_linears([f.gate_proj, f.up_proj]) if fuse and not split and is_gated_mlp(f) else None
+                        for f in (self._ff(l) for l in layers)]
+        # Whether a CUDA graph can capture the forward: every feed-forward is dense, Llama 4's (dense over its
+        # experts), or a sparse block `sparse_moe` runs; other sparse blocks route through the host.
+        self.capturable = all(self.llama4 or is_gated_mlp(f) or is_sparse_block(f)
+                              for f in (self._ff(l) for l in layers))
+        self._layer_fn, self._head_fn, self._compiled = self._layer, self._head, False
+
+    def _ff(self, layer: nn.Module) -> nn.Module:
+        return layer.feed_forward if self.llama4 else layer.mlp
 
     def _masks(self, mask: torch.Tensor, positions: torch.Tensor) -> dict:
         """The per-forward form of the mask for each kind of layer span present."""
@@ -98,14 +178,25 @@ class StaticTarget(nn.Module):
             out[(kind, n)] = cache_mask(m, groups)
         return out
 
+    def compile(self) -> None:
+        """torch.compile the layer and the head (regional: every layer of a kind reuses one compiled graph, so
+        compiling takes seconds, not minutes); token counts are dynamic (one graph for 1 token, one for more).
+        The loop over layers stays Python, which a CUDA graph of the forward does not replay."""
+        if self._compiled:
+            return
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self._layer_fn = torch.compile(self._layer, dynamic=True)
+        self._head_fn = torch.compile(self._head, dynamic=True)
+        self._compiled = True
+
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor):
         """tokens, positions [B, S]; slots [S] cache slots to write; mask [B, S, max_len] (True = attend,
         the new tokens' own slots included). Returns (logits [B, S, V], aux [B, S, 3H])."""
-        b, s = tokens.shape
         h = self.embed_tokens(tokens)
         self.slot_positions.index_copy_(0, slots, positions[0])
         masks = self._masks(mask, positions)
+        q_scale = None
         if self.llama4:  # angles per channel pair, kept in float32 (float64 for a float64 model)
             cos, sin = (t[:, :, None] for t in rope_angles(self.rotary, h, positions))  # [B, S, 1, D/2]
             if self.temperature is not None:
@@ -117,33 +208,52 @@ class StaticTarget(nn.Module):
         for i, layer in enumerate(self.layers):
             if i in self.aux_layer_ids:
                 aux[i] = h
-            a = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = a.q_proj(x).view(b, s, -1, self.head_dim)
-            k = a.k_proj(x).view(b, s, -1, self.head_dim)
-            v = a.v_proj(x).view(b, s, -1, self.head_dim)
-            if self.llama4:  # rotation (rope layers), then L2 norms; or the query temperature (no-rope layers)
-                if a.use_rope:
-                    q, k = rope_pairs(q, cos, sin), rope_pairs(k, cos, sin)
-                if hasattr(a, "qk_norm"):
-                    q, k = a.qk_norm(q), a.qk_norm(k)
-                if self.temperature is not None and not a.use_rope:
-                    q = (q * q_scale[:, :, None, None]).to(q.dtype)
-                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            else:
-                if hasattr(a, "q_norm"):  # Qwen3: per-head RMSNorm before rope
-                    q, k = a.q_norm(q), a.k_norm(k)
-                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            self.k_cache[i].index_copy_(2, slots, k)
-            self.v_cache[i].index_copy_(2, slots, v)
-            o = grouped_attention(q, self.k_cache[i], self.v_cache[i], masks[self.spans[i]])
-            h = h + a.o_proj(o.transpose(1, 2).reshape(b, s, -1))
-            ff = layer.feed_forward if self.llama4 else layer.mlp
-            out = ff(layer.post_attention_layernorm(h))
-            h = h + (out[0] if isinstance(out, tuple) else out).view(h.shape)  # sparse blocks add router logits
-        logits = self.lm_head(self.norm(h))
-        return logits, torch.cat([aux[j] for j in self.aux_layer_ids], dim=-1)
+            h = self._layer_fn(layer, h, cos, sin, q_scale, slots, masks[self.spans[i]], self.k_cache[i],
+                               self.v_cache[i], self.qkv[i], self.gate_up[i])
+        return self._head_fn(h), torch.cat([aux[j] for j in self.aux_layer_ids], dim=-1)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h))
+
+    def _layer(self, layer, h, cos, sin, q_scale, slots, mask, k_cache, v_cache, qkv, gate_up):
+        """One decoder layer over the static cache (`k_cache`, `v_cache`: this layer's [B, Hkv, L, D]);
+        `qkv`, `gate_up`: the fused weights of `fuse_linears`, or None."""
+        b, s, _ = h.shape
+        a = layer.self_attn
+        x = layer.input_layernorm(h)
+        if qkv is not None:
+            q, k, v = F.linear(x, qkv[0], qkv[1]).split(qkv[2], dim=-1)
+        else:
+            q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
+        q, k, v = (t.view(b, s, -1, self.head_dim) for t in (q, k, v))
+        if self.llama4:  # rotation (rope layers), then L2 norms; or the query temperature (no-rope layers)
+            if a.use_rope:
+                q, k = rope_pairs(q, cos, sin), rope_pairs(k, cos, sin)
+            if hasattr(a, "qk_norm"):
+                q, k = a.qk_norm(q), a.qk_norm(k)
+            if q_scale is not None and not a.use_rope:
+                q = (q * q_scale[:, :, None, None]).to(q.dtype)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        else:
+            if hasattr(a, "q_norm"):  # Qwen3: per-head RMSNorm before rope
+                q, k = a.q_norm(q), a.k_norm(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_cache.index_copy_(2, slots, k)
+        v_cache.index_copy_(2, slots, v)
+        o = grouped_attention(q, k_cache, v_cache, mask)
+        h = h + a.o_proj(o.transpose(1, 2).reshape(b, s, -1))
+        return h + self._feed_forward(self._ff(layer), layer.post_attention_layernorm(h), gate_up)
+
+    def _feed_forward(self, ff: nn.Module, x: torch.Tensor, gate_up) -> torch.Tensor:
+        if gate_up is not None:
+            gate, up = F.linear(x, gate_up[0], gate_up[1]).chunk(2, dim=-1)
+            act = getattr(ff, "act_fn", None) or ff.activation_fn
+            return ff.down_proj(act(gate) * up)
+        if is_sparse_block(ff):
+            return sparse_moe(ff, x)
+        out = ff(x)
+        return (out[0] if isinstance(out, tuple) else out).view(x.shape)  # Llama 4's blocks add router logits
 
     @torch.no_grad()
     def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from specforge.eagle3.acceptance import chain_accept_lengths, match_lengths
 from specforge.eagle3.decoder import SpecDecoder, Tree
 from specforge.static_target import StaticTarget
 from specforge.eagle3.ttt import SoftLabels, ttt_loss
@@ -145,7 +146,7 @@ def test_oracle_draft_reaches_full_acceptance(target, trained_draft, steps, devi
     seq_ref = [prompt + plain]
     oracle = oracle_propose(dec, target, seq_ref)
     dec._propose = oracle
-    dec._propose_chain = lambda root, hidden, n_t: oracle(root, hidden, int(n_t), None).tokens
+    dec._propose_chain = lambda root, hidden, n_t: oracle(int(root), hidden, int(n_t), None).tokens
     spec, stats = dec.generate(prompt, 40)
     assert spec == plain
     assert all(a == steps + 1 for a in stats.accept_lengths[:-1])
@@ -188,3 +189,22 @@ def test_speculative_sampling_matches_target_distribution(topk, nodes):
         assert max(lengths) > 1
     # The same seed gives the same tokens.
     assert dec.generate(prompt, 8, seed=11)[0] == dec.generate(prompt, 8, seed=11)[0]
+
+
+def test_one_unroll_estimates_every_chain_length(target, trained_draft):
+    """The acceptance lengths of chains of 1..5 steps, replayed from one TTT unroll of the draft over the plain
+    greedy text, are those the decoder gets, round by round (float64, so no rounding can flip a choice)."""
+    target = copy.deepcopy(target).double()
+    draft = copy.deepcopy(trained_draft).double()
+    draft.set_embed_tokens(target.model.embed_tokens)
+    plain_dec = SpecDecoder(target, draft, AUX, max_len=160, spec_steps=5)
+    checked = 0
+    for p in PROMPTS:
+        plain, _ = plain_dec.generate_plain(p, 50)
+        matches = match_lengths(plain_dec.target, draft, p + plain, 5)
+        for steps in range(1, 6):
+            dec = SpecDecoder(plain_dec.target, draft, AUX, max_len=160, spec_steps=steps)
+            spec, stats = dec.generate(p, 50)
+            assert chain_accept_lengths(matches, len(p), len(plain), steps) == stats.accept_lengths
+            checked += max(stats.accept_lengths) > 1
+    assert checked  # some chains accepted draft tokens

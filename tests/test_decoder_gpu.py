@@ -1,5 +1,6 @@
-"""The decoder on a GPU: CUDA-graph replay computes what eager execution computes (float32, so that
-greedy outputs can be compared exactly), for chains and trees. Skipped without CUDA."""
+"""The decoder on a GPU: CUDA-graph replay (of whole rounds, and of blocks of plain steps), with and without
+torch.compile, computes what eager execution computes (float32, so that greedy outputs can be compared exactly),
+for chains and trees, dense and mixture-of-experts targets. Skipped without CUDA."""
 
 import pytest
 import torch
@@ -18,13 +19,14 @@ def test_graphs_equal_eager_and_plain(steps, topk, tokens):
     draft = tiny_draft(target).cuda()
     prompts = [[5, 17, 99, 3], [200, 1, 1, 7, 8, 9, 10], list(range(40, 80))]
     outs = {}
-    for graphs in (False, True):
+    for graphs, compile in ((False, False), (True, False), (True, True)):
         dec = SpecDecoder(target, draft, AUX, max_len=200, spec_steps=steps, topk=topk, num_draft_tokens=tokens,
-                          cuda_graphs=graphs)
-        outs[graphs] = [(dec.generate(p, 48)[0], dec.generate_plain(p, 48)[0]) for p in prompts]
-    for (spec_e, plain_e), (spec_g, plain_g) in zip(outs[False], outs[True]):
+                          cuda_graphs=graphs, compile=compile)
+        outs[graphs, compile] = [(dec.generate(p, 48)[0], dec.generate_plain(p, 48)[0]) for p in prompts]
+    for (spec_e, plain_e), (spec_g, plain_g), (spec_c, plain_c) in zip(*outs.values()):
         assert spec_g == spec_e and plain_g == plain_e
         assert spec_e == plain_e
+        assert spec_c == plain_c  # compiled kernels round differently: equal to plain, not necessarily to eager
 
 
 @pytest.mark.parametrize("family", ["llama4", "qwen3_moe"])
@@ -41,6 +43,7 @@ def test_moe_targets_graphs_equal_eager_and_plain(family, topk, tokens):
     for graphs in (False, True):
         dec = SpecDecoder(target, draft, AUX, max_len=120, spec_steps=4, topk=topk, num_draft_tokens=tokens,
                           cuda_graphs=graphs)
+        assert dec.cuda_graphs == graphs  # the experts path is capturable: no fallback to eager
         outs[graphs] = [(dec.generate(p, 40)[0], dec.generate_plain(p, 40)[0]) for p in prompts]
     assert outs[True] == outs[False]
     assert all(spec == plain for spec, plain in outs[True])

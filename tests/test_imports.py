@@ -20,7 +20,7 @@ LAYERS = [
     ("draft", ["specforge.eagle3.draft", "specforge.eagle3.ttt"]),
     ("checkpoint", ["specforge.eagle3.checkpoint", "specforge.parallel.checkpoint"]),
     ("commands", ["specforge.prepare", "specforge.dump", "specforge.eagle3.train"]),
-    ("decoder", ["specforge.eagle3.decoder", "specforge.bench"]),
+    ("decoder", ["specforge.eagle3.decoder", "specforge.eagle3.acceptance", "specforge.bench"]),
     ("cli", ["specforge.cli", "specforge.__main__"]),
 ]
 

@@ -105,3 +105,17 @@ def test_bench_cli_writes_reports(tmp_path, tiny_target_folder):
     det = json.loads((out / "det" / "results.json").read_text())
     assert det["settings"]["deterministic"] is True
     assert det["by_category"]["overall"]["outputs_differing"] == 0
+    # The sweep: plain once, every chain length estimated, two chains and a tree decoded; the fastest named
+    # with its serving flags; every setting's greedy output equal to plain (float32 on the CPU).
+    main(["bench", "--target", str(tiny_target_folder), f"out_dir={out}", "--sweep", "bench.limit=2",
+          "bench.max_new_tokens=12", "bench.sweep_max_steps=4", "bench.sweep_chains=[1,3]",
+          "bench.sweep_trees=['3,2,6']", f"bench.out={out / 'sweep'}"])
+    sweep = json.loads((out / "sweep" / "sweep.json").read_text())
+    assert [(r["spec_steps"], r["topk"], r["num_draft_tokens"]) for r in sweep["rows"]] == [(1, 1, 2), (3, 1, 4),
+                                                                                             (3, 2, 6)]
+    assert all(r["outputs_differing"] == 0 and r["accept_length"] >= 1.0 for r in sweep["rows"])
+    assert sorted(sweep["estimated_chain_accept_length"]) == ["1", "2", "3", "4"]
+    for r in sweep["rows"][:2]:  # float32 on the CPU: the estimate is what decoding gets
+        assert r["estimated_accept_length"] == pytest.approx(r["accept_length"])
+    assert sweep["best"] in sweep["rows"]
+    assert "--speculative-num-steps" in sweep["serve_flags"][0] and "num_speculative_tokens" in sweep["serve_flags"][1]

@@ -6,6 +6,13 @@ the whole tree in one forward under an ancestor mask, and the longest path the t
 kept, plus the target's own next token (the bonus). Rejected entries are dropped from both KV caches by
 moving the accepted path's entries into place; the rest lie past the new length and are masked out.
 
+Greedy rounds keep their state on the device (the cache length, the features and tokens the draft has not
+read yet), so that a whole round (draft prefill, drafting, verification, acceptance, cache moves) is one
+function of fixed shapes: on a GPU one CUDA-graph replay and one host read per round. Plain greedy decoding
+likewise runs `plain_block` tokens per replay. Sampling runs the host-side reference path (`_propose`,
+`_verify`). With `compile`, the target and draft forwards inside those graphs are torch.compile'd (fewer,
+fused kernels per step).
+
 Plain decoding uses the same target forward one token at a time, so on the CPU in float32 greedy
 speculative output equals plain greedy output token for token."""
 
@@ -19,8 +26,9 @@ import torch
 
 from ..graphs import CapturedCall
 from ..layers import cache_mask, grouped_attention
-from .draft import Eagle3Draft
+from ..log import say
 from ..static_target import StaticTarget
+from .draft import Eagle3Draft
 
 
 @dataclass
@@ -40,12 +48,17 @@ class Tree:
 
 
 class SpecDecoder:
-    """Batch size 1. `spec_steps` draft forwards per round; `topk` children per expanded node;
-    `num_draft_tokens` tree nodes verified per round (root included; chain: spec_steps + 1)."""
+    """Batch size 1. `target_model`: an HF causal LM, or a StaticTarget to share (its cache must hold max_len plus
+    a round's tokens). `spec_steps` draft forwards per round; `topk` children per expanded node;
+    `num_draft_tokens` tree nodes verified per round (root included; chain: spec_steps + 1).
+    `cuda_graphs`: replay rounds and steps from CUDA graphs (on a GPU, when the target's forward is capturable);
+    `compile`: torch.compile the target and draft forwards; `plain_block`: tokens per replay in plain greedy
+    decoding (one host read per block)."""
 
     def __init__(self, target_model, draft: Eagle3Draft, aux_layer_ids: list[int], max_len: int = 2048,
                  spec_steps: int = 5, topk: int = 1, num_draft_tokens: Optional[int] = None,
-                 temperature: float = 0.0, seed: int = 0, cuda_graphs: bool = False, device_rounds: bool = True):
+                 temperature: float = 0.0, seed: int = 0, cuda_graphs: bool = False, device_rounds: bool = True,
+                 compile: bool = False, plain_block: int = 4):
         self.spec_steps, self.topk, self.temperature, self.seed = spec_steps, topk, temperature, seed
         self.num_draft_tokens = num_draft_tokens or spec_steps + 1
         max_nodes = 1 + sum(topk ** d if d == 1 else topk * topk for d in range(1, spec_steps + 1))
@@ -53,7 +66,14 @@ class SpecDecoder:
             raise ValueError(f"num_draft_tokens={self.num_draft_tokens} exceeds the {max_nodes} nodes that "
                              f"spec_steps={spec_steps}, topk={topk} can propose")
         self.max_len = max_len
-        self.target = StaticTarget(target_model, aux_layer_ids, max_len + self.num_draft_tokens)
+        slots = max_len + max(self.num_draft_tokens, plain_block)
+        if isinstance(target_model, StaticTarget):  # shared by several decoders (a sweep): one cache, one compile
+            if target_model.max_len < slots or list(target_model.aux_layer_ids) != list(aux_layer_ids):
+                raise ValueError(f"the shared static target has {target_model.max_len} cache slots and aux layers "
+                                 f"{target_model.aux_layer_ids}; this decoder needs {slots} and {aux_layer_ids}")
+            self.target = target_model
+        else:
+            self.target = StaticTarget(target_model, aux_layer_ids, slots)
         self.draft = draft
         w = draft.fc.weight
         cfg = draft.config
@@ -64,20 +84,34 @@ class SpecDecoder:
         self.device = w.device
         self.draft_ids = torch.arange(draft.d2t.numel(), device=self.device) + draft.d2t
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        if self.cuda_graphs and not self.target.capturable:
+            say("decoder: this target's feed-forward routes tokens through the host (a sparse block of a layout "
+                "the static forward does not know), so CUDA graphs cannot capture it: decoding eagerly")
+            self.cuda_graphs = False
         self._graphs: dict = {}
         # Greedy rounds (chain or tree) keep every token on the device: one host sync per round. The host-side
         # path (`_propose` / `_verify`) serves sampling, and is the reference the device rounds are tested against.
         self.device_rounds = device_rounds and temperature <= 0
+        self.plain_block = max(1, plain_block)
+        # Rows of the accepted path a round hands to the next one (the root and the accepted draft tokens).
+        self.path_rows = min(spec_steps + 1, self.num_draft_tokens)
         # Slot indices of both caches, persistent (captured graphs read them on every replay).
         self._arange = torch.arange(max(self.target.k_cache.shape[3], self.draft_slots), device=self.device)
         self._slots_t = self._arange[:self.target.k_cache.shape[3]]
         self._slots_d = self._arange[:self.draft_slots]
+        # The forwards every path calls; compiled with dynamic token counts (one graph for 1 token, one for more).
+        self._target_fwd, self._draft_fwd, self._logits = self.target, self._draft_rows, draft.logits
+        if compile:
+            self.target.compile()  # sets dynamo's recompile limit high enough for the decoders of a sweep
+            self._draft_fwd = torch.compile(self._draft_rows, dynamic=True)
+            self._logits = torch.compile(draft.logits, dynamic=True)
 
     # ---- the forwards, each over its static cache; replayed from CUDA graphs where enabled ----
 
-    def _run(self, key, fn, *args):
+    def _run(self, key, fn, *args, clone: bool = True):
         """fn(*args), from a CUDA graph captured on first use with these very inputs. Capturing is
-        idempotent: the forward writes the same cache slots with the same values as the real call."""
+        idempotent: the forward writes the same cache slots with the same values as the real call.
+        `clone=False`: the graph's own output tensors, valid until its next replay."""
         if not self.cuda_graphs or key is None:
             return fn(*args)
         call = self._graphs.get(key)
@@ -85,20 +119,27 @@ class SpecDecoder:
             call = self._graphs[key] = CapturedCall(fn, args)
         else:
             call.replay(args)
+        if not clone:
+            return call.outputs
         return tuple(o.clone() for o in call.outputs) if isinstance(call.outputs, tuple) else call.outputs.clone()
 
     def _target(self, tokens, positions, slots, mask):
-        fn = lambda t, p, s, m: self.target(t[None], p[None], s, m[None])  # noqa: E731
+        fn = lambda t, p, s, m: self._target_fwd(t[None], p[None], s, m[None])  # noqa: E731
         return self._run(("target", len(tokens)) if len(tokens) <= self.num_draft_tokens else None,
                          fn, tokens, positions, slots, mask)
 
-    def _draft(self, tokens, hidden, positions, slots, mask):
+    def _draft_rows(self, tokens, hidden, positions, slots, mask):
+        """The draft layer over rows `tokens` [R] (hidden [1, R, H] in), writing their keys and values at
+        `slots` [R] of the draft cache and attending under `mask` [R, draft_slots]; returns [1, R, H]."""
         def attend(q, k, v):
             self.dk.index_copy_(2, slots, k)
             self.dv.index_copy_(2, slots, v)
             return grouped_attention(q, self.dk, self.dv, cache_mask(mask[None], q.shape[1] // k.shape[1]))
 
         return self.draft.layer(self.draft.embed(tokens[None]), hidden, positions[None], attend)
+
+    def _draft(self, tokens, hidden, positions, slots, mask):
+        return self._draft_fwd(tokens, hidden, positions, slots, mask)
 
     def _prefix_mask(self, rows: int, length: int, slots: int) -> torch.Tensor:
         """[rows, slots] boolean, True on the first `length` slots (a fresh tensor, for the caller to edit)."""
@@ -109,7 +150,8 @@ class SpecDecoder:
     @torch.no_grad()
     def generate_plain(self, prompt: list[int], max_new_tokens: int, eos_id: Optional[int] = None,
                        seed: Optional[int] = None):
-        """The baseline: one target forward per token, same forward as verification."""
+        """The baseline: one target forward per token, same forward as verification. Greedy decoding runs
+        `plain_block` steps per replay and reads the host once per block (tokens past the end are dropped)."""
         gen = torch.Generator().manual_seed(self.seed if seed is None else seed)
         t0 = time.perf_counter()
         logits, _ = self._prefill(prompt)
@@ -120,6 +162,18 @@ class SpecDecoder:
             out.append(tok)
             if tok == eos_id or len(out) >= max_new_tokens or n + 1 >= self.max_len:
                 break
+            if self.temperature <= 0:
+                block = min(self.plain_block, max_new_tokens - len(out), self.max_len - 1 - n)
+                toks = self._run(("plain", block), lambda t, n_t, b=block: self._plain_steps(t, n_t, b),
+                                 torch.tensor([tok], device=self.device), torch.tensor([n], device=self.device),
+                                 clone=False).tolist()
+                done = next((j for j, t in enumerate(toks) if t == eos_id), len(toks) - 1)
+                out += toks[:done]
+                stats.target_forwards += done + 1
+                stats.accept_lengths += [1] * (done + 1)
+                n += done + 1
+                tok = toks[done]
+                continue
             logits = self._decode_step(tok, n)
             stats.target_forwards += 1
             stats.accept_lengths.append(1)
@@ -129,12 +183,24 @@ class SpecDecoder:
         self.cache_len = n
         return out, stats
 
+    def _plain_steps(self, tok: torch.Tensor, n_t: torch.Tensor, block: int) -> torch.Tensor:
+        """`block` greedy steps from token `tok` [1] at position n_t [1], each step's argmax feeding the next
+        on the device; returns the `block` tokens they produce."""
+        out = []
+        for j in range(block):
+            pos = n_t + j
+            mask = self._slots_t[None, :] <= pos[:, None]
+            logits, _ = self._target_fwd(tok[None], pos[None], pos, mask[None])
+            tok = logits[0, -1:].argmax(-1)
+            out.append(tok)
+        return torch.cat(out)
+
     def _decode_step(self, tok: int, n: int) -> torch.Tensor:
         """One plain step: token `tok` at position n; returns the next-token logits."""
 
         def step(tok_t, n_t):
             mask = self._slots_t[None, :] <= n_t
-            logits, _ = self.target(tok_t[None], n_t[None], n_t, mask[None])
+            logits, _ = self._target_fwd(tok_t[None], n_t[None], n_t, mask[None])
             return logits[0, -1]
 
         return self._run(("decode",), step, torch.tensor([tok], device=self.device),
@@ -160,6 +226,8 @@ class SpecDecoder:
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new_tokens: int, eos_id: Optional[int] = None,
                  seed: Optional[int] = None):
+        if self.device_rounds:
+            return self._generate_on_device(prompt, max_new_tokens, eos_id)
         gen = torch.Generator().manual_seed(self.seed if seed is None else seed)
         t0 = time.perf_counter()
         logits, aux = self._prefill(prompt)
@@ -172,32 +240,62 @@ class SpecDecoder:
             tokens_after = torch.tensor((seq + out)[draft_len + 1:n + 1], device=self.device)
             root_hidden = self._draft_prefill(pending_aux, tokens_after, draft_len, n)
             draft_len = n
-            if self.device_rounds:
-                rnd = self._chain_round if self.topk == 1 else self._tree_round
-                accepted, pending_aux = rnd(out[-1], root_hidden, n)
-                path = range(len(accepted))
-            else:
-                tree = self._propose(out[-1], root_hidden, n, gen)
-                path, bonus, verify_aux = self._verify(tree, n, gen)
-                # Keep the accepted path in the target cache: slots n + path -> n, n+1, ...
-                src = n + torch.tensor(path, device=self.device)
-                dst = n + torch.arange(len(path), device=self.device)
-                self.target.move_slots(src, dst)
-                pending_aux = verify_aux[torch.tensor(path, device=self.device)]
-                accepted = [int(tree.tokens[i]) for i in path[1:]] + [bonus]
-            stats.target_forwards += 1
-            stats.accept_lengths.append(len(accepted))
-            seq_before = len(out)
-            for tok in accepted:
-                out.append(tok)
-                if tok == eos_id or len(out) >= max_new_tokens:
-                    break
-            n += len(path)
+            tree = self._propose(out[-1], root_hidden, n, gen)
+            path, bonus, verify_aux = self._verify(tree, n, gen)
+            # Keep the accepted path in the target cache: slots n + path -> n, n+1, ...
+            src = n + torch.tensor(path, device=self.device)
+            dst = n + torch.arange(len(path), device=self.device)
+            self.target.move_slots(src, dst)
+            pending_aux = verify_aux[torch.tensor(path, device=self.device)]
+            accepted = [int(tree.tokens[i]) for i in path[1:]] + [bonus]
+            n = self._take(accepted, out, stats, eos_id, max_new_tokens, n)
             if out[-1] == eos_id or len(out) >= max_new_tokens:
-                stats.accept_lengths[-1] = len(out) - seq_before
                 break
         stats.new_tokens, stats.seconds = len(out), time.perf_counter() - t0
         self.cache_len, self.draft_len = n, draft_len
+        return out, stats
+
+    @staticmethod
+    def _take(accepted: list[int], out: list[int], stats: DecodeStats, eos_id, max_new_tokens: int, n: int) -> int:
+        """Append a round's tokens up to an end of sequence or the token budget; returns the new cache length."""
+        stats.target_forwards += 1
+        before = len(out)
+        for tok in accepted:
+            out.append(tok)
+            if tok == eos_id or len(out) >= max_new_tokens:
+                break
+        stats.accept_lengths.append(len(out) - before)
+        return n + len(accepted)
+
+    def _generate_on_device(self, prompt: list[int], max_new_tokens: int, eos_id: Optional[int]):
+        """Greedy rounds whose state stays on the device: per round one call of `_round` (one graph replay
+        on a GPU) and one host read of its summary [accepted a, bonus, path tokens]."""
+        t0 = time.perf_counter()
+        logits, aux = self._prefill(prompt)
+        m = len(prompt)
+        out, stats = [int(logits.argmax())], DecodeStats()
+        # The draft's step 0 over the prompt's positions but the last; the last (its features, and the first
+        # new token after it) is the first round's pending row.
+        if m > 1:
+            self._draft_prefill(aux[:m - 1], torch.tensor(prompt[1:], device=self.device), 0, m - 1)
+        w = self.path_rows
+        pend_aux = aux.new_zeros(w, aux.shape[-1])
+        pend_aux[0] = aux[m - 1]
+        pend_tok = torch.zeros(w, dtype=torch.long, device=self.device)
+        pend_tok[0] = out[0]
+        state = (torch.tensor([m], device=self.device), pend_aux, pend_tok, torch.ones(1, dtype=torch.long,
+                                                                                        device=self.device))
+        n, count = m, 1
+        round_fn = self._chain_round if self.topk == 1 else self._tree_round
+        while out[-1] != eos_id and len(out) < max_new_tokens and n + self.num_draft_tokens + 1 < self.max_len:
+            *state, summary = self._run(("round",), round_fn, *state, clone=False)
+            summary = summary.tolist()  # the one host read of the round
+            a = summary[0]
+            accepted = summary[2:2 + a] + [summary[1]]
+            n = self._take(accepted, out, stats, eos_id, max_new_tokens, n)
+            count = a + 1
+        stats.new_tokens, stats.seconds = len(out), time.perf_counter() - t0
+        self.cache_len, self.draft_len = n, n - count
         return out, stats
 
     def _draft_prefill(self, aux, tokens_after, start: int, n: int) -> torch.Tensor:
@@ -207,66 +305,69 @@ class SpecDecoder:
         def fn(aux, toks, start_t):  # positions and mask are built on the device (inside the graph)
             pos = start_t + steps
             mask = self._slots_d[None, :] <= pos[:, None]
-            hidden = self.draft.project(aux[None])
-            return self._draft(toks, hidden, pos, pos, mask)[0, -1]
+            return self._draft(toks, self.draft.project(aux[None]), pos, pos, mask)[0, -1]
 
         key = ("draft_prefill", n - start) if n - start <= self.spec_steps + 1 else None
         return self._run(key, fn, aux, tokens_after, torch.tensor([start], device=self.device))
 
-    def _chain_round(self, root_token: int, root_hidden: torch.Tensor, n: int):
-        """Greedy chain: draft S tokens and verify them with every token kept on the device; one host sync
-        at the end reads the accepted count, the bonus and the tokens. Returns (accepted tokens including
-        the bonus, target features of the accepted positions)."""
-        n_t = torch.tensor([n], device=self.device)
-        chain = self._propose_chain(root_token, root_hidden, n_t)
+    def _draft_pending(self, n_t, pend_aux, pend_tok, count):
+        """Step 0 of the draft over the rows the last round accepted (`count` of the `path_rows` rows hold
+        them: positions n-count..n-1, their target features and the token after each), in fixed shape. The
+        rows past `count` are filler: they write draft-cache slots >= n, which this round's draft steps
+        overwrite before anything reads them. Returns the root token [1] (at position n) and the draft's
+        output at position n-1 [H], which predicts the token after the root."""
+        pos = n_t - count + self._arange[:pend_tok.numel()]
+        mask = self._slots_d[None, :] <= pos[:, None]
+        h = self._draft(pend_tok, self.draft.project(pend_aux[None]), pos, pos, mask)[0]
+        last = count - 1
+        return pend_tok.index_select(0, last), h.index_select(0, last)[0]
+
+    def _chain_round(self, n_t, pend_aux, pend_tok, count):
+        """A greedy chain round in fixed shapes, on the device: draft prefill, S draft tokens, verification,
+        acceptance. Returns the next round's state (n, pending features, pending tokens, count) and the
+        summary [accepted a, bonus, d_1 .. d_S]."""
+        root, root_hidden = self._draft_pending(n_t, pend_aux, pend_tok, count)
+        chain = self._propose_chain(root, root_hidden, n_t)
         s = self.spec_steps
-        offsets = self._arange[:s + 1]  # persistent, as the captured graph reads it on every replay
+        rows = self._arange[:s + 1]
+        pos = n_t + rows
+        mask = self._slots_t[None, :] <= pos[:, None]
+        logits, aux = self._target_fwd(chain[None], pos[None], pos, mask[None])
+        choice = logits[0].argmax(-1)
+        accepted = (chain[1:] == choice[:-1]).long().cumprod(0).sum()
+        bonus = choice.index_select(0, accepted[None])  # no host read: this runs inside a graph
+        # The token after each accepted position: the next draft token, and the bonus after the last.
+        after = torch.where(rows == accepted, bonus, torch.cat([chain[1:], bonus]))
+        summary = torch.cat([accepted[None], bonus, chain[1:]])
+        return n_t + accepted + 1, aux[0], after, (accepted + 1)[None], summary
 
-        def verify(tokens, n_t):
-            pos = n_t + offsets
-            mask = self._slots_t[None, :] <= pos[:, None]
-            logits, aux = self.target(tokens[None], pos[None], pos, mask[None])
-            choice = logits[0].argmax(-1)
-            agree = (tokens[1:] == choice[:-1]).long().cumprod(0)
-            accepted = agree.sum()
-            bonus = choice.index_select(0, accepted[None])  # no host sync: this runs inside a graph
-            return torch.cat([accepted[None], bonus, tokens[1:]]), aux[0]
-
-        summary, aux = self._run(("chain_verify",), verify, chain, n_t)
-        summary = summary.tolist()  # the one host sync of the round
-        a, bonus = summary[0], summary[1]
-        return summary[2:2 + a] + [bonus], aux[:a + 1]
-
-    def _propose_chain(self, root_token: int, root_hidden: torch.Tensor, n_t: torch.Tensor) -> torch.Tensor:
+    def _propose_chain(self, root: torch.Tensor, root_hidden: torch.Tensor, n_t: torch.Tensor) -> torch.Tensor:
         """[root, d_1 .. d_S] as a device tensor. Draft token d_k sits at position n-1+k, cache slot n+k-1;
         it sees the prefix and the chain before it (exactly the TTT step-k pattern)."""
-        tok = self.draft_ids[self.draft.logits(root_hidden[None]).argmax(-1)]
-        tokens = [torch.tensor([root_token], device=self.device), tok]
+        tok = self.draft_ids[self._logits(root_hidden[None]).argmax(-1)]
+        tokens = [root, tok]
         hidden = root_hidden[None, None]
         for depth in range(1, self.spec_steps):
-            def step(tok, hidden, n_t, depth=depth):
-                pos = n_t - 1 + depth
-                slot = n_t + depth - 1
-                mask = (self._slots_d < n_t) | ((self._slots_d >= n_t) & (self._slots_d <= slot))
-                h = self._draft(tok, self.draft.carry(hidden), pos, slot, mask[None])
-                return self.draft_ids[self.draft.logits(h[0]).argmax(-1)], h
-
-            tok, hidden = self._run(("chain_step", depth), step, tok, hidden, n_t)
+            pos = n_t - 1 + depth
+            slot = n_t + depth - 1
+            mask = (self._slots_d < n_t) | ((self._slots_d >= n_t) & (self._slots_d <= slot))
+            hidden = self._draft(tok, self.draft.carry(hidden), pos, slot, mask[None])
+            tok = self.draft_ids[self._logits(hidden[0]).argmax(-1)]
             tokens.append(tok)
         return torch.cat(tokens)
 
-    def _tree_round(self, root_token: int, root_hidden: torch.Tensor, n: int):
-        """Greedy tree with every step on the device (the chain round's counterpart): propose, verify, pick
-        the accepted path and move its cache entries without reading anything back, then one host sync.
-        It builds the tree `_propose` builds and accepts the path `_verify` accepts. Returns (accepted
-        tokens including the bonus, target features of the accepted positions)."""
-        n_t = torch.tensor([n], device=self.device)
-        tokens, parents, depths = self._run(("tree_propose",), self._propose_on_device,
-                                            torch.tensor([root_token], device=self.device), root_hidden, n_t)
-        summary, aux = self._run(("tree_verify",), self._verify_on_device, tokens, parents, depths, n_t)
-        summary = summary.tolist()  # the one host sync of the round
-        a, bonus = summary[0], summary[1]
-        return summary[2:2 + a] + [bonus], aux[:a + 1]
+    def _tree_round(self, n_t, pend_aux, pend_tok, count):
+        """A greedy tree round in fixed shapes, on the device (the chain round's counterpart): draft prefill,
+        propose, verify, pick the accepted path and move its cache entries. It builds the tree `_propose`
+        builds and accepts the path `_verify` accepts. Returns the next round's state and the summary
+        [accepted a, bonus, path tokens]."""
+        root, root_hidden = self._draft_pending(n_t, pend_aux, pend_tok, count)
+        tokens, parents, depths = self._propose_on_device(root, root_hidden, n_t)
+        summary, path_aux = self._verify_on_device(tokens, parents, depths, n_t)
+        accepted, bonus = summary[0], summary[1:2]
+        rows = self._arange[:self.path_rows]
+        after = torch.where(rows == accepted, bonus, torch.cat([summary[2:], bonus]))
+        return n_t + accepted + 1, path_aux, after, (accepted + 1)[None], summary
 
     def _propose_on_device(self, root: torch.Tensor, root_hidden: torch.Tensor, n_t: torch.Tensor):
         """`_propose` in fixed shapes. Every depth after the first expands exactly `topk` nodes (the frontier);
@@ -282,7 +383,7 @@ class SpecDecoder:
         prefix = self._slots_d < n_t
 
         def candidates(hidden, base):  # the top k children of each row, scored by cumulative log-probability
-            top = torch.log_softmax(self.draft.logits(hidden).float(), dim=-1).topk(k, dim=-1)
+            top = torch.log_softmax(self._logits(hidden).float(), dim=-1).topk(k, dim=-1)
             return self.draft_ids[top.indices].flatten(), (base[:, None] + top.values.double()).flatten()
 
         tok, score = candidates(root_hidden[None], torch.zeros(1, dtype=torch.float64, device=self.device))

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU tests, each test file in its own process (a failed CUDA-graph capture leaves the CUDA context broken,
+# which fails every later test of the same process), then one summary line; exit 1 if any failed.
+# With STEP_COSTS=FILE, also scripts/bench_decode.py --check FILE on the embedded default's shape (random
+# weights): it fails when a decoding step is slower than the figure recorded there by more than 25%.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+logs=${GPU_TEST_LOGS:-/tmp/specforge-gpu-tests}
+mkdir -p "$logs"
+passed=0; failed=0; bad=()
+for f in $(grep -l "needs CUDA\|mark.gpu" tests/test_*.py); do
+  name=$(basename "$f" .py)
+  $PY -m pytest -q -p no:cacheprovider "$f" > "$logs/$name.log" 2>&1
+  rc=$?
+  line=$(grep -E "^[0-9]+ (passed|failed)|(passed|failed|error).* in [0-9.]+s" "$logs/$name.log" | tail -1)
+  p=$(echo "$line" | grep -oE "[0-9]+ passed" | grep -oE "[0-9]+" || true)
+  x=0
+  for c in $(echo "$line" | grep -oE "[0-9]+ (failed|errors?)" | grep -oE "^[0-9]+"); do x=$((x + c)); done
+  passed=$((passed + ${p:-0})); failed=$((failed + x))
+  if [ "$rc" -ne 0 ]; then bad+=("$name"); [ "$x" -eq 0 ] && failed=$((failed + 1)); fi
+  echo "$name: ${line:-no summary (rc $rc)}"
+done
+if [ -n "${STEP_COSTS:-}" ]; then
+  $PY scripts/bench_decode.py --shape smollm2-135m --check "$STEP_COSTS" > "$logs/step_costs.log" 2>&1
+  rc=$?
+  tail -1 "$logs/step_costs.log"
+  [ "$rc" -ne 0 ] && bad+=("step costs") && failed=$((failed + 1))
+fi
+echo "gpu tests: $passed passed, $failed failed${bad:+ (in: ${bad[*]})}; logs in $logs"
+[ ${#bad[@]} -eq 0 ]
