@@ -28,6 +28,7 @@ from specforge.eagle3.decoder import SpecDecoder
 from specforge.eagle3.draft import Eagle3Draft, draft_config, init_draft_weights
 from specforge.kernels.batch_invariant import batch_invariant
 from specforge.model_shapes import random_target
+from specforge.static_target import StaticTarget
 from specforge.targets import aux_layer_ids, decoder_parts, load_target
 
 
@@ -69,6 +70,11 @@ def build(args):
     cfg = load_config(args.target, overrides=["device=cuda"])
     target, _ = load_target(cfg.target, dev)
     embed = decoder_parts(target)[0]
+    if args.draft is None:  # step costs do not depend on the draft's weights: the preset's sizes, random
+        ids = aux_layer_ids(cfg.target, target)
+        draft = Eagle3Draft(draft_config(target.config, cfg.target.draft, embed.weight.shape[0], ids), embed)
+        init_draft_weights(draft, seed=0)
+        return cfg.target.name, target, draft.to(dev, torch.bfloat16), ids
     draft = load_draft(args.draft, embed, dtype=torch.bfloat16, device=dev)
     ids = draft.config.eagle_aux_hidden_state_layer_ids or aux_layer_ids(cfg.target, target)
     return cfg.target.name, target, draft, ids
@@ -79,7 +85,7 @@ def main():
     ap.add_argument("--shape", default=None)
     ap.add_argument("--layers", type=int, default=None, help="with --shape: fewer layers (llama4-scout fits one GPU)")
     ap.add_argument("--target", default=None)
-    ap.add_argument("--draft", default=None)
+    ap.add_argument("--draft", default=None, help="with --target: a trained draft (default: random, preset sizes)")
     ap.add_argument("--spec-steps", type=int, default=5)
     ap.add_argument("--tree", default="4,16", help="topk,num_draft_tokens for the tree rows")
     ap.add_argument("--context", type=int, default=512)
@@ -131,8 +137,9 @@ def step_costs(args) -> dict:
     k, t_nodes = (int(x) for x in args.tree.split(","))
     bw = copy_bandwidth()
     weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
-    dec = decoder(args, target, draft, ids)
-    tree = decoder(args, dec.target, draft, ids, topk=k, tokens=t_nodes)
+    static = StaticTarget(target, ids, args.context + 64 + max(t_nodes, s + 1, args.plain_block))
+    dec = decoder(args, static, draft, ids)
+    tree = decoder(args, static, draft, ids, topk=k, tokens=t_nodes)
     fill_context(dec, n)
     dev = dec.device
     rows = {}
