@@ -131,6 +131,7 @@ def fill_context(dec: SpecDecoder, n: int) -> None:
     dec._draft_prefill(aux[:n - 1], torch.tensor(prompt[1:], device="cuda"), 0, n - 1)
 
 
+@torch.no_grad()  # as the decoder runs: compiled forwards are inference graphs
 def step_costs(args) -> dict:
     name, target, draft, ids = build(args)
     s, n = args.spec_steps, args.context

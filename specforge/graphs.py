@@ -16,7 +16,10 @@ class CapturedCall:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            fn(*self.inputs)  # warm-up: kernels chosen, workspaces allocated
+            # Warm-up, twice: kernels chosen, workspaces allocated, and any torch.compile'd code compiled (a
+            # recompile on the second call included), since nothing may compile or synchronise while capturing.
+            for _ in range(2):
+                fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
