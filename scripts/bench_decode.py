@@ -24,7 +24,7 @@ from specforge.eagle3.decoder import SpecDecoder
 from specforge.eagle3.draft import Eagle3Draft, draft_config, init_draft_weights
 from specforge.kernels.batch_invariant import batch_invariant
 from specforge.model_shapes import random_target
-from specforge.targets import aux_layer_ids, decoder_parts, load_target
+from specforge.targets import aux_layer_ids, decoder_parts, load_target, text_config
 
 
 def time_ms(fn, iters=50, warmup=5) -> float:
@@ -65,7 +65,8 @@ def build(args):
     cfg = load_config(args.target, overrides=["device=cuda"])
     target, _ = load_target(cfg.target, dev)
     embed = decoder_parts(target)[0]
-    draft = load_draft(args.draft, embed, dtype=torch.bfloat16, device=dev)
+    draft = load_draft(args.draft, embed, dtype=torch.bfloat16, device=dev,
+                       num_target_layers=text_config(target.config).num_hidden_layers)
     return cfg.target.name, target, draft, draft.config.eagle_aux_hidden_state_layer_ids
 
 

@@ -57,11 +57,8 @@ def _run_bench(cfg: Config) -> dict:
     embed = decoder_parts(target)[0]
     draft = load_draft(draft_dir, embed, dtype=embed.weight.dtype, device=device,
                        num_target_layers=text_config(target.config).num_hidden_layers).eval()
+    # The layers the draft was trained on, as its config names them (none: the defaults of this target).
     aux_ids = draft.config.eagle_aux_hidden_state_layer_ids
-    if not aux_ids:
-        from .targets import aux_layer_ids
-
-        aux_ids = aux_layer_ids(cfg.target, target)
     dec = SpecDecoder(target, draft, aux_ids, max_len=b.max_len, spec_steps=b.spec_steps, topk=b.topk,
                       num_draft_tokens=b.num_draft_tokens, temperature=b.temperature, seed=b.seed,
                       cuda_graphs=b.cuda_graphs and dist.tp == 1)  # collectives stay out of graphs
