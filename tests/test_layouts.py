@@ -1,16 +1,17 @@
 """Draft layouts as the engines read them, and as the ecosystem publishes them.
 
 The engines' rules for the aux layers, written out here from their code (checked 2026-11):
-- SGLang: `ModelRunner` (python/sglang/srt/model_executor/model_runner.py) reads the draft's
+- SGLang: `ModelRunner.__init__` (python/sglang/srt/model_executor/model_runner.py) reads the draft's
   `hf_config.eagle_config["eagle_aux_hidden_state_layer_ids"]` (None when the key or `eagle_config` is absent)
   and hands it to `LlamaForCausalLM.set_eagle3_layers_to_capture` (python/sglang/srt/models/llama.py): None
   -> `[2, N // 2, N - 3]`, else `[id + 1 for id in ids]`; `LlamaModel.forward` then appends
   `hidden_states + residual` before running layer i for each i in `layers_to_capture`, i.e. the input of layer i.
 - vLLM: a speculators config becomes the draft's hf config in `update_eagle3`
   (vllm/transformers_utils/configs/speculators/algos.py), which copies the top-level
-  `eagle_aux_hidden_state_layer_ids` when set; `get_eagle3_aux_layers_from_config`
-  (vllm/model_executor/models/utils of the eagle3 spec-decode worker) returns them as they are, else the
-  target's `get_eagle3_aux_hidden_state_layers()` = `(2, N // 2, N - 3)` is used; `LlamaModel.forward`
+  `eagle_aux_hidden_state_layer_ids` when set; `set_eagle3_aux_hidden_state_layers` /
+  `get_eagle3_aux_layers_from_config` (vllm/v1/worker/gpu/spec_decode/eagle/eagle3_utils.py; in older
+  versions vllm/v1/worker/gpu_model_runner.py) take them as they are, else the target's
+  `get_eagle3_aux_hidden_state_layers()` = `(2, N // 2, N - 3)`; `LlamaModel.forward`
   (vllm/model_executor/models/llama.py) appends `hidden_states + residual` before layer idx for idx in
   `aux_hidden_state_layers`: the input of layer idx.
 - speculators: `resolve_target_layer_ids` (speculators/models/utils.py): the ids as written, None ->
