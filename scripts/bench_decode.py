@@ -29,7 +29,7 @@ from specforge.eagle3.draft import Eagle3Draft, draft_config, init_draft_weights
 from specforge.kernels.batch_invariant import batch_invariant
 from specforge.model_shapes import random_target
 from specforge.static_target import StaticTarget
-from specforge.targets import aux_layer_ids, decoder_parts, load_target
+from specforge.targets import aux_layer_ids, decoder_parts, load_target, text_config
 
 
 def time_ms(fn, iters=50, warmup=5) -> float:
@@ -75,9 +75,9 @@ def build(args):
         draft = Eagle3Draft(draft_config(target.config, cfg.target.draft, embed.weight.shape[0], ids), embed)
         init_draft_weights(draft, seed=0)
         return cfg.target.name, target, draft.to(dev, torch.bfloat16), ids
-    draft = load_draft(args.draft, embed, dtype=torch.bfloat16, device=dev)
-    ids = draft.config.eagle_aux_hidden_state_layer_ids or aux_layer_ids(cfg.target, target)
-    return cfg.target.name, target, draft, ids
+    draft = load_draft(args.draft, embed, dtype=torch.bfloat16, device=dev,
+                       num_target_layers=text_config(target.config).num_hidden_layers)
+    return cfg.target.name, target, draft, draft.config.eagle_aux_hidden_state_layer_ids
 
 
 def main():

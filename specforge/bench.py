@@ -60,11 +60,8 @@ def _run_bench(cfg: Config) -> dict:
     embed = decoder_parts(target)[0]
     draft = load_draft(draft_dir, embed, dtype=embed.weight.dtype, device=device,
                        num_target_layers=text_config(target.config).num_hidden_layers).eval()
+    # The layers the draft was trained on, as its config names them (none: the defaults of this target).
     aux_ids = draft.config.eagle_aux_hidden_state_layer_ids
-    if not aux_ids:
-        from .targets import aux_layer_ids
-
-        aux_ids = aux_layer_ids(cfg.target, target)
     settings = sweep_settings(b) if b.sweep else [(b.spec_steps, b.topk, b.num_draft_tokens or b.spec_steps + 1)]
     # One static target for every decoder of the run: one KV cache, one compiled forward.
     static = StaticTarget(target, aux_ids, b.max_len + max(max(t for _, _, t in settings), b.plain_block))
@@ -189,8 +186,9 @@ def serve_flags(draft_dir, best: dict, best_chain: Optional[dict]) -> list[str]:
     lines = [f"SGLang: --speculative-algorithm EAGLE3 --speculative-draft-model-path {draft_dir} "
              f"--speculative-num-steps {best['spec_steps']} --speculative-eagle-topk {best['topk']} "
              f"--speculative-num-draft-tokens {best['num_draft_tokens']}"]
-    if best_chain is not None:
-        conf = json.dumps({"method": "eagle3", "model": str(draft_dir),
+    if best_chain is not None:  # vLLM reads the speculators layout (`train.export_format=both` writes it beside)
+        vllm_dir = Path(draft_dir).with_name(Path(draft_dir).name + "-speculators")
+        conf = json.dumps({"method": "eagle3", "model": str(vllm_dir if vllm_dir.is_dir() else draft_dir),
                            "num_speculative_tokens": best_chain["spec_steps"]})
         lines.append(f"vLLM: --speculative-config '{conf}'")
     return lines

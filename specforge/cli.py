@@ -53,12 +53,32 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", default=None,
                    help="decode chain lengths and tree shapes, report each and the fastest with its serving flags "
                         "(bench.sweep)")
+    p = sub.add_parser("export", help="rewrite a draft (ours or published) in the layout an engine serves")
+    p.add_argument("--format", required=True, choices=["sglang", "speculators"],
+                   help="sglang: for SGLang (LlamaForCausalLMEagle3); speculators: for vLLM (Eagle3Speculator)")
+    p.add_argument("--target", default=None,
+                   help="check the draft against this target (preset or folder) and name it as the verifier")
+    p.add_argument("draft", help="the draft folder, in either layout")
+    p.add_argument("out", help="the folder to write")
     # key=value overrides may come before or after the flags.
     args, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if "=" not in a or a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
 
+    if args.cmd == "export":
+        if extra:
+            parser.error(f"export takes no overrides: {' '.join(extra)}")
+        from .eagle3.checkpoint import export_draft
+
+        target = None
+        if args.target:
+            from .config import load_config
+
+            target = load_config(args.target).target
+        out = export_draft(args.draft, args.out, args.format, target)
+        print(f"export: {args.draft} written to {out} in the {args.format} layout")
+        return
     if getattr(args, "nproc", None) is not None:
         _launch(parser, args.nproc, sys.argv[1:] if argv is None else list(argv))
         if args.nproc > 1:

@@ -23,6 +23,11 @@ class DraftConfig:
     num_key_value_heads: Optional[int] = None
     head_dim: Optional[int] = None
     draft_vocab_size: int = 32000
+    # EAGLE 3.1's two optional norms (docs: eagle3.md), named as the speculators config names them:
+    # fc_norm: an RMSNorm per aux layer on the features before `fc`; norm_output: each step hands the next one
+    # its post-`norm` hidden state instead of the raw layer output.
+    fc_norm: bool = False
+    norm_output: bool = False
 
 
 @dataclass
@@ -118,7 +123,12 @@ class TrainConfig:
     loss_recompute: bool = False  # fused loss: recompute logits in backward (least memory, slower)
     compile: bool = False  # torch.compile the draft layer's halves around the attention (GPU)
     grad_checkpoint: bool = False  # recompute the draft layer's activations in backward (less memory)
-    init_from: Optional[str] = None  # start from a serving-format draft checkpoint
+    # Start from a draft checkpoint: ours or a published one, in SGLang's or the speculators layout.
+    init_from: Optional[str] = None
+    # Layout of the final draft (specforge/eagle3/layouts.py): sglang (<out_dir>/draft, served by SGLang),
+    # speculators (<out_dir>/draft, served by vLLM) or both (<out_dir>/draft for SGLang and
+    # <out_dir>/draft-speculators for vLLM).
+    export_format: str = "sglang"
     # Start the draft's lm_head and final norm from the target's (its draft-vocab rows): the draft then
     # only has to learn to land in the target's own output space, which speeds early training a lot.
     init_head_from_target: bool = True

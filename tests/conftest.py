@@ -53,9 +53,15 @@ def tiny_draft(target, draft_vocab=64, seed=1, dtype=torch.float32, std=0.2, **s
     return draft.to(dtype)
 
 
-def unroll_inputs(b: int, t: int, seed: int = 0):
-    """A float64 tiny draft and random (token ids [b, t], aux features [b, t, 3H]) for TTT unroll tests."""
-    draft = tiny_draft(tiny_target(dtype=torch.float64), dtype=torch.float64)
+def unroll_inputs(b: int, t: int, seed: int = 0, **flags):
+    """A float64 tiny draft and random (token ids [b, t], aux features [b, t, 3H]) for TTT unroll tests.
+    `flags`: the EAGLE 3.1 norms (fc_norm, norm_output); their weights are made random, not ones."""
+    draft = tiny_draft(tiny_target(dtype=torch.float64), dtype=torch.float64, **flags)
+    if flags:
+        with torch.no_grad():
+            for name, p in draft.named_parameters():
+                if p.dim() == 1:
+                    p.copy_(1 + 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
     torch.manual_seed(seed)
     ids = torch.randint(0, 256, (b, t))
     return draft, ids, torch.randn(b, t, 3 * draft.config.hidden_size, dtype=torch.float64)

@@ -249,9 +249,13 @@ def test_draft_for_another_target_is_refused(tmp_path, saved_draft):
     with pytest.raises(SystemExit, match=f"{folder}: hidden_size=64 in config.json, but the target's hidden size "
                                          "is 32"):
         load_draft(folder, nn.Embedding(256, 32))
-    with pytest.raises(SystemExit, match=f"{folder}: eagle_aux_hidden_state_layer_ids=\\[2, 4, 5\\] in config.json, "
-                                         "but the target has 4 layers"):
-        load_draft(folder, embed, num_target_layers=4)
+    # Layers 1, 3, 6 in SGLang's convention (outputs) are the inputs of 2, 4, 7: past a 4-layer target's depth.
+    deep = _edited(folder, tmp_path / "deep",
+                   config=lambda c: c["eagle_config"].update(eagle_aux_hidden_state_layer_ids=[1, 3, 6]))
+    assert load_draft(deep, embed, num_target_layers=8).config.eagle_aux_hidden_state_layer_ids == [2, 4, 7]
+    with pytest.raises(SystemExit, match=f"{deep}: eagle_config.eagle_aux_hidden_state_layer_ids=\\[1, 3, 6\\] in "
+                                         "config.json \\(the outputs of those layers\\), but the target has 4 layers"):
+        load_draft(deep, embed, num_target_layers=4)
 
     two = _edited(folder, tmp_path / "two-aux", tensors=lambda t: t.update({"fc.weight": t["fc.weight"][:, :128].contiguous()}))
     with pytest.raises(SystemExit, match=f"{two}: fc.weight has input width 128 = 2 x hidden_size=64; an EAGLE-3 "
@@ -259,8 +263,8 @@ def test_draft_for_another_target_is_refused(tmp_path, saved_draft):
         load_draft(two, embed)
     ids2 = _edited(folder, tmp_path / "ids2",
                    config=lambda c: c["eagle_config"].update(eagle_aux_hidden_state_layer_ids=[2, 4]))
-    with pytest.raises(SystemExit, match=f"{ids2}: eagle_aux_hidden_state_layer_ids=\\[2, 4\\] in config.json; "
-                                         "EAGLE-3 reads 3 layers"):
+    with pytest.raises(SystemExit, match=f"{ids2 / 'config.json'}: eagle_config.eagle_aux_hidden_state_layer_ids="
+                                         "\\[2, 4\\] in config.json; EAGLE-3 reads 3 layers"):
         load_draft(ids2, embed)
     no_hidden = _edited(folder, tmp_path / "no-hidden", config=lambda c: c.pop("hidden_size"))
     with pytest.raises(SystemExit, match=f"{no_hidden / 'config.json'}: field 'hidden_size' is missing"):

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -18,6 +19,8 @@ def reference_draft_logits(sd, embed_w, ids_next, aux, cfg):
 
     t = ids_next.shape[1]
     nh, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    if "fc_norm.0.weight" in sd:  # EAGLE 3.1: each aux layer's features normalised on their own
+        aux = torch.cat([rms(c, sd[f"fc_norm.{i}.weight"]) for i, c in enumerate(aux.chunk(3, -1))], -1)
     g = aux @ sd["fc.weight"].T
     e = embed_w[ids_next]
     x = torch.cat([rms(e, sd["midlayer.input_layernorm.weight"]), rms(g, sd["midlayer.hidden_norm.weight"])], -1)
@@ -48,20 +51,30 @@ def reference_draft_logits(sd, embed_w, ids_next, aux, cfg):
 
 def _step0_logits(draft, ids_next, aux):
     pos = torch.arange(ids_next.shape[1])[None]
-    h = draft.layer(draft.embed(ids_next), draft.fc(aux), pos, causal_attention)
+    h = draft.layer(draft.embed(ids_next), draft.project(aux), pos, causal_attention)
     return draft.logits(h)
 
 
-def test_draft_forward_matches_reference():
+@pytest.mark.parametrize("flags", [{}, {"fc_norm": True, "norm_output": True}], ids=["eagle3", "eagle3.1"])
+def test_draft_forward_matches_reference(flags):
     target = tiny_target(dtype=torch.float64)
-    draft = tiny_draft(target, dtype=torch.float64)
+    draft = tiny_draft(target, dtype=torch.float64, **flags)
+    with torch.no_grad():  # norm weights other than ones, so that each one counts
+        for p in draft.parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, dtype=p.dtype))
     torch.manual_seed(0)
     ids = torch.randint(0, 256, (1, 20))
-    aux = torch.randn(1, 20, 3 * 64, dtype=torch.float64)
+    aux = torch.randn(1, 20, 3 * 64, dtype=torch.float64) * torch.tensor([1.0, 5.0, 30.0]).repeat_interleave(64)
     ours = _step0_logits(draft, ids, aux)
     sd = {k: v for k, v in draft.state_dict().items()}
+    assert ("fc_norm.2.weight" in sd) == bool(flags)
     ref = reference_draft_logits(sd, target.model.embed_tokens.weight, ids, aux, draft.config)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    # What a step hands to the next: the layer's output, or with norm_output its post-`norm` value.
+    h = torch.randn(1, 5, 64, dtype=torch.float64) * 7
+    rms = sd["norm.weight"] * h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + draft.config.rms_norm_eps)
+    torch.testing.assert_close(draft.carry(h), rms if flags else h, rtol=1e-12, atol=1e-12)
 
 
 def test_embeddings_shared_and_frozen():
@@ -98,7 +111,8 @@ def test_export_reload_identical_logits_and_format(tmp_path):
     assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["model_type"] == "llama"
     assert cfg["num_hidden_layers"] == 1 and cfg["tie_word_embeddings"] is False
     assert cfg["vocab_size"] == 256 and cfg["draft_vocab_size"] == 64 and cfg["head_dim"] == 16
-    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]
+    # [2, 4, 5] are the default layers of the 8-layer target: no ids, which both engines read as those.
+    assert cfg["eagle_config"] == {"use_aux_hidden_state": True} and cfg["specforge"]["num_target_layers"] == 8
     assert cfg["torch_dtype"] == "bfloat16"
     h, hd, nh, nkv, inter = 64, 16, 4, 2, 128
     expected = {
@@ -125,7 +139,8 @@ def test_export_reload_identical_logits_and_format(tmp_path):
 def test_speculators_layout_loads(tmp_path):
     target = tiny_target()
     draft = tiny_draft(target)
-    save_draft(draft, tmp_path / "spec", dtype=torch.float32, layout="speculators", verifier="tiny")
+    save_draft(draft, tmp_path / "spec", dtype=torch.float32, layout="speculators",
+               verifier={"name_or_path": "tiny", "architectures": ["LlamaForCausalLM"]})
     cfg = json.loads((tmp_path / "spec" / "config.json").read_text())
     assert cfg["architectures"] == ["Eagle3Speculator"]
     assert cfg["speculators_config"]["algorithm"] == "eagle3"

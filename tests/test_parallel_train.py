@@ -198,7 +198,8 @@ def test_llama4_scout_preset_runs_end_to_end(tmp_path, tiny_scout_folder, data):
     main(["train", *args, f"out_dir={tmp_path / 'one'}"])
     config = json.loads((tmp_path / "one" / "draft" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLMEagle3"]
-    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+    # The inputs of layers 1, 2, 3, written in SGLang's convention (the outputs of layers 0, 1, 2).
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2]
     # The trained draft against its Llama 4 target in the bench, chain and tree: outputs identical to plain;
     # then the tree bench with the target split over two processes gives the same acceptance, turn by turn.
     bench = [*args, f"out_dir={tmp_path / 'one'}", "bench.limit=2", "bench.max_new_tokens=24"]

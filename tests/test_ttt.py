@@ -1,5 +1,6 @@
 """TTT equals inference: step k of the unroll computes what a chain of k+1 draft tokens computes."""
 
+import pytest
 import torch
 
 from specforge.eagle3.ttt import SoftLabels, shift_left, ttt_loss, ttt_unroll
@@ -24,19 +25,22 @@ def chain_logits(draft, ids, aux, anchor, depth):
     tokens fed with the true next tokens. Returns logits at each depth 0..depth."""
     cache = KVCache()
     pos = torch.arange(anchor + 1)[None].expand(ids.shape[0], -1)
-    h = draft.layer(draft.embed(ids[:, 1:anchor + 2]), draft.fc(aux[:, :anchor + 1]), pos, cache)
+    h = draft.layer(draft.embed(ids[:, 1:anchor + 2]), draft.project(aux[:, :anchor + 1]), pos, cache)
     h = h[:, -1:]
     out = [draft.logits(h)[:, 0]]
     for k in range(1, depth + 1):
         tok = ids[:, anchor + 1 + k:anchor + 2 + k]
-        h = draft.layer(draft.embed(tok), h, torch.full_like(tok, anchor + k), cache)
+        h = draft.layer(draft.embed(tok), draft.carry(h), torch.full_like(tok, anchor + k), cache)
         out.append(draft.logits(h)[:, 0])
     return out
 
 
-def test_ttt_step_k_equals_chain_depth_k():
+@pytest.mark.parametrize("flags", [{}, {"fc_norm": True, "norm_output": True}], ids=["eagle3", "eagle3.1"])
+def test_ttt_step_k_equals_chain_depth_k(flags):
+    """Also with EAGLE 3.1's norms, which change what step 0 reads (fc_norm) and what each step hands on
+    (norm_output): TTT and the chain take them from the same two methods, project and carry."""
     b, t, steps = 2, 14, 5
-    draft, ids, aux = unroll_inputs(b, t)
+    draft, ids, aux = unroll_inputs(b, t, **flags)
     ttt = [draft.logits(h) for _, h in ttt_unroll(draft, ids, aux, steps)]
     checked = 0
     for anchor in range(t - 2):

@@ -1,4 +1,6 @@
-"""Draft checkpoints in the serving format SGLang and vLLM load (LlamaForCausalLMEagle3), and back.
+"""Draft checkpoints: written in the layout an engine serves (layouts.py: SGLang's or the speculators layout
+vLLM reads), read back from either, as we write them or as the ecosystem publishes them; and the folders of
+training checkpoints.
 
 A folder with config.json and model.safetensors; written under a temporary name and renamed, so a
 folder that exists is complete."""
@@ -11,92 +13,40 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import LlamaConfig
 
 from ..data.shards import fsync_file
+from ..targets import default_aux_layers
 from .draft import Eagle3Draft
-
-
-def serving_config(cfg: LlamaConfig, dtype: torch.dtype) -> dict:
-    rope = dict(cfg.rope_parameters or {})
-    out = {
-        "architectures": ["LlamaForCausalLMEagle3"],
-        "model_type": "llama",
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-        "num_hidden_layers": 1,
-        "hidden_act": "silu",
-        "vocab_size": cfg.vocab_size,
-        "draft_vocab_size": cfg.draft_vocab_size,
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": rope.get("rope_theta", 10000.0),
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": False,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "eagle_config": {
-            "eagle_aux_hidden_state_layer_ids": list(cfg.eagle_aux_hidden_state_layer_ids),
-            "use_aux_hidden_state": True,
-        },
-    }
-    if rope.get("rope_type", "default") != "default":
-        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    return out
-
-
-def speculators_config(serving: dict, verifier: str, num_speculative_tokens: int = 5) -> dict:
-    """The same draft in vLLM's `speculators` layout: only the config differs."""
-    layer = {k: v for k, v in serving.items() if k not in ("architectures", "eagle_config", "draft_vocab_size")}
-    return {
-        "architectures": ["Eagle3Speculator"],
-        "speculators_model_type": "eagle3",
-        "transformer_layer_config": layer,
-        "draft_vocab_size": serving["draft_vocab_size"],
-        "target_hidden_size": serving["hidden_size"],
-        "eagle_aux_hidden_state_layer_ids": serving["eagle_config"]["eagle_aux_hidden_state_layer_ids"],
-        "norm_before_residual": False,
-        "speculators_config": {
-            "algorithm": "eagle3",
-            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": num_speculative_tokens}],
-            "default_proposal_method": "greedy",
-            "verifier": {"name_or_path": verifier, "architectures": ["LlamaForCausalLM"]},
-        },
-        "torch_dtype": serving["torch_dtype"],
-    }
+from .layouts import LAYOUTS, SGLANG, config_for, read_config, read_tensors, tensors_for
 
 
 TRAIN_STATE = "train_state.pt"
 
 
 def save_draft(draft: Eagle3Draft, folder: str | Path, dtype: torch.dtype = torch.bfloat16,
-               layout: str = "sglang", verifier: str = "", extra: Optional[dict] = None,
+               layout: str = SGLANG, verifier: Optional[dict] = None, extra: Optional[dict] = None,
                train_state: Optional[dict] = None, state_dict: Optional[dict] = None,
                before_publish: Optional[Callable[[Path], None]] = None) -> Path:
-    """`train_state` (optimizer, scheduler, data position, RNG, full-precision weights) goes in the same
-    folder, so a folder that exists is a complete checkpoint to serve and to resume from. `state_dict`: the
-    weights to write when `draft` holds only a shard (FSDP); `before_publish(tmp)` may add files to the
-    temporary folder before it is synced and renamed (the other ranks' shards)."""
+    """The draft in `layout` (layouts.py: sglang or speculators); `verifier` ({name_or_path, architectures})
+    names the target in the speculators layout. `train_state` (optimizer, scheduler, data position, RNG,
+    full-precision weights) goes in the same folder, so a folder that exists is a complete checkpoint to
+    serve and to resume from. `state_dict`: the weights to write when `draft` holds only a shard (FSDP);
+    `before_publish(tmp)` may add files to the temporary folder before it is synced and renamed (the other
+    ranks' shards)."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    tensors = {}
-    for name, t in (draft.state_dict() if state_dict is None else state_dict).items():
-        if name.startswith("rotary_emb"):
-            continue
-        t = t.detach().cpu()
-        tensors[name] = t.to(dtype).contiguous() if t.is_floating_point() else t.contiguous()
+    cfg = draft.config
+    tensors = tensors_for(layout, draft.state_dict() if state_dict is None else state_dict, cfg, dtype)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    config = serving_config(draft.config, dtype)
-    if layout == "speculators":
-        config = speculators_config(config, verifier)
-    if extra:
-        config["specforge"] = extra
+    config = config_for(layout, cfg, dtype, verifier)
+    ours = {"num_target_layers": getattr(cfg, "num_target_layers", None), **(extra or {})}
+    config["specforge"] = {k: v for k, v in ours.items() if v is not None}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE)
@@ -115,36 +65,7 @@ def save_draft(draft: Eagle3Draft, folder: str | Path, dtype: torch.dtype = torc
     return folder
 
 
-def config_from_serving(config: dict) -> LlamaConfig:
-    if config.get("architectures") == ["Eagle3Speculator"]:
-        layer = dict(config["transformer_layer_config"])
-        layer["draft_vocab_size"] = config["draft_vocab_size"]
-        layer["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": config.get("eagle_aux_hidden_state_layer_ids")}
-        config = layer
-    rope = {"rope_type": "default", "rope_theta": config.get("rope_theta", 10000.0)}
-    if config.get("rope_scaling"):
-        rope.update(config["rope_scaling"])
-        rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
-    cfg = LlamaConfig(
-        hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
-        num_attention_heads=config["num_attention_heads"],
-        num_key_value_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
-        head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
-        num_hidden_layers=1, vocab_size=config["vocab_size"], rms_norm_eps=config["rms_norm_eps"],
-        max_position_embeddings=config.get("max_position_embeddings", 8192), rope_parameters=rope,
-        hidden_act="silu", tie_word_embeddings=False,
-    )
-    cfg.draft_vocab_size = config.get("draft_vocab_size") or config["vocab_size"]
-    ids = (config.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-    cfg.eagle_aux_hidden_state_layer_ids = list(ids) if ids else None
-    return cfg
-
-
-def load_draft(folder: str | Path, embed_tokens: Optional[nn.Embedding] = None,
-               dtype: torch.dtype = torch.float32, device="cpu", num_target_layers: Optional[int] = None) -> Eagle3Draft:
-    """Any checkpoint in the serving format (ours or trained elsewhere). With the target's embedding (and
-    layer count), a draft made for another target is refused with the folder and the field that differs."""
-    folder = Path(folder)
+def read_draft_config(folder: Path) -> LlamaConfig:
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise SystemExit(f"{folder}: not a draft checkpoint (no config.json)")
@@ -152,30 +73,45 @@ def load_draft(folder: str | Path, embed_tokens: Optional[nn.Embedding] = None,
         raw = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise SystemExit(f"{cfg_path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    try:
-        cfg = config_from_serving(raw)
-    except KeyError as e:
-        raise SystemExit(f"{cfg_path}: field {e.args[0]!r} is missing (not a serving-format EAGLE-3 draft?)") from None
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise SystemExit(f"{folder}: no .safetensors file")
-    tensors = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
-    if embed_tokens is not None:
-        rows, width = embed_tokens.weight.shape
-        if cfg.vocab_size != rows:
-            raise SystemExit(f"{folder}: vocab_size={cfg.vocab_size} in config.json, but the target's vocabulary "
-                             f"has {rows} tokens (a draft for another target?)")
-        if cfg.hidden_size != width:
-            raise SystemExit(f"{folder}: hidden_size={cfg.hidden_size} in config.json, but the target's hidden "
-                             f"size is {width} (a draft for another target?)")
+    return read_config(raw, cfg_path)
+
+
+def fit_target(cfg: LlamaConfig, folder: Path, vocab: Optional[int] = None, hidden: Optional[int] = None,
+               num_layers: Optional[int] = None) -> None:
+    """Refuses a draft made for another target, naming the config field that differs. With the target's
+    depth, a draft that names no aux layers gets the defaults of this target (what both engines capture)."""
+    p = cfg.field_prefix
+    if vocab is not None and cfg.vocab_size != vocab:
+        raise SystemExit(f"{folder}: {p}vocab_size={cfg.vocab_size} in config.json, but the target's vocabulary "
+                         f"has {vocab} tokens (a draft for another target?)")
+    if hidden is not None and cfg.hidden_size != hidden:
+        raise SystemExit(f"{folder}: {p}hidden_size={cfg.hidden_size} in config.json, but the target's hidden "
+                         f"size is {hidden} (a draft for another target?)")
+    if num_layers is None:
+        return
     ids = cfg.eagle_aux_hidden_state_layer_ids
-    if ids is not None and len(ids) != 3:
-        raise SystemExit(f"{folder}: eagle_aux_hidden_state_layer_ids={ids} in config.json; EAGLE-3 reads 3 layers")
-    if ids and num_target_layers is not None and not all(0 <= i < num_target_layers for i in ids):
-        raise SystemExit(f"{folder}: eagle_aux_hidden_state_layer_ids={ids} in config.json, but the target has "
-                         f"{num_target_layers} layers")
+    if ids is None:
+        cfg.eagle_aux_hidden_state_layer_ids = default_aux_layers(num_layers)
+    elif not all(0 <= i < num_layers for i in ids):
+        how = "outputs" if cfg.ids_field.startswith("eagle_config.") else "inputs"
+        raise SystemExit(f"{folder}: {cfg.ids_field}={cfg.ids_as_written} in config.json (the {how} of those "
+                         f"layers), but the target has {num_layers} layers")
+    cfg.num_target_layers = num_layers
+
+
+def load_draft(folder: str | Path, embed_tokens: Optional[nn.Embedding] = None,
+               dtype: torch.dtype = torch.float32, device="cpu", num_target_layers: Optional[int] = None) -> Eagle3Draft:
+    """Any EAGLE-3 draft in either layout (ours, or as SpecForge, AngelSlim, the EAGLE repository or the
+    speculators library publish them). With the target's embedding (and layer count), a draft made for another
+    target is refused with the folder and the field that differs, and a draft naming no aux layers reads the
+    defaults of this target."""
+    folder = Path(folder)
+    cfg = read_draft_config(folder)
+    tensors = read_tensors(folder)
+    if embed_tokens is not None:
+        fit_target(cfg, folder, *embed_tokens.weight.shape, num_layers=num_target_layers)
+    elif num_target_layers is not None:
+        fit_target(cfg, folder, num_layers=num_target_layers)
     fc = tensors.get("fc.weight")
     if fc is not None and fc.dim() == 2 and fc.shape[1] != 3 * cfg.hidden_size:
         layers = f"{fc.shape[1] / cfg.hidden_size:g}"
@@ -185,16 +121,61 @@ def load_draft(folder: str | Path, embed_tokens: Optional[nn.Embedding] = None,
     own_embed = tensors.pop("embed_tokens.weight", None)
     if embed_tokens is None and own_embed is not None:
         embed_tokens = nn.Embedding.from_pretrained(own_embed.to(dtype), freeze=True).to(device)
+    if "lm_head.weight" not in tensors and cfg.tied_head:
+        # A tied draft predicts the whole vocabulary with the embedding as its head (how SGLang reads it).
+        head = own_embed if own_embed is not None else (embed_tokens.weight if embed_tokens is not None else None)
+        if head is None:
+            raise SystemExit(f"{folder}: {cfg.field_prefix}tie_word_embeddings=true and no lm_head.weight: the "
+                             f"head is the target's embedding, so load the draft with its target")
+        if cfg.draft_vocab_size != cfg.vocab_size:
+            raise SystemExit(f"{folder}: {cfg.field_prefix}tie_word_embeddings=true without lm_head.weight, but "
+                             f"draft_vocab_size={cfg.draft_vocab_size} is not the whole vocabulary "
+                             f"({cfg.vocab_size})")
+        tensors["lm_head.weight"] = head.detach().cpu()
+    maps = [k for k in ("d2t", "t2d") if k not in tensors]
+    if maps and cfg.draft_vocab_size < cfg.vocab_size:
+        raise SystemExit(f"{folder}: draft_vocab_size={cfg.draft_vocab_size} < {cfg.field_prefix}vocab_size="
+                         f"{cfg.vocab_size}, but the checkpoint has no {' or '.join(maps)} (the map between the "
+                         f"draft's and the target's tokens)")
     draft = Eagle3Draft(cfg, embed_tokens)
     try:
         missing, unexpected = draft.load_state_dict(tensors, strict=False)
     except RuntimeError as e:  # a shape that disagrees with config.json
         detail = "; ".join(line.strip() for line in str(e).splitlines()[1:3])
         raise SystemExit(f"{folder}: tensor shapes do not match config.json ({detail})") from None
-    missing = [m for m in missing if not m.startswith("rotary_emb")]
+    missing = [m for m in missing if not m.startswith("rotary_emb") and m not in maps]
     if missing or unexpected:
         raise SystemExit(f"{folder}: tensors do not match an EAGLE-3 draft (missing {missing}, unexpected {unexpected})")
+    mapped = draft.draft_to_target(torch.arange(cfg.draft_vocab_size))
+    if mapped.min() < 0 or mapped.max() >= cfg.vocab_size:
+        raise SystemExit(f"{folder}: d2t maps draft tokens to target ids outside [0, {cfg.vocab_size})")
     return draft.to(device=device, dtype=dtype)
+
+
+def export_draft(src: str | Path, out: str | Path, layout: str, target=None) -> Path:
+    """`specforge export`: a draft in either layout (ours or published) rewritten in `layout`, its weights in
+    the dtype they are stored in. With `target` (a TargetConfig) the draft is checked against the target's
+    config (widths, vocabulary, depth), a tied draft without an lm_head takes the target's embedding as its
+    head, and the speculators layout names the target as the verifier."""
+    if layout not in LAYOUTS:
+        raise SystemExit(f"export --format {layout}: choose one of {', '.join(LAYOUTS)}")
+    src = Path(src)
+    stored = read_tensors(src)
+    dtype = stored["fc.weight"].dtype if "fc.weight" in stored else torch.float32
+    embed, verifier, tc = None, None, None
+    if target is not None:
+        from ..targets import checked_config, load_target_head, target_folder, text_config
+
+        folder = target_folder(target)
+        config = checked_config(folder)
+        tc = text_config(config)
+        verifier = {"name_or_path": target.hub_id or str(folder), "architectures": config.architectures}
+        if "lm_head.weight" not in stored and read_draft_config(src).tied_head:
+            embed = load_target_head(target, torch.device("cpu"), dtype).embed
+    draft = load_draft(src, embed, dtype=dtype)
+    if tc is not None:
+        fit_target(draft.config, src, tc.vocab_size, tc.hidden_size, tc.num_hidden_layers)
+    return save_draft(draft, out, dtype, layout=layout, verifier=verifier)
 
 
 def step_folders(folder: Path) -> list[Path]:

@@ -21,7 +21,9 @@ AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def draft_config(target_config, draft: DraftConfig, target_vocab: int, aux_layer_ids: list[int]) -> LlamaConfig:
-    """The draft's Llama config: the target's widths, norms and rope, with the draft's own sizes."""
+    """The draft's Llama config: the target's widths, norms and rope, with the draft's own sizes. Besides
+    Llama's fields it carries `draft_vocab_size`, the aux layers (HF hidden-state indices, ours), the EAGLE 3.1
+    flags and the target's depth (which tells an export whether the layers are the engines' defaults)."""
     t = getattr(target_config, "text_config", None) or target_config
     heads = draft.num_attention_heads or t.num_attention_heads
     rope = dict(getattr(t, "rope_parameters", None) or {})
@@ -46,6 +48,8 @@ def draft_config(target_config, draft: DraftConfig, target_vocab: int, aux_layer
     )
     cfg.draft_vocab_size = min(draft.draft_vocab_size, target_vocab)
     cfg.eagle_aux_hidden_state_layer_ids = list(aux_layer_ids)
+    cfg.fc_norm, cfg.norm_output = draft.fc_norm, draft.norm_output
+    cfg.num_target_layers = t.num_hidden_layers
     return cfg
 
 
@@ -91,6 +95,13 @@ class Eagle3Draft(nn.Module):
         self.config = cfg
         h = cfg.hidden_size
         self.fc = nn.Linear(3 * h, h, bias=False)
+        # EAGLE 3.1 (config.fc_norm): one RMSNorm per aux chunk, before `fc`; named fc_norm.{0,1,2} as the
+        # speculators and SpecForge models name them. Absent otherwise, so EAGLE-3 checkpoints are unchanged.
+        if getattr(cfg, "fc_norm", False):
+            self.fc_norm = nn.ModuleList(RMSNorm(h, eps=cfg.rms_norm_eps) for _ in range(3))
+        else:
+            self.fc_norm = None
+        self.norm_output = bool(getattr(cfg, "norm_output", False))
         self.midlayer = DraftLayer(cfg)
         self.norm = RMSNorm(h, eps=cfg.rms_norm_eps)
         self.lm_head = nn.Linear(h, cfg.draft_vocab_size, bias=False)
@@ -130,12 +141,17 @@ class Eagle3Draft(nn.Module):
         return self.embed_tokens(token_ids).to(self.fc.weight.dtype)
 
     def project(self, aux: torch.Tensor) -> torch.Tensor:
-        """Step 0's hidden state from the target's features [.., 3H]: fc (the features in the draft's dtype)."""
-        return self.fc(aux.to(self.fc.weight.dtype))
+        """Step 0's hidden state from the target's features [.., 3H]: fc (the features in the draft's dtype),
+        after a norm per aux chunk with fc_norm (EAGLE 3.1)."""
+        aux = aux.to(self.fc.weight.dtype)
+        if self.fc_norm is not None:
+            aux = torch.cat([norm(chunk) for norm, chunk in zip(self.fc_norm, aux.chunk(3, dim=-1))], dim=-1)
+        return self.fc(aux)
 
     def carry(self, hidden: torch.Tensor) -> torch.Tensor:
-        """What a step's output hands to the next step (TTT and decoding alike): the layer's output itself."""
-        return hidden
+        """What a step's output hands to the next step (TTT and decoding alike): the layer's output itself,
+        or with norm_output (EAGLE 3.1) its post-`norm` value, whose magnitude does not drift with depth."""
+        return self.norm(hidden) if self.norm_output else hidden
 
     def rope(self, like: torch.Tensor, position_ids: torch.Tensor):
         return rope_cos_sin(self.rotary_emb, like, position_ids)

@@ -20,6 +20,7 @@ from ..config import Config
 from ..data.sources import MemorySource, ShardSource
 from ..data.template import ensure_chat_template
 from ..kernels.batch_invariant import batch_invariant
+from ..log import say
 from ..parallel.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..parallel.data import check_batch_size, dp_rows
 from ..parallel.draft import backward, full_state_dict, replicated, replicated_head, reshard, shard_draft
@@ -29,6 +30,7 @@ from ..targets import (FeatureCapture, TargetHead, aux_layer_ids, config_sha256,
                        load_target, load_target_head, resolve_dtype, text_config)
 from .checkpoint import load_draft, save_draft, step_folders
 from .draft import Eagle3Draft, draft_config, init_draft_weights, param_count
+from .layouts import LAYOUTS, SGLANG, SPECULATORS
 from .ttt import StepStats, next_token_mask, soft_labels, step_weights, ttt_loss
 
 
@@ -36,7 +38,7 @@ def build_draft(cfg: Config, head: TargetHead, aux_ids: list[int], d2t, t2d) -> 
     embed = head.embed
     device = embed.weight.device
     if cfg.train.init_from:
-        draft = load_draft(cfg.train.init_from, embed, device=device)
+        draft = init_draft(cfg, head, aux_ids)
     else:
         dcfg = draft_config(head.config, cfg.target.draft, embed.weight.shape[0], aux_ids)
         draft = Eagle3Draft(dcfg, embed)
@@ -52,6 +54,34 @@ def build_draft(cfg: Config, head: TargetHead, aux_ids: list[int], d2t, t2d) -> 
     if cfg.train.compile:
         draft.compile_halves()
     return draft
+
+
+def init_draft(cfg: Config, head: TargetHead, aux_ids: list[int]) -> Eagle3Draft:
+    """train.init_from: a draft in either layout, ours or published, continued on this target. Its weights
+    fix its shape, vocabulary and EAGLE 3.1 norms; the layers it reads must be those this run captures."""
+    depth = text_config(head.config).num_hidden_layers
+    draft = load_draft(cfg.train.init_from, head.embed, device=head.embed.weight.device, num_target_layers=depth)
+    dcfg = draft.config
+    if list(dcfg.eagle_aux_hidden_state_layer_ids) != list(aux_ids):
+        raise SystemExit(f"train.init_from={cfg.train.init_from} reads the hidden states entering target layers "
+                         f"{dcfg.eagle_aux_hidden_state_layer_ids} ({dcfg.ids_field}="
+                         f"{dcfg.ids_as_written or 'none: the defaults'} in its config.json), but this run captures "
+                         f"{list(aux_ids)}; set target.aux_layer_ids={dcfg.eagle_aux_hidden_state_layer_ids}")
+    for flag in ("fc_norm", "norm_output"):
+        if getattr(cfg.target.draft, flag) and not getattr(dcfg, flag):
+            say(f"train: target.draft.{flag}=true ignored: the draft of train.init_from has no {flag}")
+    return draft
+
+
+def export_drafts(cfg: Config, draft: Eagle3Draft, weights: dict, out: Path, verifier: dict, extra: dict) -> Path:
+    """The final draft in train.export_format: <out>/draft in that layout, or with `both` <out>/draft (SGLang)
+    and <out>/draft-speculators (vLLM)."""
+    fmt = cfg.train.export_format
+    pairs = [(SGLANG, "draft"), (SPECULATORS, "draft-speculators")] if fmt == "both" else [(fmt, "draft")]
+    for layout, name in pairs:
+        save_draft(draft, out / name, getattr(torch, cfg.train.save_dtype), layout=layout, verifier=verifier,
+                   state_dict=weights, extra=extra)
+    return out / "draft"
 
 
 def lr_lambda(cfg: Config, total_steps: int):
@@ -232,6 +262,8 @@ def train(cfg: Config) -> Path:
     takes its rows of each (see specforge/parallel); rank 0 alone logs and writes."""
     if cfg.train.mode not in ("online", "offline"):
         raise SystemExit(f"train.mode={cfg.train.mode!r}: choose online or offline")
+    if cfg.train.export_format not in (*LAYOUTS, "both"):
+        raise SystemExit(f"train.export_format={cfg.train.export_format!r}: choose {', '.join(LAYOUTS)} or both")
     if cfg.train.deterministic and cfg.train.compile:
         raise SystemExit("train.deterministic and train.compile: torch.compile would replace the batch-invariant "
                          "kernels with its own; set one of them to false")
@@ -364,8 +396,10 @@ def _train(cfg: Config) -> Path:
     final = out / "draft"
     weights = full_state_dict(draft, dist)  # every rank takes part in gathering it
     if main:
-        save_draft(draft, final, getattr(torch, cfg.train.save_dtype), state_dict=weights,
-                   extra={"target": cfg.target.name, "steps": pos["step"], "mode": cfg.train.mode})
+        verifier = {"name_or_path": cfg.target.hub_id or cfg.target.path or cfg.target.name,
+                    "architectures": getattr(head.config, "architectures", None)}
+        export_drafts(cfg, draft, weights, out, verifier,
+                      extra={"target": cfg.target.name, "steps": pos["step"], "mode": cfg.train.mode})
         write_json(out / "metrics.json", metrics)
         ev = metrics["eval"]
         if ev:
@@ -374,7 +408,9 @@ def _train(cfg: Config) -> Path:
                   f"chain acceptance-length estimate (5 steps) = {ev['chain_accept_len_5']:.2f}", flush=True)
         if pos["nonfinite"]:
             print(f"train: {pos['nonfinite']} steps had a non-finite loss or gradient and were skipped", flush=True)
-        print(f"train: draft written to {final}", flush=True)
+        both = cfg.train.export_format == "both"
+        also = f" and, in the speculators layout, {out / 'draft-speculators'}" if both else ""
+        print(f"train: draft written to {final}{also}", flush=True)
     barrier(dist)
     shutdown(dist)
     return final
