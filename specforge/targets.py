@@ -16,15 +16,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import TargetConfig
+from .config import TargetConfig, cache_dir
 from .layers import RMSNorm
 from .log import say
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPECFORGE_CACHE", Path.home() / ".cache" / "specforge"))
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
