@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -86,9 +87,16 @@ def conversations(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def before(tok, path: Path, limit: int, max_length: int) -> tuple[float, int]:
-    """The per-conversation loop (what tokenize_all did before the map): seconds, and tokens kept."""
-    t = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the map's pool): on a shared machine the
+    wall time depends on the other load, the CPU time much less."""
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
+def before(tok, path: Path, limit: int, max_length: int) -> tuple[float, float, list[Sample]]:
+    """The per-conversation loop (what tokenize_all did before the map): wall s, CPU s, samples."""
+    t, c = time.perf_counter(), cpu_seconds()
     samples = []
     for k, conv in enumerate(read_jsonl(path, need_answer=True)):
         if k == limit:
@@ -96,23 +104,24 @@ def before(tok, path: Path, limit: int, max_length: int) -> tuple[float, int]:
         ids, mask = _ids_and_mask(tok, conv.messages)
         ids, mask = ids[:max_length], mask[:max_length]
         samples.append(Sample(torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool), conv.id))
-    return time.perf_counter() - t, sum(len(s.input_ids) for s in samples)
+    return time.perf_counter() - t, cpu_seconds() - c, samples
 
 
-def after(tok, path: Path, data: DataConfig) -> tuple[float, float, int]:
-    """open_table + tokenize_table: (seconds reading the file, seconds tokenising, tokens kept)."""
-    t = time.perf_counter()
+def after(tok, path: Path, data: DataConfig) -> tuple[float, float, float, list[Sample]]:
+    """open_table + tokenize_table: wall s reading the file, wall s tokenising, CPU s, samples."""
+    t, c = time.perf_counter(), cpu_seconds()
     table = open_table(str(path), data, need_answer=True, label="data.train_path")
     t_read = time.perf_counter() - t
     samples = tokenize_table(tok, table, data)
-    return t_read, time.perf_counter() - t - t_read, sum(len(s.input_ids) for s in samples)
+    return t_read, time.perf_counter() - t - t_read, cpu_seconds() - c, samples
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100_000, help="conversations")
     ap.add_argument("--before", type=int, default=5000, help="conversations the per-conversation loop is timed on")
-    ap.add_argument("--num-proc", type=int, default=None, help="data.num_proc (default: one per core)")
+    ap.add_argument("--num-proc", default=None,
+                    help="data.num_proc, or several (1,2): a cold run for each (default: one per core)")
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--out", default="/tmp/bench-tokenize", help="data file and tokenised cache (emptied first)")
     args = ap.parse_args()
@@ -132,26 +141,31 @@ def main():
     print(f"built {args.n} conversations ({turns:.2f} user turns each, {path.stat().st_size / 2**20:.0f} MiB) "
           f"in {time.perf_counter() - t:.1f} s", flush=True)
     del rows
-    data = DataConfig(max_length=args.max_length, num_proc=args.num_proc, cache_dir=str(out / "cache"))
-    procs = num_proc(data, args.n) or 1
 
     limit = min(args.before, args.n)
-    t_before, tok_before = before(tok, path, limit, args.max_length)
-    cold = after(tok, path, data)
-    cached = after(tok, path, data)
-    print(f"\n{args.n} conversations, max_length {args.max_length}, {cold[2] / args.n:.0f} tokens kept per "
-          f"conversation\n")
-    print("| run | processes | conversations | read s | tokenise s | total s | conversations/s | tokens/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| before: per-conversation loop | 1 | {limit} | | | {t_before:.1f} | {limit / t_before:.0f} | "
-          f"{tok_before / t_before:.0f} |")
-    for name, (t_read, t_tok, kept) in (("cold: datasets.map, empty cache", cold), ("cached: same command again",
-                                                                                    cached)):
+    t_before, c_before, loop = before(tok, path, limit, args.max_length)
+    runs = []  # (name, processes, (read s, tokenise s, CPU s, samples))
+    for procs in [int(p) for p in args.num_proc.split(",")] if args.num_proc else [None]:
+        data = DataConfig(max_length=args.max_length, num_proc=procs, cache_dir=str(out / f"cache-{procs}"))
+        runs.append(("cold: datasets.map, empty cache", num_proc(data, args.n) or 1, after(tok, path, data)))
+    runs.append(("cached: same command again", runs[-1][1], after(tok, path, data)))
+    same = all(torch.equal(a.input_ids, b.input_ids) and torch.equal(a.loss_mask, b.loss_mask)
+               for _, _, run in runs for a, b in zip(loop, run[3]))
+    tokens = sum(len(s.input_ids) for s in runs[0][2][3])
+    print(f"\n{args.n} conversations, max_length {args.max_length}, {tokens / args.n:.0f} tokens kept per "
+          f"conversation; the first {limit} identical to the loop's (ids and masks): {same}\n")
+    print("| run | processes | conversations | read s | tokenise s | total s | CPU s | conversations/s | "
+          "conversations per CPU s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(f"| before: per-conversation loop | 1 | {limit} | | | {t_before:.1f} | {c_before:.1f} | "
+          f"{limit / t_before:.0f} | {limit / c_before:.0f} |")
+    for name, procs, (t_read, t_tok, cpu, _) in runs:
         total = t_read + t_tok
-        print(f"| {name} | {procs} | {args.n} | {t_read:.1f} | {t_tok:.1f} | {total:.1f} | {args.n / total:.0f} | "
-              f"{kept / total:.0f} |")
+        print(f"| {name} | {procs} | {args.n} | {t_read:.1f} | {t_tok:.1f} | {total:.1f} | {cpu:.1f} | "
+              f"{args.n / total:.0f} | {args.n / cpu:.0f} |")
     if limit < args.n:
-        print(f"\nbefore, scaled to {args.n}: {t_before * args.n / limit:.0f} s")
+        print(f"\nbefore, scaled to {args.n}: {t_before * args.n / limit:.0f} s ({c_before * args.n / limit:.0f} "
+              "CPU s)")
 
 
 if __name__ == "__main__":
