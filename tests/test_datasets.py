@@ -166,7 +166,8 @@ def test_rerun_reads_the_cache(tmp_path, smol_tokenizer, reference, monkeypatch,
         raise AssertionError("tokenised again")
 
     monkeypatch.setattr(template, "_ids_and_mask", never)
-    monkeypatch.setattr(tables, "parse_line", never)  # the dataset rows' parser (JSONL lines are read again)
+    monkeypatch.setattr(tables, "parse_line", never)  # the dataset rows' parser
+    monkeypatch.setattr(tables, "read_jsonl", never)  # the JSONL reader: its table is cached too
     for spec in (str(jsonl), str(tmp_path / "d.parquet")):
         _same(tokenize_table(smol_tokenizer, open_table(spec, data, True, "x"), data), reference)
     assert capsys.readouterr().out.count("read from") == 2
@@ -180,6 +181,30 @@ def test_rerun_reads_the_cache(tmp_path, smol_tokenizer, reference, monkeypatch,
     other.chat_template = other.chat_template.replace("<|im_start|>system", "<|im_start|>system ")
     tokenize_table(other, table, data)
     assert len(list((tmp_path / "cache" / "tokens").iterdir())) == 4
+
+
+def test_cached_jsonl_table_repeats_its_skips_and_errors(tmp_path, monkeypatch, capsys):
+    """A JSONL file read with on_error=skip reports its skipped lines again when read from the cache, and
+    a run with on_error=raise still stops at the first bad line."""
+    rows = [json.dumps(r) for r in _rows(openai)]
+    rows[1] = '{"messages": [{"role": "user", "content": "hi"}'
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    skip = _data(tmp_path, on_error="skip")
+    first = open_table(str(path), skip, True, "data.train_path")
+    report = f"data: skipped 1 of 6 lines of {path} (first: {path}:2: malformed JSON"
+    assert report in capsys.readouterr().out
+    monkeypatch.setattr(tables, "read_jsonl", lambda *a, **k: pytest.fail("read again"))
+    again = open_table(str(path), skip, True, "data.train_path")
+    assert report in capsys.readouterr().out
+    assert again.fingerprint == first.fingerprint
+    assert [c.meta["source"] for c in again.conversations()] == [f"{path}:{i}" for i in (1, 3, 4, 5, 6)]
+    with pytest.raises(DataError, match=f"^{path}:2: malformed JSON"):
+        open_table(str(path), _data(tmp_path), True, "data.train_path")
+    # Another file content is another key.
+    path.write_text("\n".join(rows[:1]) + "\n")
+    monkeypatch.undo()
+    assert len(open_table(str(path), skip, True, "data.train_path")) == 1
 
 
 def test_pool_gives_the_same_samples(tmp_path, smol_tokenizer, reference):

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from ..log import say
 
@@ -143,9 +143,11 @@ def _alpaca(obj, where: str, need_answer: bool) -> list[dict]:
     return messages
 
 
-def read_jsonl(path: str | Path, on_error: str = "raise", need_answer: bool = False) -> Iterator[Conversation]:
+def read_jsonl(path: str | Path, on_error: str = "raise", need_answer: bool = False,
+               report: Optional[dict] = None) -> Iterator[Conversation]:
     """Conversations of a JSONL file. on_error="raise": the first bad line is a DataError naming file, line
-    and field; "skip": bad lines are left out and reported once, when the file is done."""
+    and field; "skip": bad lines are left out and reported once, when the file is done. `report` (a dict)
+    receives the counts of lines and kept lines and the first error, for a cache to say the same later."""
     if on_error not in ON_ERROR:
         raise DataError(f"data.on_error={on_error!r}: choose one of {', '.join(ON_ERROR)}")
     path = Path(path)
@@ -175,10 +177,16 @@ def read_jsonl(path: str | Path, on_error: str = "raise", need_answer: bool = Fa
             if not conv.id:
                 conv.id = f"{path.stem}-{lineno}"
             yield conv
+    if report is not None:
+        report.update(lines=lines, kept=kept, first=first)
     if kept < lines:
-        say(f"data: skipped {lines - kept} of {lines} lines of {path} (first: {first})")
+        say(skipped_lines(path, lines, kept, first))
         if not kept:
             raise DataError(f"{path}: every line was bad (first: {first})")
+
+
+def skipped_lines(path, lines: int, kept: int, first: str) -> str:
+    return f"data: skipped {lines - kept} of {lines} lines of {path} (first: {first})"
 
 
 def needs_answers(conv: Conversation) -> bool:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Optional
 
 from ..config import DataConfig, cache_dir
 from ..log import say
-from .conversations import FIELDS, ON_ERROR, Conversation, DataError, parse_line, read_jsonl
+from .conversations import FIELDS, ON_ERROR, Conversation, DataError, parse_line, read_jsonl, skipped_lines
 
 ROWS_FORMAT = 1  # bump when the row mapping writes something else for the same rows
 BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json"}
@@ -126,10 +127,38 @@ def open_table(spec: str, data: DataConfig, need_answer: bool, label: str) -> Ta
     spec = str(spec)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix not in (".parquet", ".arrow"):
-        return from_conversations(list(read_jsonl(path, data.on_error, need_answer)), str(path))
+        return _jsonl(path, data, need_answer)
     with hub_access(data.allow_download):
         ds, source_fp, where = _load(spec, data, f"{label}={spec}")
     return _rows(ds, source_fp, where, data, need_answer, f"{label}={spec}")
+
+
+def _jsonl(path: Path, data: DataConfig, need_answer: bool) -> Table:
+    """A JSONL file read line by line; the table it gives is kept under a key of the file's bytes, so that
+    a rerun reads it back (with the same skip report, or the same error under on_error=raise)."""
+    from datasets import load_from_disk
+
+    key = digest("jsonl", ROWS_FORMAT, _hash_files([path], None), str(path), need_answer)
+    folder = data_cache(data) / "rows" / key
+    if (folder / "report.json").is_file():
+        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+        if report["kept"] < report["lines"]:
+            if data.on_error == "raise":
+                raise DataError(report["first"])
+            say(skipped_lines(path, report["lines"], report["kept"], report["first"]))
+        return Table(load_from_disk(str(folder / "table")), report["fingerprint"], str(path))
+    report: dict = {}
+    table = from_conversations(list(read_jsonl(path, data.on_error, need_answer, report)), str(path))
+    tmp = folder.with_name(f"{key}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    table.ds.save_to_disk(str(tmp / "table"))
+    (tmp / "report.json").write_text(json.dumps({**report, "fingerprint": table.fingerprint}), encoding="utf-8")
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process wrote it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    # Backed by the cache's files from here on: a pool's workers open them instead of receiving a copy.
+    return Table(load_from_disk(str(folder / "table")), table.fingerprint, str(path))
 
 
 def read_prompts(spec: str, data: DataConfig, label: str = "prepare.prompts") -> list[Conversation]:
