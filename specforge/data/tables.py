@@ -149,6 +149,8 @@ def _jsonl(path: Path, data: DataConfig, need_answer: bool) -> Table:
         return Table(load_from_disk(str(folder / "table")), report["fingerprint"], str(path))
     report: dict = {}
     table = from_conversations(list(read_jsonl(path, data.on_error, need_answer, report)), str(path))
+    if not len(table):  # an empty file: nothing to keep (and arrow cannot write a table of no rows here)
+        return table
     tmp = folder.with_name(f"{key}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     table.ds.save_to_disk(str(tmp / "table"))
