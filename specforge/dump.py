@@ -17,8 +17,8 @@ from .config import Config
 from .data.batching import collate
 from .data.shards import (DumpIdentity, Manifest, check_identity, load_manifest, samples_sha256, shard_bounds,
                           write_shard)
-from .data.template import Sample, ensure_chat_template, tokenize_all
-from .prepare import all_conversations
+from .data.template import Sample, ensure_chat_template, tokenize_table
+from .prepare import training_table
 from .targets import FeatureCapture, aux_layer_ids, config_sha256, load_target, resolve_device
 
 DUMP_DTYPES = ("bfloat16", "float32", "float8")
@@ -31,7 +31,7 @@ def dump_hidden(cfg: Config) -> Path:
     device = resolve_device(cfg.device)
     target, tok = load_target(cfg.target, device)
     ensure_chat_template(tok, cfg.data.chat_template)
-    samples = tokenize_all(tok, all_conversations(cfg, target, tok), cfg.data)
+    samples = tokenize_table(tok, training_table(cfg, target, tok), cfg.data)
     ids = aux_layer_ids(cfg.target, target)
     identity = DumpIdentity(target=cfg.target.name, target_config_sha256=config_sha256(target.config),
                             aux_layer_ids=ids, dtype=cfg.dump.dtype, data_sha256=samples_sha256(samples),

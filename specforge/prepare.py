@@ -6,6 +6,7 @@ and tokenise the same conversations."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +15,8 @@ from .data.conversations import DataError, bundled_path, read_jsonl, write_jsonl
 from .data.regenerate import regenerate
 from .data.shards import load_manifest
 from .data.sources import ShardSource, is_held_out
-from .data.template import ensure_chat_template, tokenize_all
+from .data.tables import Table, open_table
+from .data.template import ensure_chat_template, tokenize_table
 from .data.vocab import build_vocab, count_tokens, coverage, load_vocab, save_vocab
 from .parallel.mesh import Dist, barrier, exists_everywhere, is_main
 from .targets import decoder_parts, load_target, load_target_head, resolve_device, resolve_dtype
@@ -44,7 +46,7 @@ def prepare_data(cfg: Config, model=None, tok=None, write: bool = True) -> Path:
     return path
 
 
-def all_conversations(cfg: Config, model, tok, dist: Optional[Dist] = None):
+def training_table(cfg: Config, model, tok, dist: Optional[Dist] = None) -> Table:
     """The training conversations before the held-out split. Without data.train_path: the bundled
     prompts answered by the target (prepared once, then read back). Every rank generates (a tensor-parallel
     target needs all of them), rank 0 writes, and all read the file back."""
@@ -54,30 +56,53 @@ def all_conversations(cfg: Config, model, tok, dist: Optional[Dist] = None):
         if not exists_everywhere(dist, path):
             prepare_data(cfg, model, tok, write=is_main(dist))
             barrier(dist)
-    convs = list(read_jsonl(path, on_error=cfg.data.on_error, need_answer=True))
-    if not convs:
+    with main_first(dist):
+        table = open_table(str(path), cfg.data, need_answer=True, label="data.train_path")
+    if not len(table):
         raise DataError(f"{path}: no conversations in the file")
-    return convs
+    return table
+
+
+def load_tables(cfg: Config, model, tok, dist: Optional[Dist] = None) -> tuple[Table, Optional[Table]]:
+    """(training conversations, held-out conversations of data.eval_path or None)."""
+    table = training_table(cfg, model, tok, dist)
+    if not cfg.data.eval_path:
+        return table, None
+    with main_first(dist):
+        return table, open_table(cfg.data.eval_path, cfg.data, need_answer=True, label="data.eval_path")
 
 
 def load_conversations(cfg: Config, model, tok, dist: Optional[Dist] = None):
-    """(training conversations, held-out conversations of data.eval_path or None)."""
-    convs = all_conversations(cfg, model, tok, dist)
-    if not cfg.data.eval_path:
-        return convs, None
-    return convs, list(read_jsonl(cfg.data.eval_path, on_error=cfg.data.on_error, need_answer=True))
+    """load_tables as lists of Conversations."""
+    table, held = load_tables(cfg, model, tok, dist)
+    return table.conversations(), held.conversations() if held is not None else None
 
 
 def load_samples(cfg: Config, model, tok, dist: Optional[Dist] = None):
     """Tokenised (training, held-out) samples. Without data.eval_path the held-out split counts tokenised
     samples, as the dump stores them, so online and offline training hold out the same conversations even
     where data.too_long=drop or data.on_error=skip left some out."""
-    convs, held = load_conversations(cfg, model, tok, dist)
-    samples = tokenize_all(tok, convs, cfg.data)
-    if held is not None:
-        return samples, tokenize_all(tok, held, cfg.data, "held-out conversations")
+    table, held = load_tables(cfg, model, tok, dist)
+    with main_first(dist):
+        samples = tokenize_table(tok, table, cfg.data)
+        if held is not None:
+            return samples, tokenize_table(tok, held, cfg.data, "held-out conversations")
     return ([s for i, s in enumerate(samples) if not is_held_out(cfg, i)],
             [s for i, s in enumerate(samples) if is_held_out(cfg, i)])
+
+
+@contextmanager
+def main_first(dist: Optional[Dist]):
+    """Rank 0 reads and tokenises first, filling the data cache; the other ranks then read the cache
+    instead of each running its own pool over the same data. A failure on rank 0 still lets them go on
+    (to fail the same way)."""
+    if not is_main(dist):
+        barrier(dist)
+    try:
+        yield
+    finally:
+        if is_main(dist):
+            barrier(dist)
 
 
 def vocab_for(cfg: Config, samples, target_vocab: int, draft_vocab: int, dist: Optional[Dist] = None):

@@ -17,15 +17,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import DEFAULT_TARGET, GGUFConfig, TargetConfig
+from .config import DEFAULT_TARGET, GGUFConfig, TargetConfig, cache_dir
 from .layers import RMSNorm
 from .log import say
 
 GGUF_SOURCE_FILE = "gguf_source.json"  # in a converted folder: the sha256 of the GGUF it came from
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPECFORGE_CACHE", Path.home() / ".cache" / "specforge"))
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
