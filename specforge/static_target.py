@@ -81,8 +81,9 @@ class StaticTarget(nn.Module):
         shape = (len(layers), batch, self.num_kv_heads, max_len, self.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=w.dtype, device=w.device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=w.dtype, device=w.device), persistent=False)
-        # The position of the token in each slot (read only by windowed and chunked layers).
-        self.register_buffer("slot_positions", torch.zeros(max_len, dtype=torch.long, device=w.device),
+        # The position of the token in each row's slot (read only by windowed and chunked layers); per row, as
+        # the rows of a left-padded batch count positions from their own first token.
+        self.register_buffer("slot_positions", torch.zeros(batch, max_len, dtype=torch.long, device=w.device),
                              persistent=False)
 
     def _masks(self, mask: torch.Tensor, positions: torch.Tensor) -> dict:
@@ -92,9 +93,9 @@ class StaticTarget(nn.Module):
         for kind, n in dict.fromkeys(self.spans):
             m = mask
             if kind == "window":
-                m = mask & (positions[:, :, None] - self.slot_positions < n)
+                m = mask & (positions[:, :, None] - self.slot_positions[:, None] < n)
             elif kind == "chunk":
-                m = mask & (positions[:, :, None] // n == self.slot_positions // n)
+                m = mask & (positions[:, :, None] // n == self.slot_positions[:, None] // n)
             out[(kind, n)] = cache_mask(m, groups)
         return out
 
@@ -104,7 +105,7 @@ class StaticTarget(nn.Module):
         the new tokens' own slots included). Returns (logits [B, S, V], aux [B, S, 3H])."""
         b, s = tokens.shape
         h = self.embed_tokens(tokens)
-        self.slot_positions.index_copy_(0, slots, positions[0])
+        self.slot_positions.index_copy_(1, slots, positions)
         masks = self._masks(mask, positions)
         if self.llama4:  # angles per channel pair, kept in float32 (float64 for a float64 model)
             cos, sin = (t[:, :, None] for t in rope_angles(self.rotary, h, positions))  # [B, S, 1, D/2]
@@ -151,4 +152,4 @@ class StaticTarget(nn.Module):
         implicit: slots past the new length are masked out and overwritten later)."""
         self.k_cache.index_copy_(3, dst, self.k_cache.index_select(3, src))
         self.v_cache.index_copy_(3, dst, self.v_cache.index_select(3, src))
-        self.slot_positions.index_copy_(0, dst, self.slot_positions.index_select(0, src))
+        self.slot_positions.index_copy_(1, dst, self.slot_positions.index_select(1, src))
