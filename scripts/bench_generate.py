@@ -4,7 +4,7 @@ prompts, target and precision. Prints answers/s and tokens/s for each, and how m
 
     python scripts/bench_generate.py                               # embedded default, bundled train prompts
     python scripts/bench_generate.py --limit 64 --old-batch 32      # a CPU-sized subset
-    python scripts/bench_generate.py --new-batch 1024 --old-batch 512   # an H200 (new-batch: none = auto)
+    python scripts/bench_generate.py --old-batch 512 --copies 8     # an H200 (new batch: automatic)
 """
 
 from __future__ import annotations
@@ -81,6 +81,8 @@ def main():
     ap.add_argument("--target", default=None, help="preset or checkpoint folder (default: the embedded default)")
     ap.add_argument("--prompts", default=None, help="JSONL of prompts (default: the bundled train prompts)")
     ap.add_argument("--limit", type=int, default=None, help="only the first n prompts")
+    ap.add_argument("--copies", type=int, default=1,
+                    help="each prompt this many times (a bigger workload; sampled copies differ)")
     ap.add_argument("--max-new-tokens", type=int, default=192)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--temperature", type=float, default=0.0)
@@ -98,7 +100,7 @@ def main():
     ensure_chat_template(tok)
     convs = list(read_jsonl(args.prompts or bundled_path("train_prompts.jsonl")))[: args.limit]
     firsts = [c.messages[:next(i for i, m in enumerate(c.messages) if m["role"] == "user") + 1] for c in convs]
-    encoded = [prompt_ids(tok, m) for m in firsts]  # the first turn of each (what prepare-data answers first)
+    encoded = [prompt_ids(tok, m) for m in firsts] * args.copies  # first turns (what prepare-data answers first)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     stop = stop_ids(tok, model)
     rows, outputs = [], {}

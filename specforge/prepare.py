@@ -6,6 +6,7 @@ and tokenise the same conversations."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -40,7 +41,10 @@ def prepare_data(cfg: Config, model=None, tok=None, write: bool = True, dist: Op
         convs = list(read_jsonl(src))[: pc.limit]
         origin.append(f"{len(convs)} from {src}")
     if pc.synthesize:
+        t0 = time.perf_counter()
         synth = synthesized_prompts(cfg, model, tok, pad, write, dist)
+        if write:
+            print(f"prepare-data: {len(synth)} synthesized prompts ready in {time.perf_counter() - t0:.1f} s", flush=True)
         convs += synth
         origin.append(f"{len(synth)} written by the target")
     if write:
@@ -49,12 +53,16 @@ def prepare_data(cfg: Config, model=None, tok=None, write: bool = True, dist: Op
             how = f"{pc.samples} each: greedy, then T={pc.temperature}"
         print(f"prepare-data: {len(convs)} prompts ({', '.join(origin)}), answers by {cfg.target.name} "
               f"({how}; max {pc.max_new_tokens} new tokens)", flush=True)
+    t0 = time.perf_counter()
     out = regenerate(convs, answerer(model, tok, pc, pad), pc.samples)
     path = cfg.prepared_path()
     if not write:
         return path
     write_jsonl(path, out)
-    print(f"prepare-data: wrote {path}", flush=True)
+    sec = time.perf_counter() - t0
+    turns = sum(m["role"] == "assistant" for c in out for m in c.messages)
+    print(f"prepare-data: wrote {path} ({len(out)} conversations, {turns} answers in {sec:.1f} s, "
+          f"{turns / max(sec, 1e-9):.1f} answers/s)", flush=True)
     return path
 
 
