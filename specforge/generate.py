@@ -52,11 +52,14 @@ def request_key(*parts) -> int:
 
 def mix32(x: torch.Tensor, rounds: int = 3) -> torch.Tensor:
     """A 32-bit integer hash (xor-shift-multiply rounds, a bijection), elementwise on int64 tensors holding
-    values below 2**32."""
+    values below 2**32. In place after the first op (the input is left alone): [B, V] tensors are large."""
+    x = x ^ (x >> 16)
     for r in range(rounds):
-        x = x ^ (x >> 16)
-        x = (x * (MUL_A if r % 2 == 0 else MUL_B)) & MASK32
-    return x ^ (x >> 15)
+        if r:
+            x ^= x >> 16
+        x.mul_(MUL_A if r % 2 == 0 else MUL_B).bitwise_and_(MASK32)
+    x ^= x >> 15
+    return x
 
 
 def row_seeds(seed: int, keys: list[int]) -> torch.Tensor:
@@ -73,8 +76,9 @@ def gumbel_noise(rows: torch.Tensor, step: torch.Tensor, token_hash: torch.Tenso
     [V] is mix32 of the token ids. Uniforms carry 24 bits, so they are exact in float32 and lie in (0, 1)."""
     at_step = mix32(rows ^ mix32((step + 0x9E3779B9) & MASK32))
     x = mix32(at_step[:, None] ^ token_hash[None, :], rounds=2)  # both inputs well mixed: two rounds suffice
-    u = ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
-    return -torch.log(-torch.log(u))
+    x >>= 8
+    u = x.float().add_(0.5).mul_(1.0 / (1 << 24))
+    return u.log_().neg_().log_().neg_()
 
 
 def pick(logits: torch.Tensor, temperature: Optional[torch.Tensor], rows: torch.Tensor, step: torch.Tensor,
@@ -83,9 +87,8 @@ def pick(logits: torch.Tensor, temperature: Optional[torch.Tensor], rows: torch.
     softmax(logits / T) (Gumbel-max). `temperature` None: every row greedy (no noise computed)."""
     if temperature is None:
         return logits.argmax(-1)
-    hot = temperature > 0
-    scaled = logits / temperature.clamp(min=1e-6)[:, None] + gumbel_noise(rows, step, token_hash)
-    return torch.where(hot[:, None], scaled, logits).argmax(-1)
+    scores = gumbel_noise(rows, step, token_hash).add_(logits / temperature.clamp(min=1e-6)[:, None])
+    return torch.where((temperature > 0)[:, None], scores, logits).argmax(-1)
 
 
 def stop_ids(tokenizer, model=None) -> list[int]:
@@ -139,12 +142,17 @@ class BatchRunner:
     reused by every batch of the same shape (one CUDA graph per shape and greedy/sampled)."""
 
     def __init__(self, model, batch: int, max_len: int, max_new_tokens: int, stop: list[int], pad_id: int,
-                 cuda_graphs: bool):
+                 cuda_graphs: bool, cache_round: int = 64):
         self.target = StaticTarget(model, [0], max_len, batch)
         self.batch, self.max_len, self.max_new_tokens = batch, max_len, max_new_tokens
         dev = self.target.k_cache.device
         self.device = dev
         self.cuda_graphs = cuda_graphs and dev.type == "cuda"
+        # A step attends over the filled slots rounded up to a multiple of span_step, not the whole cache: in
+        # `cache_round` steps, or with CUDA graphs (one per span) in four spans at most, as each graph keeps
+        # its own memory for the step's temporaries.
+        spans = 4 if self.cuda_graphs else max_len // cache_round
+        self.span_step = _round(-(-max_len // spans), cache_round)
         self._graphs: dict = {}
         # Persistent tensors the step reads (a captured graph reads these very buffers on every replay).
         self.cols = torch.arange(max_len, device=dev)
@@ -159,10 +167,12 @@ class BatchRunner:
         vocab = self.target.lm_head.weight.shape[0]
         self.token_hash = mix32(torch.arange(vocab, dtype=torch.long, device=dev))
 
-    def _step(self, sampled: bool):
+    def _step(self, sampled: bool, span: int):
+        cols = self.cols[:span]
+
         def step(tok, n, done):
             pos = n - self.start
-            mask = (self.cols[None, :] >= self.start[:, None]) & (self.cols[None, :] <= n)
+            mask = (cols[None, :] >= self.start[:, None]) & (cols[None, :] <= n)
             logits, _ = self.target(tok[:, None], pos[:, None], n, mask[:, None])
             k = n - self.first  # the index of the token picked here in the answer
             nxt = pick(logits[:, -1].float(), self.temperature if sampled else None, self.rows, k, self.token_hash)
@@ -172,15 +182,15 @@ class BatchRunner:
 
         return step
 
-    def _run_step(self, sampled: bool, state):
-        fn = self._step(sampled)
+    def _run_step(self, sampled: bool, span: int, state):
+        fn = self._step(sampled, span)
         if not self.cuda_graphs:
             return fn(*state)
-        call = self._graphs.get(sampled)
+        call = self._graphs.get((sampled, span))
         if call is None:
             # Capture runs the step (warm-up, then one replay): idempotent, as it writes the same cache slot
             # and output column with the same values that the step itself writes.
-            call = self._graphs[sampled] = CapturedCall(fn, state)
+            call = self._graphs[(sampled, span)] = CapturedCall(fn, state)
         else:
             call.replay(state)
         return call.outputs
@@ -205,16 +215,16 @@ class BatchRunner:
         chunk = max(1, prefill_tokens // b)
         for c0 in range(0, p - 1, chunk):
             c1 = min(p - 1, c0 + chunk)
-            cols = self.cols[c0:c1]
+            cols, keys = self.cols[c0:c1], self.cols[None, None, :c1]  # the chunk's queries; the slots it reads
             pos = (cols[None, :] - self.start[:, None]).clamp(min=0)
             # A padding column attends to itself only (its output is never read, but must stay finite).
-            mask = ((self.cols[None, None, :] >= self.start[:, None, None]) & (self.cols[None, None, :] <= cols[None, :, None])) \
-                | (self.cols[None, None, :] == cols[None, :, None])
+            mask = ((keys >= self.start[:, None, None]) & (keys <= cols[None, :, None])) | (keys == cols[None, :, None])
             self.target(ids[:, c0:c1], pos, cols, mask)
         state = (ids[:, -1].contiguous(), self.first.clone(), torch.zeros(b, dtype=torch.bool, device=self.device))
         steps = 0
         for steps in range(1, self.max_new_tokens + 1):
-            state = self._run_step(sampled, state)
+            span = min(self.max_len, _round(p + steps - 1, self.span_step))  # column p-2+steps is written now
+            state = self._run_step(sampled, span, state)
             if steps % sync_every == 0 and bool(state[2].all()):  # the only host read while decoding
                 break
         out = self.out[:, :steps].tolist()
@@ -255,7 +265,7 @@ def generate(model, requests: list[Request], max_new_tokens: int, stop: list[int
         max_len = _round(len(requests[idx[-1]].prompt) + max_new_tokens, cache_round)
         if runner is None or (runner.batch, runner.max_len) != (len(idx), max_len):
             runner = None  # free the last cache and its graphs first
-            runner = BatchRunner(model, len(idx), max_len, max_new_tokens, stop, pad_id, graphs)
+            runner = BatchRunner(model, len(idx), max_len, max_new_tokens, stop, pad_id, graphs, cache_round)
         for i, g in zip(idx, runner.run([requests[i] for i in idx], seed, prefill_tokens, every)):
             results[i] = g
         bar.update(len(idx))

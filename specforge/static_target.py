@@ -89,24 +89,27 @@ class StaticTarget(nn.Module):
     def _masks(self, mask: torch.Tensor, positions: torch.Tensor) -> dict:
         """The per-forward form of the mask for each kind of layer span present."""
         groups = self.num_heads // self.num_kv_heads
+        slot_positions = self.slot_positions[:, None, :mask.shape[-1]]
         out = {}
         for kind, n in dict.fromkeys(self.spans):
             m = mask
             if kind == "window":
-                m = mask & (positions[:, :, None] - self.slot_positions[:, None] < n)
+                m = mask & (positions[:, :, None] - slot_positions < n)
             elif kind == "chunk":
-                m = mask & (positions[:, :, None] // n == self.slot_positions[:, None] // n)
+                m = mask & (positions[:, :, None] // n == slot_positions // n)
             out[(kind, n)] = cache_mask(m, groups)
         return out
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor):
-        """tokens, positions [B, S]; slots [S] cache slots to write; mask [B, S, max_len] (True = attend,
-        the new tokens' own slots included). Returns (logits [B, S, V], aux [B, S, 3H])."""
+        """tokens, positions [B, S]; slots [S] cache slots to write; mask [B, S, L] over the first L <= max_len
+        slots, which are all the attention reads (True = attend, the new tokens' own slots included).
+        Returns (logits [B, S, V], aux [B, S, 3H])."""
         b, s = tokens.shape
         h = self.embed_tokens(tokens)
         self.slot_positions.index_copy_(1, slots, positions)
         masks = self._masks(mask, positions)
+        span = mask.shape[-1]  # slots the attention reads
         if self.llama4:  # angles per channel pair, kept in float32 (float64 for a float64 model)
             cos, sin = (t[:, :, None] for t in rope_angles(self.rotary, h, positions))  # [B, S, 1, D/2]
             if self.temperature is not None:
@@ -138,7 +141,7 @@ class StaticTarget(nn.Module):
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             self.k_cache[i].index_copy_(2, slots, k)
             self.v_cache[i].index_copy_(2, slots, v)
-            o = grouped_attention(q, self.k_cache[i], self.v_cache[i], masks[self.spans[i]])
+            o = grouped_attention(q, self.k_cache[i][:, :, :span], self.v_cache[i][:, :, :span], masks[self.spans[i]])
             h = h + a.o_proj(o.transpose(1, 2).reshape(b, s, -1))
             ff = layer.feed_forward if self.llama4 else layer.mlp
             out = ff(layer.post_attention_layernorm(h))

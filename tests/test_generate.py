@@ -92,3 +92,18 @@ def test_gumbel_max_draws_from_the_softmax(temperature):
 
 def test_stop_ids_of_the_chat_template(smol_tokenizer):
     assert stop_ids(smol_tokenizer) == [smol_tokenizer.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_bf16_cpu_decode_attention_equals_float64():
+    """grouped_attention's plain path (bf16 on the CPU, a few query rows per kv head: batched decoding) against
+    float64 attention over the same masked cache, within bf16 rounding."""
+    from specforge.layers import cache_mask, grouped_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, n, s, 16, generator=g, dtype=torch.float64) for n, s in ((6, 1), (2, 24), (2, 24)))
+    mask = torch.rand(4, 1, 24, generator=g) < 0.6
+    mask[..., 0] = True
+    got = grouped_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), cache_mask(mask, 3)).double()
+    kr, vr = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
+    w = (q @ kr.transpose(-1, -2) / 4).masked_fill(~mask[:, None], float("-inf")).softmax(-1)
+    torch.testing.assert_close(got, w @ vr, rtol=0, atol=3e-2)
