@@ -92,16 +92,36 @@ class DataConfig:
 
 @dataclass
 class PrepareConfig:
-    prompts: Optional[str] = None  # None = bundled train prompts
+    # JSONL of prompts. None = the bundled train prompts, unless `synthesize` is set alone (then only the
+    # target's own requests); a file and `synthesize` together are mixed.
+    prompts: Optional[str] = None
     out: Optional[str] = None  # None = <out_dir>/prepared.jsonl
     max_new_tokens: int = 192
-    batch_size: int = 32
+    # Answers per prompt: the first greedy, the others sampled at `temperature` (each with its own seed).
+    # With samples=1, `temperature` > 0 samples the one answer.
+    samples: int = 1
     temperature: float = 0.0
     seed: int = 0
-    limit: Optional[int] = None  # use only the first n prompts
+    limit: Optional[int] = None  # use only the first n prompts of the file
     # Generation precision. bf16 halves the time on CPUs with bf16 instructions; the answers are still the
     # target's own (training then reads the target's features and labels in the training precision).
     dtype: str = "bfloat16"
+    # Requests the target writes itself from its chat template (Magpie), kept in <prepared>.synthesized.jsonl
+    # (a rerun reuses them; delete the file to write new ones).
+    synthesize: int = 0
+    synth_temperature: float = 1.0
+    synth_turns: int = 1  # 2: the target answers each request, then writes the user's follow-up too
+    synth_min_tokens: int = 4  # shorter requests are dropped
+    synth_max_tokens: int = 128  # requests not finished within this many tokens are dropped
+    # A request whose word 3-gram Jaccard similarity to a kept one reaches this is a near duplicate (dropped).
+    synth_max_similarity: float = 0.6
+    # Batched decoding over a static KV cache (specforge/generate.py). Rows decoded together; prompts sorted
+    # by length share a batch. None = 32 on the CPU; on a GPU as many (at most 1024) as a quarter of the free
+    # memory holds with their KV cache.
+    batch_size: Optional[int] = None
+    prefill_tokens: int = 16384  # prompt tokens per prefill forward (rows x columns)
+    sync_every: int = 8  # GPU: decode steps between host reads of "have all rows stopped?"
+    cuda_graphs: bool = True  # GPU: replay the decode step from a CUDA graph (eager under tensor parallel)
 
 
 @dataclass
@@ -219,6 +239,11 @@ class Config:
     def prepared_path(self) -> Path:
         """Where `prepare-data` writes the target's answers."""
         return Path(self.prepare.out) if self.prepare.out else self.output_dir() / "prepared.jsonl"
+
+    def synthesized_path(self) -> Path:
+        """Where `prepare-data` keeps the requests the target wrote (prepare.synthesize), next to its answers."""
+        p = self.prepared_path()
+        return p.with_name(f"{p.stem}.synthesized.jsonl")
 
     def vocab_path(self) -> Path:
         """The draft vocabulary file (d2t/t2d)."""

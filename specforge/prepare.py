@@ -6,6 +6,7 @@ and tokenise the same conversations."""
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -15,35 +16,111 @@ from .data.conversations import DataError, bundled_path, read_jsonl, write_jsonl
 from .data.regenerate import regenerate
 from .data.shards import load_manifest
 from .data.sources import ShardSource, is_held_out
-from .data.tables import Table, open_table
-from .data.template import ensure_chat_template, tokenize_table
+from .data.tables import Table, open_table, read_prompts
+from .data.template import ensure_chat_template, prompt_ids, tokenize_table
 from .data.vocab import build_vocab, count_tokens, coverage, load_vocab, save_vocab
+from .generate import Request, generate, request_key, stop_ids
 from .parallel.mesh import Dist, barrier, exists_everywhere, is_main
+from .synthesize import synthesize
 from .targets import decoder_parts, load_target, load_target_head, resolve_device, resolve_dtype
 
 
-def prepare_data(cfg: Config, model=None, tok=None, write: bool = True) -> Path:
+def prepare_data(cfg: Config, model=None, tok=None, write: bool = True, dist: Optional[Dist] = None) -> Path:
     """Answer the prompts with the target and write the conversations as JSONL (`write=False`: generate
-    only; the other ranks of a run, whose target shards rank 0 needs in every forward)."""
+    only; the other ranks of a run, whose target shards rank 0 needs in every forward). The prompts: a file,
+    requests the target writes itself (prepare.synthesize), or both."""
+    pc = cfg.prepare
+    check_prepare(pc)
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.prepare.dtype, device)
+    dtype = resolve_dtype(pc.dtype, device)
     if model is None or next(model.parameters()).dtype != dtype:
         model, tok = load_target(cfg.target, device, dtype)
     ensure_chat_template(tok, cfg.data.chat_template)
-    src = cfg.prepare.prompts or bundled_path("train_prompts.jsonl")
-    convs = list(read_jsonl(src))[: cfg.prepare.limit]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    convs, origin = [], []
+    if pc.prompts or not pc.synthesize:
+        src = pc.prompts or bundled_path("train_prompts.jsonl")
+        convs = read_prompts(str(src), cfg.data)[: pc.limit]
+        origin.append(f"{len(convs)} from {src}")
+    if pc.synthesize:
+        t0 = time.perf_counter()
+        synth = synthesized_prompts(cfg, model, tok, pad, write, dist)
+        if write:
+            print(f"prepare-data: {len(synth)} synthesized prompts ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        convs += synth
+        origin.append(f"{len(synth)} written by the target")
     if write:
-        print(f"prepare-data: {len(convs)} prompts from {src}, answers by {cfg.target.name} "
-              f"({'greedy' if cfg.prepare.temperature == 0 else f'T={cfg.prepare.temperature}'}, "
-              f"max {cfg.prepare.max_new_tokens} new tokens)", flush=True)
-    out = regenerate(model, tok, convs, cfg.prepare.max_new_tokens, cfg.prepare.temperature,
-                     cfg.prepare.seed, cfg.prepare.batch_size)
+        how = "greedy" if pc.temperature <= 0 else f"T={pc.temperature}"
+        if pc.samples > 1:
+            how = f"{pc.samples} each: greedy, then T={pc.temperature}"
+        print(f"prepare-data: {len(convs)} prompts ({', '.join(origin)}), answers by {cfg.target.name} "
+              f"({how}; max {pc.max_new_tokens} new tokens)", flush=True)
+    t0 = time.perf_counter()
+    out = regenerate(convs, answerer(model, tok, pc, pad), pc.samples)
     path = cfg.prepared_path()
     if not write:
         return path
     write_jsonl(path, out)
-    print(f"prepare-data: wrote {path}", flush=True)
+    sec = time.perf_counter() - t0
+    turns = sum(m["role"] == "assistant" for c in out for m in c.messages)
+    print(f"prepare-data: wrote {path} ({len(out)} conversations, {turns} answers in {sec:.1f} s, "
+          f"{turns / max(sec, 1e-9):.1f} answers/s)", flush=True)
     return path
+
+
+def check_prepare(pc) -> None:
+    """Settings that cannot work, refused before the target loads."""
+    if pc.samples < 1:
+        raise SystemExit(f"prepare.samples={pc.samples}: need at least 1")
+    if pc.samples > 1 and pc.temperature <= 0:
+        raise SystemExit(f"prepare.samples={pc.samples} needs prepare.temperature > 0 (the answers after the "
+                         "first are sampled)")
+    if pc.synthesize < 0:
+        raise SystemExit(f"prepare.synthesize={pc.synthesize}: need 0 or more")
+    if pc.synthesize:
+        if pc.synth_turns not in (1, 2):
+            raise SystemExit(f"prepare.synth_turns={pc.synth_turns}: choose 1 or 2")
+        if pc.synth_temperature <= 0:
+            raise SystemExit(f"prepare.synth_temperature={pc.synth_temperature}: synthesis samples (need > 0)")
+        if not 0 < pc.synth_max_similarity <= 1:
+            raise SystemExit(f"prepare.synth_max_similarity={pc.synth_max_similarity}: need a value in (0, 1]")
+    if pc.batch_size is not None and pc.batch_size < 1:
+        raise SystemExit(f"prepare.batch_size={pc.batch_size}: need at least 1 (or leave it out: automatic)")
+
+
+def answerer(model, tok, pc, pad: int):
+    """The `answer` function regenerate calls: one batched generation over every history of a turn. Sample 0
+    of a prompt is greedy when there are several (else at prepare.temperature); each sampled answer has its
+    own key, from its prompt id, sample and turn, so it does not depend on the batch it lands in."""
+    stop = stop_ids(tok, model)
+
+    def answer(histories, jobs, turn):
+        reqs = [Request(prompt_ids(tok, h), 0.0 if k == 0 and pc.samples > 1 else pc.temperature,
+                        request_key("answer", cid, k, turn)) for h, (cid, k) in zip(histories, jobs)]
+        outs = generate(model, reqs, pc.max_new_tokens, stop, pad, seed=pc.seed, batch_size=pc.batch_size,
+                        prefill_tokens=pc.prefill_tokens, sync_every=pc.sync_every, cuda_graphs=pc.cuda_graphs,
+                        desc=f"answering turn {turn + 1}")
+        return [tok.decode(g.tokens, skip_special_tokens=True).strip() for g in outs]
+
+    return answer
+
+
+def synthesized_prompts(cfg: Config, model, tok, pad: int, write: bool, dist: Optional[Dist] = None):
+    """prepare.synthesize requests written by the target, read back from cfg.synthesized_path() when an
+    earlier run left at least that many there, else written anew (and saved by the writing rank)."""
+    n, path = cfg.prepare.synthesize, cfg.synthesized_path()
+    if exists_everywhere(dist, path):
+        kept = list(read_jsonl(path))
+        if len(kept) >= n:
+            if write:
+                print(f"prepare-data: {n} synthesized prompts read from {path} (delete it to write new ones)",
+                      flush=True)
+            return kept[:n]
+    convs = synthesize(model, tok, cfg.prepare, n, pad)
+    if write:
+        write_jsonl(path, convs)
+        print(f"prepare-data: wrote {len(convs)} synthesized prompts to {path}", flush=True)
+    return convs
 
 
 def training_table(cfg: Config, model, tok, dist: Optional[Dist] = None) -> Table:
@@ -54,7 +131,7 @@ def training_table(cfg: Config, model, tok, dist: Optional[Dist] = None) -> Tabl
     if path is None:
         path = cfg.prepared_path()
         if not exists_everywhere(dist, path):
-            prepare_data(cfg, model, tok, write=is_main(dist))
+            prepare_data(cfg, model, tok, write=is_main(dist), dist=dist)
             barrier(dist)
     with main_first(dist):
         table = open_table(str(path), cfg.data, need_answer=True, label="data.train_path")

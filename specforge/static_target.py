@@ -147,8 +147,9 @@ class StaticTarget(nn.Module):
         shape = (len(layers), batch, self.num_kv_heads, max_len, self.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=w.dtype, device=w.device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=w.dtype, device=w.device), persistent=False)
-        # The position of the token in each slot (read only by windowed and chunked layers).
-        self.register_buffer("slot_positions", torch.zeros(max_len, dtype=torch.long, device=w.device),
+        # The position of the token in each row's slot (read only by windowed and chunked layers); per row, as
+        # the rows of a left-padded batch count positions from their own first token.
+        self.register_buffer("slot_positions", torch.zeros(batch, max_len, dtype=torch.long, device=w.device),
                              persistent=False)
         # Per layer: the fused q/k/v and gate/up weights, or None where the HF modules are called.
         split = hasattr(attn.q_proj.weight, "to_local")  # tensor parallel: the shards stay as they are
@@ -168,13 +169,14 @@ class StaticTarget(nn.Module):
     def _masks(self, mask: torch.Tensor, positions: torch.Tensor) -> dict:
         """The per-forward form of the mask for each kind of layer span present."""
         groups = self.num_heads // self.num_kv_heads
+        slot_positions = self.slot_positions[:, None, :mask.shape[-1]]
         out = {}
         for kind, n in dict.fromkeys(self.spans):
             m = mask
             if kind == "window":
-                m = mask & (positions[:, :, None] - self.slot_positions < n)
+                m = mask & (positions[:, :, None] - slot_positions < n)
             elif kind == "chunk":
-                m = mask & (positions[:, :, None] // n == self.slot_positions // n)
+                m = mask & (positions[:, :, None] // n == slot_positions // n)
             out[(kind, n)] = cache_mask(m, groups)
         return out
 
@@ -191,12 +193,14 @@ class StaticTarget(nn.Module):
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor):
-        """tokens, positions [B, S]; slots [S] cache slots to write; mask [B, S, max_len] (True = attend,
-        the new tokens' own slots included). Returns (logits [B, S, V], aux [B, S, 3H])."""
+        """tokens, positions [B, S]; slots [S] cache slots to write; mask [B, S, L] over the first L <= max_len
+        slots, which are all the attention reads (True = attend, the new tokens' own slots included).
+        Returns (logits [B, S, V], aux [B, S, 3H])."""
         h = self.embed_tokens(tokens)
-        self.slot_positions.index_copy_(0, slots, positions[0])
+        self.slot_positions.index_copy_(1, slots, positions)
         masks = self._masks(mask, positions)
         q_scale = None
+        span = mask.shape[-1]  # slots the attention reads
         if self.llama4:  # angles per channel pair, kept in float32 (float64 for a float64 model)
             cos, sin = (t[:, :, None] for t in rope_angles(self.rotary, h, positions))  # [B, S, 1, D/2]
             if self.temperature is not None:
@@ -208,15 +212,16 @@ class StaticTarget(nn.Module):
         for i, layer in enumerate(self.layers):
             if i in self.aux_layer_ids:
                 aux[i] = h
-            h = self._layer_fn(layer, h, cos, sin, q_scale, slots, masks[self.spans[i]], self.k_cache[i],
-                               self.v_cache[i], self.qkv[i], self.gate_up[i])
+            h = self._layer_fn(layer, h, cos, sin, q_scale, slots, masks[self.spans[i]],
+                               self.k_cache[i][:, :, :span], self.v_cache[i][:, :, :span], self.qkv[i],
+                               self.gate_up[i])
         return self._head_fn(h), torch.cat([aux[j] for j in self.aux_layer_ids], dim=-1)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h))
 
     def _layer(self, layer, h, cos, sin, q_scale, slots, mask, k_cache, v_cache, qkv, gate_up):
-        """One decoder layer over the static cache (`k_cache`, `v_cache`: this layer's [B, Hkv, L, D]);
+        """One decoder layer over the static cache (`k_cache`, `v_cache`: this layer's first L slots, [B, Hkv, L, D]);
         `qkv`, `gate_up`: the fused weights of `fuse_linears`, or None."""
         b, s, _ = h.shape
         a = layer.self_attn
@@ -261,4 +266,4 @@ class StaticTarget(nn.Module):
         implicit: slots past the new length are masked out and overwritten later)."""
         self.k_cache.index_copy_(3, dst, self.k_cache.index_select(3, src))
         self.v_cache.index_copy_(3, dst, self.v_cache.index_select(3, src))
-        self.slot_positions.index_copy_(0, dst, self.slot_positions.index_select(0, src))
+        self.slot_positions.index_copy_(1, dst, self.slot_positions.index_select(1, src))

@@ -15,11 +15,11 @@ LAYERS = [
     ("kernels", ["specforge.kernels"]),
     ("building blocks", ["specforge.layers"]),
     ("data", ["specforge.data"]),
-    ("target", ["specforge.targets", "specforge.static_target", "specforge.parallel.mesh", "specforge.parallel.tensor_parallel",
+    ("target", ["specforge.targets", "specforge.static_target", "specforge.generate", "specforge.parallel.mesh", "specforge.parallel.tensor_parallel",
                 "specforge.parallel.data", "specforge.parallel.draft", "specforge.model_shapes"]),
     ("draft", ["specforge.eagle3.draft", "specforge.eagle3.ttt"]),
     ("checkpoint", ["specforge.eagle3.layouts", "specforge.eagle3.checkpoint", "specforge.parallel.checkpoint"]),
-    ("commands", ["specforge.prepare", "specforge.dump", "specforge.eagle3.train"]),
+    ("commands", ["specforge.synthesize", "specforge.prepare", "specforge.dump", "specforge.eagle3.train"]),
     ("decoder", ["specforge.eagle3.decoder", "specforge.eagle3.acceptance", "specforge.bench"]),
     ("cli", ["specforge.cli", "specforge.__main__"]),
 ]

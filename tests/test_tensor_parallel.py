@@ -149,6 +149,16 @@ def _random_targets(mesh, rank: int) -> dict:
     return out
 
 
+def _generated(model) -> list[list[int]]:
+    """Greedy and sampled continuations of three prompts of different lengths in one batch."""
+    from specforge.generate import Request, generate
+
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in (3, 8, 5)]
+    reqs = [Request(p, temperature=t, key=i) for i, (p, t) in enumerate(zip(prompts, (0.0, 1.0, 0.0)))]
+    return [out.tokens for out in generate(model, reqs, 10, [], 0, seed=1)]
+
+
 def _worker(rank: int, workdir: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -174,6 +184,8 @@ def _worker(rank: int, workdir: str) -> None:
             res.update(_check_slices(model, ref["state"], rank))
             res["requires_grad"] = [n for n, p in model.named_parameters() if p.requires_grad]
             res["params"] = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+            if family == "llama":  # prepare-data's generation runs on the split target too (eagerly)
+                res["generated"] = _generated(model)
             if family in ("llama", "llama4"):  # the other entry: split a model that is loaded whole
                 whole, _ = load_target(TargetConfig(name=family, path=str(folder)), torch.device("cpu"), torch.float32)
                 res["inplace_diff"] = _diffs(_outputs(parallelize_target(whole, mesh)), ref["out"])
@@ -196,7 +208,8 @@ def tp_run(tmp_path_factory):
         _build(family).save_pretrained(folder)
         tok.save_pretrained(folder)
         model, _ = load_target(TargetConfig(name=family, path=str(folder)), torch.device("cpu"), torch.float32)
-        torch.save({"out": _outputs(model), "state": {k: v.clone() for k, v in model.state_dict().items()},
+        torch.save({"out": _outputs(model), "generated": _generated(model) if family == "llama" else None,
+                    "state": {k: v.clone() for k, v in model.state_dict().items()},
                     "params": sum(p.numel() for p in model.parameters())}, folder / "ref.pt")
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -224,6 +237,13 @@ def test_split_target_equals_unsplit(tp_run, family):
         assert res["requires_grad"] == []
         assert res["tokenizer"] == VOCAB
     assert _result(tp_run, family, 0)["model_class"].endswith("ForCausalLM")  # Llama 4: the text-only LM
+
+
+def test_split_target_generates_what_the_unsplit_one_does(tp_run):
+    """specforge/generate.py over the static cache of a tensor-parallel target (local heads, eager): every rank
+    writes the tokens the whole target writes, greedy and sampled alike."""
+    want = torch.load(tp_run[0] / "llama" / "ref.pt")["generated"]
+    assert [_result(tp_run, "llama", rank)["generated"] for rank in range(2)] == [want, want]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
