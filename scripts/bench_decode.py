@@ -89,6 +89,8 @@ def main():
     ap.add_argument("--spec-steps", type=int, default=5)
     ap.add_argument("--tree", default="4,16", help="topk,num_draft_tokens for the tree rows")
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--max-len", type=int, default=2048, help="the decoder's max_len (bench.max_len); attention "
+                    "reads the filled slots rounded up to the decoder's span_step, not all of them")
     ap.add_argument("--plain-block", type=int, default=4)
     ap.add_argument("--json", default=None, help="write the figures here")
     ap.add_argument("--check", default=None, help="a --json file of recorded figures: exit 1 if a row is slower "
@@ -108,7 +110,7 @@ def main():
 
 
 def decoder(args, target, draft, ids, topk=1, tokens=None):
-    return SpecDecoder(target, draft, ids, max_len=args.context + 64, spec_steps=args.spec_steps, topk=topk,
+    return SpecDecoder(target, draft, ids, max_len=args.max_len, spec_steps=args.spec_steps, topk=topk,
                        num_draft_tokens=tokens, cuda_graphs=not args.eager,
                        compile=not (args.no_compile or args.deterministic), plain_block=args.plain_block)
 
@@ -121,7 +123,8 @@ def round_call(dec: SpecDecoder, n: int):
              torch.randn(w, 3 * dec.draft.config.hidden_size, device="cuda", generator=g).to(dec.dk.dtype),
              torch.randint(0, 1000, (w,), device="cuda", generator=g), torch.tensor([max(1, w // 2)], device="cuda"))
     fn = dec._chain_round if dec.topk == 1 else dec._tree_round
-    return lambda: dec._run(("round",), fn, *state, clone=False)
+    span = dec._fit(dec.round_slots(n))  # the span a round at this length attends over, as in decoding
+    return lambda: dec._run(("round", span), fn, *state, clone=False)
 
 
 def fill_context(dec: SpecDecoder, n: int) -> None:
@@ -138,7 +141,7 @@ def step_costs(args) -> dict:
     k, t_nodes = (int(x) for x in args.tree.split(","))
     bw = copy_bandwidth()
     weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
-    static = StaticTarget(target, ids, args.context + 64 + max(t_nodes, s + 1, args.plain_block))
+    static = StaticTarget(target, ids, args.max_len + max(t_nodes, s + 1, args.plain_block))
     dec = decoder(args, static, draft, ids)
     tree = decoder(args, static, draft, ids, topk=k, tokens=t_nodes)
     fill_context(dec, n)
@@ -148,7 +151,8 @@ def step_costs(args) -> dict:
     def target_step(d, tokens):
         toks = torch.randint(0, 1000, (tokens,), device=dev)
         pos = n + torch.arange(tokens, device=dev)
-        mask = d._prefix_mask(tokens, n, d.target.k_cache.shape[3])
+        d._fit(d.round_slots(n))
+        mask = d._prefix_mask(tokens, n, len(d._slots_t))
         mask[:, n:n + tokens] = torch.ones(tokens, tokens, dtype=torch.bool, device=dev).tril()
         return lambda: d._target(toks, pos, pos, mask)
 
@@ -160,7 +164,8 @@ def step_costs(args) -> dict:
         toks = torch.randint(0, 1000, (rows_,), device=dev)
         pos = torch.full((rows_,), n, device=dev)
         slots = n + torch.arange(rows_, device=dev)
-        mask = d._prefix_mask(rows_, n + rows_, d.draft_slots)
+        d._fit(d.round_slots(n))
+        mask = d._prefix_mask(rows_, n + rows_, len(d._slots_d))
         h = hid.expand(rows_, -1)[None]
 
         def head(out):
@@ -168,14 +173,16 @@ def step_costs(args) -> dict:
             return logits.argmax(-1) if rows_ == 1 else torch.log_softmax(logits, -1).topk(k, dim=-1).indices
 
         if not whole:
-            return lambda: head(d._run(("layer only", rows_), lambda *a: d._draft(*a)[0], toks, h, pos, slots, mask))
-        return lambda: d._run(("draft_step", rows_), lambda *a: head(d._draft(*a)[0]), toks, h, pos, slots, mask,
-                              clone=False)
+            return lambda: head(d._run(("layer only", rows_, mask.shape[-1]), lambda *a: d._draft(*a)[0],
+                                       toks, h, pos, slots, mask))
+        return lambda: d._run(("draft_step", rows_, mask.shape[-1]), lambda *a: head(d._draft(*a)[0]),
+                              toks, h, pos, slots, mask, clone=False)
 
     def plain(d):
         tok, n_t = torch.tensor([5], device=dev), torch.tensor([n], device=dev)
         b = d.plain_block
-        return lambda: d._run(("plain", b), lambda t, m: d._plain_steps(t, m, b), tok, n_t, clone=False)
+        span = d._fit(n + b)
+        return lambda: d._run(("plain", b, span), lambda t, m: d._plain_steps(t, m, b), tok, n_t, clone=False)
 
     rows["target decode step (1 token)"] = time_ms(target_step(dec, 1))
     rows[f"target verify, chain (S+1={s + 1} tokens)"] = time_ms(target_step(dec, s + 1))
@@ -187,6 +194,7 @@ def step_costs(args) -> dict:
     pend = dec.path_rows
     aux = torch.randn(pend, 3 * draft.config.hidden_size, device=dev, dtype=torch.bfloat16)
     toks = torch.randint(0, 1000, (pend,), device=dev)
+    dec._fit(dec.round_slots(n))
     rows[f"draft prefill of accepted tokens ({pend})"] = time_ms(
         lambda: dec._draft_prefill(aux, toks, n - pend, n))
     rows[f"plain decoding, per token (blocks of {dec.plain_block})"] = time_ms(plain(dec)) / dec.plain_block

@@ -71,7 +71,7 @@ def _run_bench(cfg: Config) -> dict:
         return SpecDecoder(static, draft, aux_ids, max_len=b.max_len, spec_steps=steps, topk=topk,
                            num_draft_tokens=tokens, temperature=b.temperature, seed=b.seed,
                            cuda_graphs=b.cuda_graphs and dist.tp == 1,  # collectives stay out of graphs
-                           compile=compile, plain_block=b.plain_block)
+                           compile=compile, plain_block=b.plain_block, span_step=b.span_step)
 
     convs = list(read_jsonl(b.prompts or bundled_path("bench_prompts.jsonl")))[: b.limit]
     common = {"target": cfg.target.name, "draft": str(draft_dir), "temperature": b.temperature,
@@ -121,6 +121,7 @@ def warm_up(dec: SpecDecoder, tok) -> None:
     for _ in range(2):  # the second pass meets the graphs captured by the first
         dec.generate(warm, 24, tok.eos_token_id)
         dec.generate_plain(warm, 24, tok.eos_token_id)
+    dec.capture()  # every span's graphs, as a server captures at start-up
 
 
 def sweep_settings(b) -> list[tuple[int, int, int]]:

@@ -202,6 +202,9 @@ class BenchConfig:
     # batch-invariant kernels are not compiled) or tensor parallel
     compile: Optional[bool] = None
     plain_block: int = 4  # plain greedy decoding: tokens per graph replay (one host read per block)
+    # attention reads the filled cache slots rounded up to a multiple of this, not all max_len of them (with CUDA
+    # graphs: one graph per span; smaller = less wasted reading, more graphs to capture)
+    span_step: int = 128
     # `--sweep`: plain decoding once, the chain acceptance of every length up to sweep_max_steps estimated from
     # it, then the settings below decoded and timed; the fastest is reported with SGLang and vLLM flags.
     sweep: bool = False

@@ -52,13 +52,15 @@ PROMPTS = [[5, 17, 99, 3], [200, 1, 1, 7, 8, 9, 10], [42], [13, 250, 77, 77, 12,
     (3, 2, 6, False), (4, 3, 10, False), (5, 4, 16, False), (3, 2, 6, True), (4, 3, 10, True), (5, 4, 16, True),
     (5, 2, 4, True), (2, 3, 10, True)])
 def test_greedy_speculative_equals_plain_greedy(target, trained_draft, steps, topk, tokens, device_rounds):
+    # span_step=16: rounds attend over the filled slots rounded up to 16, several spans per generation.
     dec = SpecDecoder(target, trained_draft, AUX, max_len=160, spec_steps=steps, topk=topk, num_draft_tokens=tokens,
-                      device_rounds=device_rounds)
+                      device_rounds=device_rounds, span_step=16)
     lengths = []
     for p in PROMPTS:
         plain, _ = dec.generate_plain(p, 60)
         spec, stats = dec.generate(p, 60)
         assert spec == plain
+        assert len(dec._slots_t) < dec.target.k_cache.shape[3]  # the last round read part of the cache only
         lengths += stats.accept_lengths
     # Both outcomes happen: some rounds accept draft tokens, some reject all.
     assert max(lengths) > 1 and min(lengths) == 1

@@ -21,12 +21,33 @@ def test_graphs_equal_eager_and_plain(steps, topk, tokens):
     outs = {}
     for graphs, compile in ((False, False), (True, False), (True, True)):
         dec = SpecDecoder(target, draft, AUX, max_len=200, spec_steps=steps, topk=topk, num_draft_tokens=tokens,
-                          cuda_graphs=graphs, compile=compile)
+                          cuda_graphs=graphs, compile=compile, span_step=32)  # graphs for several spans
         outs[graphs, compile] = [(dec.generate(p, 48)[0], dec.generate_plain(p, 48)[0]) for p in prompts]
     for (spec_e, plain_e), (spec_g, plain_g), (spec_c, plain_c) in zip(*outs.values()):
         assert spec_g == spec_e and plain_g == plain_e
         assert spec_e == plain_e
         assert spec_c == plain_c  # compiled kernels round differently: equal to plain, not necessarily to eager
+
+
+@pytest.mark.parametrize("topk, tokens", [(1, None), (4, 16)])
+def test_capture_ahead_covers_every_span(topk, tokens):
+    """After capture(), greedy decoding over every span meets only captured graphs, and its outputs equal
+    those of a decoder that captured on first use (the dummy rounds left nothing in the caches that matters)."""
+    target = tiny_target(seed=3, initializer_range=0.4).cuda()
+    draft = tiny_draft(target).cuda()
+    prompts = [[5, 17, 99, 3], list(range(40, 120))]
+    lazy = SpecDecoder(target, draft, AUX, max_len=200, spec_steps=5, topk=topk, num_draft_tokens=tokens,
+                       cuda_graphs=True, span_step=32)
+    want = [(lazy.generate(p, 100)[0], lazy.generate_plain(p, 100)[0]) for p in prompts]
+    ahead = SpecDecoder(target, draft, AUX, max_len=200, spec_steps=5, topk=topk, num_draft_tokens=tokens,
+                        cuda_graphs=True, span_step=32)
+    assert ahead.capture() > 0
+    keys = set(ahead._graphs)
+    got = [(ahead.generate(p, 100)[0], ahead.generate_plain(p, 100)[0]) for p in prompts]
+    assert got == want
+    new = {k for k in set(ahead._graphs) - keys if k[0] in ("round", "plain")}
+    assert not new, f"captured while decoding: {sorted(new)}"
+    assert ahead.capture() == 0
 
 
 @pytest.mark.parametrize("family", ["llama4", "qwen3_moe"])

@@ -53,12 +53,13 @@ class SpecDecoder:
     `num_draft_tokens` tree nodes verified per round (root included; chain: spec_steps + 1).
     `cuda_graphs`: replay rounds and steps from CUDA graphs (on a GPU, when the target's forward is capturable);
     `compile`: torch.compile the target and draft forwards; `plain_block`: tokens per replay in plain greedy
-    decoding (one host read per block)."""
+    decoding (one host read per block); `span_step`: attention reads the filled cache slots rounded up to a
+    multiple of this, not the whole cache (with CUDA graphs, one graph per span)."""
 
     def __init__(self, target_model, draft: Eagle3Draft, aux_layer_ids: list[int], max_len: int = 2048,
                  spec_steps: int = 5, topk: int = 1, num_draft_tokens: Optional[int] = None,
                  temperature: float = 0.0, seed: int = 0, cuda_graphs: bool = False, device_rounds: bool = True,
-                 compile: bool = False, plain_block: int = 4):
+                 compile: bool = False, plain_block: int = 4, span_step: int = 128):
         self.spec_steps, self.topk, self.temperature, self.seed = spec_steps, topk, temperature, seed
         self.num_draft_tokens = num_draft_tokens or spec_steps + 1
         max_nodes = 1 + sum(topk ** d if d == 1 else topk * topk for d in range(1, spec_steps + 1))
@@ -97,8 +98,8 @@ class SpecDecoder:
         self.path_rows = min(spec_steps + 1, self.num_draft_tokens)
         # Slot indices of both caches, persistent (captured graphs read them on every replay).
         self._arange = torch.arange(max(self.target.k_cache.shape[3], self.draft_slots), device=self.device)
-        self._slots_t = self._arange[:self.target.k_cache.shape[3]]
-        self._slots_d = self._arange[:self.draft_slots]
+        self.span_step = max(1, span_step)
+        self._fit(max(self.target.k_cache.shape[3], self.draft_slots))
         # The forwards every path calls; compiled with dynamic token counts (one graph for 1 token, one for more).
         self._target_fwd, self._draft_fwd, self._logits = self.target, self._draft_rows, draft.logits
         if compile:
@@ -107,6 +108,15 @@ class SpecDecoder:
             self._logits = torch.compile(draft.logits, dynamic=True)
 
     # ---- the forwards, each over its static cache; replayed from CUDA graphs where enabled ----
+
+    def _fit(self, need: int) -> int:
+        '''Make the forwards that follow attend over the first `need` slots of each cache, rounded up to a multiple
+        of `span_step` (at most the whole cache): a short context then does not pay for reading, and masking out,
+        a long empty cache. Sets the slot indices every mask is built from; returns the span (a graph key).'''
+        span = -(-need // self.span_step) * self.span_step
+        self._slots_t = self._arange[:min(span, self.target.k_cache.shape[3])]
+        self._slots_d = self._arange[:min(span, self.draft_slots)]
+        return span
 
     def _run(self, key, fn, *args, clone: bool = True):
         """fn(*args), from a CUDA graph captured on first use with these very inputs. Capturing is
@@ -125,16 +135,18 @@ class SpecDecoder:
 
     def _target(self, tokens, positions, slots, mask):
         fn = lambda t, p, s, m: self._target_fwd(t[None], p[None], s, m[None])  # noqa: E731
-        return self._run(("target", len(tokens)) if len(tokens) <= self.num_draft_tokens else None,
+        return self._run(("target", len(tokens), mask.shape[-1]) if len(tokens) <= self.num_draft_tokens else None,
                          fn, tokens, positions, slots, mask)
 
     def _draft_rows(self, tokens, hidden, positions, slots, mask):
         """The draft layer over rows `tokens` [R] (hidden [1, R, H] in), writing their keys and values at
-        `slots` [R] of the draft cache and attending under `mask` [R, draft_slots]; returns [1, R, H]."""
+        `slots` [R] of the draft cache and attending under `mask` [R, L] over its first L slots; returns [1, R, H]."""
         def attend(q, k, v):
             self.dk.index_copy_(2, slots, k)
             self.dv.index_copy_(2, slots, v)
-            return grouped_attention(q, self.dk, self.dv, cache_mask(mask[None], q.shape[1] // k.shape[1]))
+            span = mask.shape[-1]
+            return grouped_attention(q, self.dk[:, :, :span], self.dv[:, :, :span],
+                                     cache_mask(mask[None], q.shape[1] // k.shape[1]))
 
         return self.draft.layer(self.draft.embed(tokens[None]), hidden, positions[None], attend)
 
@@ -164,7 +176,8 @@ class SpecDecoder:
                 break
             if self.temperature <= 0:
                 block = min(self.plain_block, max_new_tokens - len(out), self.max_len - 1 - n)
-                toks = self._run(("plain", block), lambda t, n_t, b=block: self._plain_steps(t, n_t, b),
+                span = self._fit(n + block)
+                toks = self._run(("plain", block, span), lambda t, n_t, b=block: self._plain_steps(t, n_t, b),
                                  torch.tensor([tok], device=self.device), torch.tensor([n], device=self.device),
                                  clone=False).tolist()
                 done = next((j for j, t in enumerate(toks) if t == eos_id), len(toks) - 1)
@@ -203,7 +216,7 @@ class SpecDecoder:
             logits, _ = self._target_fwd(tok_t[None], n_t[None], n_t, mask[None])
             return logits[0, -1]
 
-        return self._run(("decode",), step, torch.tensor([tok], device=self.device),
+        return self._run(("decode", self._fit(n + 1)), step, torch.tensor([tok], device=self.device),
                          torch.tensor([n], device=self.device))
 
     def _pick(self, logits, gen) -> int:
@@ -217,6 +230,7 @@ class SpecDecoder:
         if m + 1 >= self.max_len:
             raise ValueError(f"prompt of {m} tokens does not fit max_len={self.max_len}")
         idx = torch.arange(m, device=self.device)
+        self._fit(m)
         mask = self._slots_t[None, :] <= idx[:, None]
         logits, aux = self._target(torch.tensor(prompt, device=self.device), idx, idx, mask)
         return logits[0, -1], aux[0]
@@ -238,6 +252,7 @@ class SpecDecoder:
         pending_aux, draft_len = aux, 0  # target features of positions draft_len..n-1, not yet read by the draft
         while first != eos_id and len(out) < max_new_tokens and n + self.num_draft_tokens + 1 < self.max_len:
             tokens_after = torch.tensor((seq + out)[draft_len + 1:n + 1], device=self.device)
+            self._fit(self.round_slots(n))
             root_hidden = self._draft_prefill(pending_aux, tokens_after, draft_len, n)
             draft_len = n
             tree = self._propose(out[-1], root_hidden, n, gen)
@@ -277,6 +292,7 @@ class SpecDecoder:
         # The draft's step 0 over the prompt's positions but the last; the last (its features, and the first
         # new token after it) is the first round's pending row.
         if m > 1:
+            self._fit(m)
             self._draft_prefill(aux[:m - 1], torch.tensor(prompt[1:], device=self.device), 0, m - 1)
         w = self.path_rows
         pend_aux = aux.new_zeros(w, aux.shape[-1])
@@ -288,7 +304,8 @@ class SpecDecoder:
         n, count = m, 1
         round_fn = self._chain_round if self.topk == 1 else self._tree_round
         while out[-1] != eos_id and len(out) < max_new_tokens and n + self.num_draft_tokens + 1 < self.max_len:
-            *state, summary = self._run(("round",), round_fn, *state, clone=False)
+            span = self._fit(self.round_slots(n))
+            *state, summary = self._run(("round", span), round_fn, *state, clone=False)
             summary = summary.tolist()  # the one host read of the round
             a = summary[0]
             accepted = summary[2:2 + a] + [summary[1]]
@@ -297,6 +314,36 @@ class SpecDecoder:
         stats.new_tokens, stats.seconds = len(out), time.perf_counter() - t0
         self.cache_len, self.draft_len = n, n - count
         return out, stats
+
+    def capture(self, upto: Optional[int] = None) -> int:
+        """Capture, ahead of decoding, the graphs of every span a greedy decode up to `upto` cache slots (default
+        max_len) meets: one round per span and plain blocks of every length, so that a timed decode never
+        captures (a server likewise captures at start-up). Leaves nothing behind that matters: the dummy rounds
+        write cache slots that a later generate overwrites from its prefill on. Returns the graphs captured."""
+        if not (self.cuda_graphs and self.device_rounds):
+            return 0
+        before, upto = len(self._graphs), min(upto or self.max_len, self.max_len)
+        w, dev = self.path_rows, self.device
+        pend_aux = torch.zeros(w, self.draft.fc.in_features, dtype=self.dk.dtype, device=dev)
+        pend_tok, count = torch.zeros(w, dtype=torch.long, device=dev), torch.ones(1, dtype=torch.long, device=dev)
+        round_fn = self._chain_round if self.topk == 1 else self._tree_round
+        extra = self.round_slots(0)
+        for span in range(self.span_step, upto + extra + self.span_step, self.span_step):
+            n = min(span - extra, self.max_len - self.num_draft_tokens - 2)  # the last n a round of this span has
+            if n >= 1 and ("round", self._fit(self.round_slots(n))) not in self._graphs:
+                self._run(("round", self._fit(self.round_slots(n))), round_fn, torch.tensor([n], device=dev),
+                          pend_aux, pend_tok, count, clone=False)
+            for block in range(1, self.plain_block + 1):
+                n = min(span - block, self.max_len - 1 - block)
+                key = ("plain", block, self._fit(n + block))
+                if n >= 1 and key not in self._graphs:
+                    self._run(key, lambda t, n_t, b=block: self._plain_steps(t, n_t, b),
+                              torch.zeros(1, dtype=torch.long, device=dev), torch.tensor([n], device=dev), clone=False)
+        return len(self._graphs) - before
+
+    def round_slots(self, n: int) -> int:
+        """Cache slots a round at cache length n may write or read (the tree's, the draft's expanded nodes)."""
+        return n + max(self.num_draft_tokens, self.spec_steps * self.topk, self.path_rows) + 1
 
     def _draft_prefill(self, aux, tokens_after, start: int, n: int) -> torch.Tensor:
         """Step 0 for positions start..n-1: target features there plus the token after each."""
@@ -307,7 +354,7 @@ class SpecDecoder:
             mask = self._slots_d[None, :] <= pos[:, None]
             return self._draft(toks, self.draft.project(aux[None]), pos, pos, mask)[0, -1]
 
-        key = ("draft_prefill", n - start) if n - start <= self.spec_steps + 1 else None
+        key = ("draft_prefill", n - start, len(self._slots_d)) if n - start <= self.spec_steps + 1 else None
         return self._run(key, fn, aux, tokens_after, torch.tensor([start], device=self.device))
 
     def _draft_pending(self, n_t, pend_aux, pend_tok, count):
@@ -485,7 +532,7 @@ class SpecDecoder:
             frontier = sorted(new, key=lambda i: (-scores[i], i))[:k]
             # One draft forward over the frontier: each node sees the prefix and its own ancestors.
             slots = torch.tensor([n + (depth - 1) * k + j for j in range(len(frontier))], device=self.device)
-            mask = self._prefix_mask(len(frontier), n, self.draft_slots)
+            mask = self._prefix_mask(len(frontier), n, len(self._slots_d))
             parent_hidden = []
             for row, node in enumerate(frontier):
                 draft_slot[node] = int(slots[row])
@@ -496,7 +543,7 @@ class SpecDecoder:
                 parent_hidden.append(root_hidden if parents[node] < 0 else node_hidden[parents[node]])
             toks = torch.tensor([tokens[i] for i in frontier], device=self.device)
             pos = torch.full((len(frontier),), n - 1 + depth, device=self.device)
-            out = self._run(("draft_step", len(frontier)), lambda *a: self._draft(*a)[0],
+            out = self._run(("draft_step", len(frontier), mask.shape[-1]), lambda *a: self._draft(*a)[0],
                             toks, self.draft.carry(torch.stack(parent_hidden)[None]), pos, slots, mask)
             for row, node in enumerate(frontier):
                 node_hidden[node] = out[row]
@@ -515,7 +562,7 @@ class SpecDecoder:
         """Target forward over the tree; returns (accepted tree path from the root, bonus token, aux)."""
         t = len(tree.parents)
         slots = n + torch.arange(t, device=self.device)
-        mask = self._prefix_mask(t, n, self.target.k_cache.shape[3])
+        mask = self._prefix_mask(t, n, len(self._slots_t))
         for i in range(t):
             a = i
             while a >= 0:
