@@ -89,7 +89,7 @@ def _run_bench(cfg: Config) -> dict:
         return results
     dec = decoder(*settings[0])
     eos = tok.eos_token_id
-    warm_up(dec, tok)
+    warm_up(dec, tok, b.capture_ahead)
     rows = []
     for conv in tqdm(convs, desc="bench", unit="prompt", **({} if main else {"disable": True})):
         messages = [m for m in conv.messages if m["role"] == "system"]
@@ -115,13 +115,15 @@ def _run_bench(cfg: Config) -> dict:
     return results
 
 
-def warm_up(dec: SpecDecoder, tok) -> None:
-    """Allocations, compilation and graph capture, outside the timed runs."""
+def warm_up(dec: SpecDecoder, tok, capture_ahead: bool = False) -> None:
+    """Allocations, compilation and graph capture, outside the timed runs (`capture_ahead`: the graphs of
+    every span too; else a span's graphs are captured when a turn first reaches it, inside its timing)."""
     warm = prompt_ids(tok, [{"role": "user", "content": "Hello"}])
     for _ in range(2):  # the second pass meets the graphs captured by the first
         dec.generate(warm, 24, tok.eos_token_id)
         dec.generate_plain(warm, 24, tok.eos_token_id)
-    dec.capture()  # every span's graphs, as a server captures at start-up
+    if capture_ahead:
+        dec.capture()  # every span's graphs, as a server captures at start-up
 
 
 def sweep_settings(b) -> list[tuple[int, int, int]]:
@@ -143,7 +145,7 @@ def run_sweep(b, decoder, static, draft, tok, convs, main: bool) -> dict:
     eos = tok.eos_token_id
     settings = sweep_settings(b)
     base = decoder(1, 1, 2)
-    warm_up(base, tok)
+    warm_up(base, tok, b.capture_ahead)
     turns = []  # (prompt ids, plain output)
     plain_tokens, plain_seconds = 0, 0.0
     for conv in tqdm(convs, desc="sweep: plain", unit="prompt", **({} if main else {"disable": True})):
@@ -164,7 +166,7 @@ def run_sweep(b, decoder, static, draft, tok, convs, main: bool) -> dict:
     rows = []
     for steps, topk, tokens in settings:
         dec = decoder(steps, topk, tokens)
-        warm_up(dec, tok)
+        warm_up(dec, tok, b.capture_ahead)
         lens, new, seconds, differing = [], 0, 0.0, 0
         for ids, plain in tqdm(turns, desc=f"sweep: S={steps} k={topk} T={tokens}", unit="turn",
                                **({} if main else {"disable": True})):

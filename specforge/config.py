@@ -205,6 +205,10 @@ class BenchConfig:
     # attention reads the filled cache slots rounded up to a multiple of this, not all max_len of them (with CUDA
     # graphs: one graph per span; smaller = less wasted reading, more graphs to capture)
     span_step: int = 128
+    # capture every span's graphs before timing (SpecDecoder.capture); off: a span's graphs are captured when a
+    # turn first reaches it, inside that turn's time. Off by default until its start-up cost is measured (one
+    # try on an H200 with it on did not finish a tree bench in 150 s, where it took 133 s off).
+    capture_ahead: bool = False
     # `--sweep`: plain decoding once, the chain acceptance of every length up to sweep_max_steps estimated from
     # it, then the settings below decoded and timed; the fastest is reported with SGLang and vLLM flags.
     sweep: bool = False
