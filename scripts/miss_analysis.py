@@ -39,7 +39,8 @@ from specforge.data.template import ensure_chat_template, tokenize_table  # noqa
 from specforge.eagle3.checkpoint import load_draft  # noqa: E402
 from specforge.eagle3.ttt import next_token_mask, step_mask, ttt_unroll  # noqa: E402
 from specforge.prepare import answerer  # noqa: E402
-from specforge.targets import FeatureCapture, TargetHead, decoder_parts, load_target, text_config  # noqa: E402
+from specforge.targets import (FeatureCapture, TargetHead, aux_layer_ids, decoder_parts, load_target,  # noqa: E402
+                               text_config)
 
 P1_EDGES = [0.0, 0.2, 0.4, 0.6, 0.8, 0.95, 1.0001]
 MARGIN_EDGES = [0.0, 0.05, 0.15, 0.3, 0.6, 1.0001]
@@ -68,35 +69,24 @@ def position_records(target, capture, head, draft, sample, steps: int, device) -
     tgt_arg = top2.indices[:, 0]
     pred = next_token_mask(batch.loss_mask)[0]  # target at p predicts an assistant token p+1
     ans_pos = answer_position(batch.loss_mask[0])
-    rows = {"p1": [], "margin": [], "answer_pos": [], "in_vocab": []}
-    hits, hits4 = [], []
-    for k, hidden in ttt_unroll(draft, batch.input_ids, f.aux.to(draft.fc.weight.dtype), steps, "reference"):
-        valid = step_mask(pred[None], k)[0]
-        t = valid.nonzero(as_tuple=True)[0]
-        logits = draft.logits(hidden[0, t]).float()
-        top4 = draft.draft_to_target(logits.topk(4, dim=-1).indices)  # [n, 4] target ids
-        want = tgt_arg[t + 1 + k]
-        hit = torch.zeros(pred.shape[0], dtype=torch.bool, device=device)
-        hit4 = torch.zeros_like(hit)
-        hit[t], hit4[t] = top4[:, 0] == want, (top4 == want[:, None]).any(-1)
-        hits.append(hit)
-        hits4.append(hit4)
-        if k == 0:
-            rows["p1"] = top2.values[t + 1, 0]
-            rows["margin"] = top2.values[t + 1, 0] - top2.values[t + 1, 1]
-            rows["answer_pos"] = ans_pos[t + 2]  # t + 2 is an assistant token, so inside the row
-            rows["in_vocab"] = draft.t2d[want]
-            t0 = t
+    t0 = step_mask(pred[None], 0)[0].nonzero(as_tuple=True)[0]  # the positions step 0 scores
+    want0 = tgt_arg[t0 + 1]
+    rows = {"p1": top2.values[t0 + 1, 0], "margin": top2.values[t0 + 1, 0] - top2.values[t0 + 1, 1],
+            "answer_pos": ans_pos[t0 + 2],  # t0 + 2 is an assistant token, so inside the row
+            "in_vocab": draft.t2d[want0]}
     # Streak from step 0 at each scored position: consecutive steps whose argmax matched (a chain's acceptance,
     # where each step is only scored while the one before it could be).
     streak = torch.zeros(t0.numel(), dtype=torch.long, device=device)
     alive = torch.ones(t0.numel(), dtype=torch.bool, device=device)
-    for k in range(steps):
-        ok = hits[k][t0] & alive
-        streak += ok.long()
-        alive = ok
-    rows["hit"] = hits[0][t0]
-    rows["hit4"] = hits4[0][t0]
+    for k, hidden in ttt_unroll(draft, batch.input_ids, f.aux.to(draft.fc.weight.dtype), steps, "reference"):
+        t = step_mask(pred[None], k)[0].nonzero(as_tuple=True)[0]
+        top = draft.draft_to_target(draft.logits(hidden[0, t]).float().topk(4 if k == 0 else 1, dim=-1).indices)
+        hit = torch.zeros(pred.shape[0], dtype=torch.bool, device=device)
+        hit[t] = top[:, 0] == tgt_arg[t + 1 + k]
+        if k == 0:
+            rows["hit"], rows["hit4"] = hit[t0], (top == want0[:, None]).any(-1)
+        alive = alive & hit[t0]
+        streak += alive.long()
     rows["streak"] = streak
     return {k: v.cpu() for k, v in rows.items()}
 
@@ -143,10 +133,7 @@ def main():
     draft_dir = Path(args.draft) if args.draft else cfg.output_dir() / "draft"
     draft = load_draft(draft_dir, decoder_parts(target)[0], dtype=torch.float32, device=device,
                        num_target_layers=text_config(target.config).num_hidden_layers).eval()
-    ids = draft.config.eagle_aux_hidden_state_layer_ids
-    if ids is None:
-        from specforge.targets import aux_layer_ids
-        ids = aux_layer_ids(cfg.target, target)
+    ids = draft.config.eagle_aux_hidden_state_layer_ids or aux_layer_ids(cfg.target, target)
 
     t0 = time.perf_counter()
     prompts = args.prompts or str(bundled_path("bench_prompts.jsonl"))
