@@ -152,9 +152,8 @@ def step_costs(args) -> dict:
         toks = torch.randint(0, 1000, (tokens,), device=dev)
         pos = n + torch.arange(tokens, device=dev)
         d._fit(d.round_slots(n))
-        mask = d._prefix_mask(tokens, n, len(d._slots_t))
-        mask[:, n:n + tokens] = torch.ones(tokens, tokens, dtype=torch.bool, device=dev).tril()
-        return lambda: d._target(toks, pos, pos, mask)
+        causal = torch.ones(tokens, tokens, dtype=torch.bool, device=dev).tril()
+        return lambda: d._target(toks, pos, pos, pos[:1], causal)
 
     hid = torch.randn(1, draft.config.hidden_size, device=dev, dtype=torch.bfloat16)
 
@@ -165,18 +164,21 @@ def step_costs(args) -> dict:
         pos = torch.full((rows_,), n, device=dev)
         slots = n + torch.arange(rows_, device=dev)
         d._fit(d.round_slots(n))
-        mask = d._prefix_mask(rows_, n + rows_, len(d._slots_d))
+        prefix, local = torch.tensor([n + rows_], device=dev), torch.ones(rows_, 1, dtype=torch.bool, device=dev)
         h = hid.expand(rows_, -1)[None]
+
+        def layer(t, h_, p, s_, pre, loc):
+            return d._draft(t, h_, p, s_, d._mask(pre, loc))[0]
 
         def head(out):
             logits = d._logits(out).float()
             return logits.argmax(-1) if rows_ == 1 else torch.log_softmax(logits, -1).topk(k, dim=-1).indices
 
         if not whole:
-            return lambda: head(d._run(("layer only", rows_, mask.shape[-1]), lambda *a: d._draft(*a)[0],
-                                       toks, h, pos, slots, mask))
-        return lambda: d._run(("draft_step", rows_, mask.shape[-1]), lambda *a: head(d._draft(*a)[0]),
-                              toks, h, pos, slots, mask, clone=False)
+            return lambda: head(d._run(("layer only", rows_, d._span), lambda *a: layer(*a),
+                                       toks, h, pos, slots, prefix, local))
+        return lambda: d._run(("draft_step", rows_, d._span), lambda *a: head(layer(*a)),
+                              toks, h, pos, slots, prefix, local, clone=False)
 
     def plain(d):
         tok, n_t = torch.tensor([5], device=dev), torch.tensor([n], device=dev)

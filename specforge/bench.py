@@ -6,11 +6,13 @@ acceptance length, per-position acceptance and tokens/s come from the speculativ
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -30,7 +32,10 @@ from .targets import decoder_parts, load_target, text_config
 
 def run_bench(cfg: Config) -> dict:
     with batch_invariant(cfg.bench.deterministic):
-        return _run_bench(cfg)
+        try:
+            return _run_bench(cfg)
+        finally:
+            gc.unfreeze()  # `warm_up` froze the heap for the timed turns
 
 
 def _processes(cfg: Config) -> Dist:
@@ -45,10 +50,20 @@ def _processes(cfg: Config) -> Dist:
     return init_distributed(cfg)
 
 
-def _run_bench(cfg: Config) -> dict:
-    b = cfg.bench
-    dist = _processes(cfg)
-    device, main = dist.device, is_main(dist)
+@dataclass
+class BenchModels:
+    tok: object
+    draft: object
+    draft_dir: Path
+    static: StaticTarget
+    compile: bool
+    decoder: Callable[[int, int, int], SpecDecoder]  # (spec_steps, topk, num_draft_tokens) -> a decoder
+
+
+def load_models(cfg: Config, dist: Dist, settings: list[tuple[int, int, int]]) -> BenchModels:
+    """The target, the draft, one static target for every decoder of the run (one KV cache, one compiled
+    forward) and a maker of decoders over it."""
+    b, device = cfg.bench, dist.device
     if dist.tp > 1:
         target, tok = load_target_tp(cfg.target, dist.tp_mesh, device)
     else:
@@ -62,8 +77,6 @@ def _run_bench(cfg: Config) -> dict:
                        num_target_layers=text_config(target.config).num_hidden_layers).eval()
     # The layers the draft was trained on, as its config names them (none: the defaults of this target).
     aux_ids = draft.config.eagle_aux_hidden_state_layer_ids
-    settings = sweep_settings(b) if b.sweep else [(b.spec_steps, b.topk, b.num_draft_tokens or b.spec_steps + 1)]
-    # One static target for every decoder of the run: one KV cache, one compiled forward.
     static = StaticTarget(target, aux_ids, b.max_len + max(max(t for _, _, t in settings), b.plain_block))
     compile = b.compile if b.compile is not None else device.type == "cuda" and not b.deterministic and dist.tp == 1
 
@@ -73,11 +86,22 @@ def _run_bench(cfg: Config) -> dict:
                            cuda_graphs=b.cuda_graphs and dist.tp == 1,  # collectives stay out of graphs
                            compile=compile, plain_block=b.plain_block, span_step=b.span_step)
 
+    return BenchModels(tok, draft, draft_dir, static, compile, decoder)
+
+
+def _run_bench(cfg: Config) -> dict:
+    b = cfg.bench
+    dist = _processes(cfg)
+    device, main = dist.device, is_main(dist)
+    settings = sweep_settings(b) if b.sweep else [(b.spec_steps, b.topk, b.num_draft_tokens or b.spec_steps + 1)]
+    models = load_models(cfg, dist, settings)
+    tok, draft, draft_dir, static, compile, decoder = (models.tok, models.draft, models.draft_dir, models.static,
+                                                      models.compile, models.decoder)
     convs = list(read_jsonl(b.prompts or bundled_path("bench_prompts.jsonl")))[: b.limit]
     common = {"target": cfg.target.name, "draft": str(draft_dir), "temperature": b.temperature,
               "max_new_tokens": b.max_new_tokens,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "dtype": str(embed.weight.dtype), "compile": compile, "deterministic": b.deterministic,
+              "dtype": str(draft.fc.weight.dtype), "compile": compile, "deterministic": b.deterministic,
               "tensor_parallel": dist.tp, "prompts": str(b.prompts or "bundled bench_prompts.jsonl")}
     out = Path(b.out) if b.out else cfg.output_dir() / "bench"
     if b.sweep:
@@ -116,14 +140,22 @@ def _run_bench(cfg: Config) -> dict:
 
 
 def warm_up(dec: SpecDecoder, tok, capture_ahead: bool = False) -> None:
-    """Allocations, compilation and graph capture, outside the timed runs (`capture_ahead`: the graphs of
-    every span too; else a span's graphs are captured when a turn first reaches it, inside its timing)."""
-    warm = prompt_ids(tok, [{"role": "user", "content": "Hello"}])
-    for _ in range(2):  # the second pass meets the graphs captured by the first
-        dec.generate(warm, 24, tok.eos_token_id)
-        dec.generate_plain(warm, 24, tok.eos_token_id)
-    if capture_ahead:
-        dec.capture()  # every span's graphs, as a server captures at start-up
+    """Allocations, compilation and graph capture, outside the timed runs, as a server captures at start-up.
+    Where attention reads the whole cache (`dec.whole_cache`) that is a handful of graphs; with span buckets
+    it is one round per span, captured ahead only with `capture_ahead` (else when a turn first reaches the
+    span, inside its timing)."""
+    long = " ".join(["Summarize the main argument of this paragraph in one sentence."] * 30)
+    for text in ("Hello", long):  # a short and a long prompt: prefill buffers of both sizes
+        warm = prompt_ids(tok, [{"role": "user", "content": text}])
+        for _ in range(2):  # the second pass meets the graphs captured by the first
+            dec.generate(warm, 24, tok.eos_token_id)
+            dec.generate_plain(warm, 24, tok.eos_token_id)
+    if capture_ahead or dec.whole_cache:
+        dec.capture()
+    # What loading and compiling left on the heap is never traversed again by a garbage collection inside a
+    # timed turn (a full collection over it takes tens of milliseconds), as serving engines do after start-up.
+    gc.collect()
+    gc.freeze()
 
 
 def sweep_settings(b) -> list[tuple[int, int, int]]:

@@ -202,12 +202,15 @@ class BenchConfig:
     # batch-invariant kernels are not compiled) or tensor parallel
     compile: Optional[bool] = None
     plain_block: int = 4  # plain greedy decoding: tokens per graph replay (one host read per block)
-    # attention reads the filled cache slots rounded up to a multiple of this, not all max_len of them (with CUDA
-    # graphs: one graph per span; smaller = less wasted reading, more graphs to capture)
+    # where attention takes a dense mask (CPU, --deterministic, windowed layers; not the CUDA default, whose
+    # kernel reads the filled length on the device): it reads the filled cache slots rounded up to a multiple of
+    # this, not all max_len of them (with CUDA graphs: one graph per span; smaller = less wasted reading, more
+    # graphs to capture)
     span_step: int = 128
-    # capture every span's graphs before timing (SpecDecoder.capture); off: a span's graphs are captured when a
-    # turn first reaches it, inside that turn's time. Off by default until its start-up cost is measured (one
-    # try on an H200 with it on did not finish a tree bench in 150 s, where it took 133 s off).
+    # with span buckets: capture every span's graphs before timing (SpecDecoder.capture); off: a span's graphs
+    # are captured when a turn first reaches it, inside that turn's time (one try on an H200 with it on did not
+    # finish a tree bench in 150 s, where it took 133 s off). The CUDA default has a few graphs, always
+    # captured at warm-up.
     capture_ahead: bool = False
     # `--sweep`: plain decoding once, the chain acceptance of every length up to sweep_max_steps estimated from
     # it, then the settings below decoded and timed; the fastest is reported with SGLang and vLLM flags.

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import batch_invariant
+from .kernels import batch_invariant, cache_attention
 from .kernels.invariant_attention import attention as invariant_attention
 from .kernels.invariant_attention import key_order
 
@@ -61,16 +61,45 @@ def group_mask(mask: torch.Tensor, groups: int) -> torch.Tensor:
     return mask[:, None, None].expand(b, 1, groups, s, length).reshape(b, 1, groups * s, length)
 
 
+class SlotMask(NamedTuple):
+    """The cache slots each of S query rows reads, as every decoding forward has them: all slots before
+    `prefix` ([1] int64 on the device) and, of the T slots from there, those `local` [S, T] bool marks.
+    `span`: the slots a dense form of it covers (the caller's cache is cut to at most that many). The length
+    never reaches the host, so on CUDA one captured graph serves every cache length (`cache_attention`)."""
+    prefix: torch.Tensor
+    local: torch.Tensor
+    span: int
+
+
 class CacheMask(NamedTuple):
     """A cache mask [B, S, L] (True = attend) with what the attention derives from it, made once per
     forward and read by every layer: the per-head rows for SDPA, or the key order of the batch-invariant
-    kernel (on CUDA, under the deterministic switch)."""
-    mask: torch.Tensor
+    kernel (on CUDA, under the deterministic switch); or, for `cache_attention`, the SlotMask itself."""
+    mask: Optional[torch.Tensor]
     rows_mask: Optional[torch.Tensor]
     keys: Optional[tuple[torch.Tensor, torch.Tensor]]
+    slots: Optional[SlotMask] = None
 
 
-def cache_mask(mask: torch.Tensor, groups: int) -> CacheMask:
+def slot_kernel_serves(mask: SlotMask, groups: int) -> bool:
+    """Whether `cache_attention`'s kernel reads this mask as it is (CUDA, not under the deterministic switch,
+    whose kernel is another; rows that fit one program); otherwise the mask is made dense."""
+    s = mask.local.shape[0]
+    return (mask.local.is_cuda and cache_attention.triton is not None and not batch_invariant.active()
+            and groups * s <= cache_attention.MAX_ROWS)
+
+
+def dense_slots(mask: SlotMask, length: int) -> torch.Tensor:
+    """[1, S, length] boolean form of a SlotMask over the first `length` cache slots."""
+    return cache_attention.dense_mask(mask.prefix, mask.local, length)[None]
+
+
+def cache_mask(mask, groups: int, length: Optional[int] = None) -> CacheMask:
+    """`mask`: [B, S, L] bool, or a SlotMask (read over `length` slots where it must be made dense)."""
+    if isinstance(mask, SlotMask):
+        if slot_kernel_serves(mask, groups):
+            return CacheMask(None, None, None, mask)
+        mask = dense_slots(mask, min(mask.span, length or mask.span))
     if batch_invariant.active():
         return CacheMask(mask, None, key_order(mask) if mask.is_cuda else None)
     return CacheMask(mask, group_mask(mask, groups), None)
@@ -80,7 +109,9 @@ def grouped_attention(q, k, v, m: CacheMask):
     """Attention of q [B, Hq, S, D] over a KV cache k, v [B, Hkv, L, D] under `cache_mask(mask, Hq/Hkv)`.
     Query heads sharing a kv head are folded into the row dimension, so no repeated K/V and no GQA special
     case: one plain attention with Hkv heads and Hq/Hkv*S rows. Under the deterministic switch, the
-    batch-invariant kernel instead."""
+    batch-invariant kernel instead; for a SlotMask on CUDA, `cache_attention`."""
+    if m.slots is not None:
+        return cache_attention.cache_attention(q, k, v, m.slots.prefix, m.slots.local)
     if m.rows_mask is None:
         return invariant_attention(q, k, v, m.mask, keys=m.keys)
     b, hq, s, d = q.shape

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import apply_rope, cache_mask, grouped_attention, rope_angles, rope_cos_sin
+from .layers import SlotMask, apply_rope, cache_mask, dense_slots, grouped_attention, rope_angles, rope_cos_sin
 from .targets import decoder_model, decoder_parts, text_config
 
 # Families whose layer is pre-norm attention with q/k/v/o projections, then an MLP or a sparse block called on
@@ -142,6 +142,7 @@ class StaticTarget(nn.Module):
             else None
         # Spans that a cache of max_len slots can exceed; the others are plain causal attention here.
         self.spans = [(k, n) if k != "full" and n < max_len else ("full", None) for k, n in layer_spans(cfg)]
+        self.spans_full = all(k == "full" for k, _ in self.spans)
         self.max_len = max_len
         w = embed.weight
         shape = (len(layers), batch, self.num_kv_heads, max_len, self.head_dim)
@@ -166,10 +167,18 @@ class StaticTarget(nn.Module):
     def _ff(self, layer: nn.Module) -> nn.Module:
         return layer.feed_forward if self.llama4 else layer.mlp
 
-    def _masks(self, mask: torch.Tensor, positions: torch.Tensor) -> dict:
-        """The per-forward form of the mask for each kind of layer span present."""
+    def _masks(self, mask, positions: torch.Tensor) -> tuple[dict, int]:
+        """The per-forward form of the mask for each kind of layer span present, and the cache slots the
+        attention reads. A SlotMask stays as it is for `cache_attention` where every layer sees the whole past
+        (windows and chunks read the positions per slot, so they take it dense)."""
         groups = self.num_heads // self.num_kv_heads
-        slot_positions = self.slot_positions[:, None, :mask.shape[-1]]
+        if isinstance(mask, SlotMask):
+            span = min(mask.span, self.max_len)
+            if self.spans_full:
+                return {("full", None): cache_mask(mask, groups, span)}, span
+            mask = dense_slots(mask, span)
+        span = mask.shape[-1]
+        slot_positions = self.slot_positions[:, None, :span]
         out = {}
         for kind, n in dict.fromkeys(self.spans):
             m = mask
@@ -178,7 +187,7 @@ class StaticTarget(nn.Module):
             elif kind == "chunk":
                 m = mask & (positions[:, :, None] // n == slot_positions // n)
             out[(kind, n)] = cache_mask(m, groups)
-        return out
+        return out, span
 
     def compile(self) -> None:
         """torch.compile the layer and the head (regional: every layer of a kind reuses one compiled graph, so
@@ -192,15 +201,16 @@ class StaticTarget(nn.Module):
         self._compiled = True
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor):
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask, eager: bool = False):
         """tokens, positions [B, S]; slots [S] cache slots to write; mask [B, S, L] over the first L <= max_len
-        slots, which are all the attention reads (True = attend, the new tokens' own slots included).
+        slots, which are all the attention reads (True = attend, the new tokens' own slots included), or a
+        SlotMask (batch 1). `eager`: the uncompiled layers even after `compile()` (a prompt's prefill, whose
+        new lengths would otherwise compile again inside a timed decode).
         Returns (logits [B, S, V], aux [B, S, 3H])."""
         h = self.embed_tokens(tokens)
         self.slot_positions.index_copy_(1, slots, positions)
-        masks = self._masks(mask, positions)
+        masks, span = self._masks(mask, positions)  # span: the cache slots the attention reads
         q_scale = None
-        span = mask.shape[-1]  # slots the attention reads
         if self.llama4:  # angles per channel pair, kept in float32 (float64 for a float64 model)
             cos, sin = (t[:, :, None] for t in rope_angles(self.rotary, h, positions))  # [B, S, 1, D/2]
             if self.temperature is not None:
@@ -212,10 +222,10 @@ class StaticTarget(nn.Module):
         for i, layer in enumerate(self.layers):
             if i in self.aux_layer_ids:
                 aux[i] = h
-            h = self._layer_fn(layer, h, cos, sin, q_scale, slots, masks[self.spans[i]],
+            h = (self._layer if eager else self._layer_fn)(layer, h, cos, sin, q_scale, slots, masks[self.spans[i]],
                                self.k_cache[i][:, :, :span], self.v_cache[i][:, :, :span], self.qkv[i],
                                self.gate_up[i])
-        return self._head_fn(h), torch.cat([aux[j] for j in self.aux_layer_ids], dim=-1)
+        return (self._head if eager else self._head_fn)(h), torch.cat([aux[j] for j in self.aux_layer_ids], dim=-1)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h))

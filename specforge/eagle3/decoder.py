@@ -25,7 +25,8 @@ from typing import Optional
 import torch
 
 from ..graphs import CapturedCall
-from ..layers import cache_mask, grouped_attention
+from ..kernels import batch_invariant, cache_attention
+from ..layers import SlotMask, cache_mask, dense_slots, grouped_attention
 from ..log import say
 from ..static_target import StaticTarget
 from .draft import Eagle3Draft
@@ -53,8 +54,11 @@ class SpecDecoder:
     `num_draft_tokens` tree nodes verified per round (root included; chain: spec_steps + 1).
     `cuda_graphs`: replay rounds and steps from CUDA graphs (on a GPU, when the target's forward is capturable);
     `compile`: torch.compile the target and draft forwards; `plain_block`: tokens per replay in plain greedy
-    decoding (one host read per block); `span_step`: attention reads the filled cache slots rounded up to a
-    multiple of this, not the whole cache (with CUDA graphs, one graph per span)."""
+    decoding (one host read per block); `span_step`: where attention takes a dense mask (the CPU, the
+    deterministic switch, windowed layers), it reads the filled cache slots rounded up to a multiple of this,
+    not the whole cache (with CUDA graphs, one graph per span). On CUDA otherwise (`whole_cache`) every
+    decoding forward's mask is a SlotMask that `cache_attention` reads with the filled length on the device,
+    and one graph per kind of call serves every length."""
 
     def __init__(self, target_model, draft: Eagle3Draft, aux_layer_ids: list[int], max_len: int = 2048,
                  spec_steps: int = 5, topk: int = 1, num_draft_tokens: Optional[int] = None,
@@ -96,9 +100,20 @@ class SpecDecoder:
         self.plain_block = max(1, plain_block)
         # Rows of the accepted path a round hands to the next one (the root and the accepted draft tokens).
         self.path_rows = min(spec_steps + 1, self.num_draft_tokens)
-        # Slot indices of both caches, persistent (captured graphs read them on every replay).
+        # Slot indices, and the causal masks of a round's rows (corners of one lower triangle): persistent,
+        # since captured graphs read them on every replay.
         self._arange = torch.arange(max(self.target.k_cache.shape[3], self.draft_slots), device=self.device)
-        self.span_step = max(1, span_step)
+        rows = max(self.num_draft_tokens, self.path_rows, self.plain_block, spec_steps + 1)
+        self._tril = torch.ones(rows, rows, dtype=torch.bool, device=self.device).tril()
+        # Where `cache_attention`'s kernel reads every decoding forward's mask as it is (its filled length stays
+        # on the device), attention needs no span: one graph per kind of call serves every cache length.
+        target_rows = self.target.num_heads // self.target.num_kv_heads * self.num_draft_tokens
+        draft_rows = cfg.num_attention_heads // cfg.num_key_value_heads * max(topk, self.path_rows)
+        self.whole_cache = (self.device.type == "cuda" and cache_attention.triton is not None
+                            and not batch_invariant.active() and self.target.spans_full
+                            and max(target_rows, draft_rows) <= cache_attention.MAX_ROWS)
+        self.span_step = max(self.target.k_cache.shape[3], self.draft_slots) if self.whole_cache \
+            else max(1, span_step)
         self._fit(max(self.target.k_cache.shape[3], self.draft_slots))
         # The forwards every path calls; compiled with dynamic token counts (one graph for 1 token, one for more).
         self._target_fwd, self._draft_fwd, self._logits = self.target, self._draft_rows, draft.logits
@@ -112,11 +127,17 @@ class SpecDecoder:
     def _fit(self, need: int) -> int:
         '''Make the forwards that follow attend over the first `need` slots of each cache, rounded up to a multiple
         of `span_step` (at most the whole cache): a short context then does not pay for reading, and masking out,
-        a long empty cache. Sets the slot indices every mask is built from; returns the span (a graph key).'''
-        span = -(-need // self.span_step) * self.span_step
-        self._slots_t = self._arange[:min(span, self.target.k_cache.shape[3])]
-        self._slots_d = self._arange[:min(span, self.draft_slots)]
-        return span
+        a long empty cache, where attention takes a dense mask. Returns the span (a graph key).'''
+        self._span = -(-need // self.span_step) * self.span_step
+        return self._span
+
+    def _mask(self, prefix: torch.Tensor, local: torch.Tensor, dense_over: Optional[int] = None):
+        '''Rows that read every slot before `prefix` ([1] or 0-dim, on the device) and the `local` [S, T] marks
+        of the T slots from there, over the span `_fit` set. `dense_over` (a cache's size): as a [1, S, L]
+        tensor over that cache's share of the span (a prompt's prefill, which no graph replays: its many rows
+        take plain attention, and no kernel is built for a new shape inside a timed decode).'''
+        mask = SlotMask(prefix.reshape(1), local, self._span)
+        return mask if dense_over is None else dense_slots(mask, min(self._span, dense_over))
 
     def _run(self, key, fn, *args, clone: bool = True):
         """fn(*args), from a CUDA graph captured on first use with these very inputs. Capturing is
@@ -133,29 +154,31 @@ class SpecDecoder:
             return call.outputs
         return tuple(o.clone() for o in call.outputs) if isinstance(call.outputs, tuple) else call.outputs.clone()
 
-    def _target(self, tokens, positions, slots, mask):
-        fn = lambda t, p, s, m: self._target_fwd(t[None], p[None], s, m[None])  # noqa: E731
-        return self._run(("target", len(tokens), mask.shape[-1]) if len(tokens) <= self.num_draft_tokens else None,
-                         fn, tokens, positions, slots, mask)
+    def _target(self, tokens, positions, slots, prefix, local):
+        """The target over `tokens` at `positions`, written at `slots`, reading as `_mask(prefix, local)` says.
+        More tokens than a round verifies (a prompt): eagerly, uncompiled, as no graph replays it and a new
+        length must not compile inside a timed decode."""
+        key = ("target", len(tokens), self._span) if len(tokens) <= self.num_draft_tokens else None
+        fn = lambda t, p, s, pre, loc: self._target_fwd(t[None], p[None], s,  # noqa: E731
+                                                        self._mask(pre, loc, None if key else self.target.max_len),
+                                                        eager=key is None)
+        return self._run(key, fn, tokens, positions, slots, prefix, local)
 
     def _draft_rows(self, tokens, hidden, positions, slots, mask):
         """The draft layer over rows `tokens` [R] (hidden [1, R, H] in), writing their keys and values at
-        `slots` [R] of the draft cache and attending under `mask` [R, L] over its first L slots; returns [1, R, H]."""
+        `slots` [R] of the draft cache and attending under `mask` (a SlotMask of R rows, or [1, R, L] over the
+        first L slots); returns [1, R, H]."""
         def attend(q, k, v):
             self.dk.index_copy_(2, slots, k)
             self.dv.index_copy_(2, slots, v)
-            span = mask.shape[-1]
+            span = min(mask.span, self.draft_slots) if isinstance(mask, SlotMask) else mask.shape[-1]
             return grouped_attention(q, self.dk[:, :, :span], self.dv[:, :, :span],
-                                     cache_mask(mask[None], q.shape[1] // k.shape[1]))
+                                     cache_mask(mask, q.shape[1] // k.shape[1], span))
 
         return self.draft.layer(self.draft.embed(tokens[None]), hidden, positions[None], attend)
 
     def _draft(self, tokens, hidden, positions, slots, mask):
         return self._draft_fwd(tokens, hidden, positions, slots, mask)
-
-    def _prefix_mask(self, rows: int, length: int, slots: int) -> torch.Tensor:
-        """[rows, slots] boolean, True on the first `length` slots (a fresh tensor, for the caller to edit)."""
-        return (self._arange[:slots] < length).expand(rows, slots).clone()
 
     # ---- plain decoding ----
 
@@ -202,8 +225,7 @@ class SpecDecoder:
         out = []
         for j in range(block):
             pos = n_t + j
-            mask = self._slots_t[None, :] <= pos[:, None]
-            logits, _ = self._target_fwd(tok[None], pos[None], pos, mask[None])
+            logits, _ = self._target_fwd(tok[None], pos[None], pos, self._mask(pos, self._tril[:1, :1]))
             tok = logits[0, -1:].argmax(-1)
             out.append(tok)
         return torch.cat(out)
@@ -212,8 +234,7 @@ class SpecDecoder:
         """One plain step: token `tok` at position n; returns the next-token logits."""
 
         def step(tok_t, n_t):
-            mask = self._slots_t[None, :] <= n_t
-            logits, _ = self._target_fwd(tok_t[None], n_t[None], n_t, mask[None])
+            logits, _ = self._target_fwd(tok_t[None], n_t[None], n_t, self._mask(n_t, self._tril[:1, :1]))
             return logits[0, -1]
 
         return self._run(("decode", self._fit(n + 1)), step, torch.tensor([tok], device=self.device),
@@ -231,8 +252,8 @@ class SpecDecoder:
             raise ValueError(f"prompt of {m} tokens does not fit max_len={self.max_len}")
         idx = torch.arange(m, device=self.device)
         self._fit(m)
-        mask = self._slots_t[None, :] <= idx[:, None]
-        logits, aux = self._target(torch.tensor(prompt, device=self.device), idx, idx, mask)
+        causal = torch.ones(m, m, dtype=torch.bool, device=self.device).tril()
+        logits, aux = self._target(torch.tensor(prompt, device=self.device), idx, idx, idx[:1], causal)
         return logits[0, -1], aux[0]
 
     # ---- speculative decoding ----
@@ -347,14 +368,18 @@ class SpecDecoder:
 
     def _draft_prefill(self, aux, tokens_after, start: int, n: int) -> torch.Tensor:
         """Step 0 for positions start..n-1: target features there plus the token after each."""
-        steps = self._arange[:n - start]  # a view of a persistent tensor: a captured graph may read it later
+        rows = n - start
+        steps = self._arange[:rows]  # a view of a persistent tensor: a captured graph may read it later
+        causal = self._tril[:rows, :rows] if rows <= len(self._tril) else \
+            torch.ones(rows, rows, dtype=torch.bool, device=self.device).tril()
+        key = ("draft_prefill", rows, self._span) if rows <= self.spec_steps + 1 else None
+        draft = self._draft if key is not None else self._draft_rows  # a prompt: eagerly, as in `_target`
 
-        def fn(aux, toks, start_t):  # positions and mask are built on the device (inside the graph)
+        def fn(aux, toks, start_t):  # positions are built on the device (inside the graph)
             pos = start_t + steps
-            mask = self._slots_d[None, :] <= pos[:, None]
-            return self._draft(toks, self.draft.project(aux[None]), pos, pos, mask)[0, -1]
+            mask = self._mask(start_t, causal, None if key else self.draft_slots)
+            return draft(toks, self.draft.project(aux[None]), pos, pos, mask)[0, -1]
 
-        key = ("draft_prefill", n - start, len(self._slots_d)) if n - start <= self.spec_steps + 1 else None
         return self._run(key, fn, aux, tokens_after, torch.tensor([start], device=self.device))
 
     def _draft_pending(self, n_t, pend_aux, pend_tok, count):
@@ -363,8 +388,9 @@ class SpecDecoder:
         rows past `count` are filler: they write draft-cache slots >= n, which this round's draft steps
         overwrite before anything reads them. Returns the root token [1] (at position n) and the draft's
         output at position n-1 [H], which predicts the token after the root."""
-        pos = n_t - count + self._arange[:pend_tok.numel()]
-        mask = self._slots_d[None, :] <= pos[:, None]
+        w = pend_tok.numel()
+        pos = n_t - count + self._arange[:w]
+        mask = self._mask(pos[0], self._tril[:w, :w])
         h = self._draft(pend_tok, self.draft.project(pend_aux[None]), pos, pos, mask)[0]
         last = count - 1
         return pend_tok.index_select(0, last), h.index_select(0, last)[0]
@@ -378,8 +404,7 @@ class SpecDecoder:
         s = self.spec_steps
         rows = self._arange[:s + 1]
         pos = n_t + rows
-        mask = self._slots_t[None, :] <= pos[:, None]
-        logits, aux = self._target_fwd(chain[None], pos[None], pos, mask[None])
+        logits, aux = self._target_fwd(chain[None], pos[None], pos, self._mask(n_t, self._tril[:s + 1, :s + 1]))
         choice = logits[0].argmax(-1)
         accepted = (chain[1:] == choice[:-1]).long().cumprod(0).sum()
         bonus = choice.index_select(0, accepted[None])  # no host read: this runs inside a graph
@@ -396,9 +421,9 @@ class SpecDecoder:
         hidden = root_hidden[None, None]
         for depth in range(1, self.spec_steps):
             pos = n_t - 1 + depth
-            slot = n_t + depth - 1
-            mask = (self._slots_d < n_t) | ((self._slots_d >= n_t) & (self._slots_d <= slot))
-            hidden = self._draft(tok, self.draft.carry(hidden), pos, slot, mask[None])
+            slot = n_t + depth - 1  # it sees the chain's slots n .. slot
+            hidden = self._draft(tok, self.draft.carry(hidden), pos, slot,
+                                 self._mask(n_t, self._tril[depth - 1:depth, :depth]))
             tok = self.draft_ids[self._logits(hidden[0]).argmax(-1)]
             tokens.append(tok)
         return torch.cat(tokens)
@@ -425,9 +450,6 @@ class SpecDecoder:
         rows = self._arange[:k]
         # Draft slots n .. n+region-1 hold the expanded nodes: frontier row r of depth d at slot n + (d-1)*k + r.
         region = steps * k
-        rel = (self._slots_d - n_t).clamp(0, region - 1)
-        in_region = (self._slots_d >= n_t) & (self._slots_d < n_t + region)
-        prefix = self._slots_d < n_t
 
         def candidates(hidden, base):  # the top k children of each row, scored by cumulative log-probability
             top = torch.log_softmax(self._logits(hidden).float(), dim=-1).topk(k, dim=-1)
@@ -447,9 +469,8 @@ class SpecDecoder:
             # Each node sees its ancestors' slots and its own. (Elementwise, not a scalar index_put: what
             # a CUDA graph captures must not copy from the host.)
             ancestors = ancestors[parent_row] | (region_slots[None, :] == ((depth - 1) * k + rows)[:, None])
-            mask = prefix | (in_region & ancestors[:, rel])
             out = self._draft(tok[order], self.draft.carry(hidden[parent_row][None]), (n_t - 1 + depth).expand(k),
-                              n_t + (depth - 1) * k + rows, mask)[0]
+                              n_t + (depth - 1) * k + rows, self._mask(n_t, ancestors))[0]
             frontier_pool = offset + order
             offset += score.numel()
             tok, score = candidates(out, score[order])
@@ -480,10 +501,7 @@ class SpecDecoder:
         for _ in range(self.spec_steps):
             node = up[node]
             ancestors = ancestors | (idx[None, :] == node[:, None])
-        slots_t = self._slots_t
-        in_tree = (slots_t >= n_t) & (slots_t < n_t + t)
-        mask = (slots_t < n_t) | (in_tree & ancestors[:, (slots_t - n_t).clamp(0, t - 1)])
-        logits, aux = self.target(tokens[None], (n_t + depths)[None], n_t + idx, mask[None])
+        logits, aux = self.target(tokens[None], (n_t + depths)[None], n_t + idx, self._mask(n_t, ancestors))
         choice = logits[0].argmax(-1)
         agrees = (tokens == choice[up]) | (idx == 0)
         accepted = ~(ancestors & ~agrees[None]).any(-1)
@@ -532,19 +550,21 @@ class SpecDecoder:
             frontier = sorted(new, key=lambda i: (-scores[i], i))[:k]
             # One draft forward over the frontier: each node sees the prefix and its own ancestors.
             slots = torch.tensor([n + (depth - 1) * k + j for j in range(len(frontier))], device=self.device)
-            mask = self._prefix_mask(len(frontier), n, len(self._slots_d))
+            local = torch.zeros(len(frontier), steps * k, dtype=torch.bool)  # over draft slots n, n+1, ...
             parent_hidden = []
             for row, node in enumerate(frontier):
-                draft_slot[node] = int(slots[row])
+                draft_slot[node] = (depth - 1) * k + row
                 a = node
                 while a >= 0:
-                    mask[row, draft_slot[a]] = True
+                    local[row, draft_slot[a]] = True
                     a = parents[a]
                 parent_hidden.append(root_hidden if parents[node] < 0 else node_hidden[parents[node]])
             toks = torch.tensor([tokens[i] for i in frontier], device=self.device)
             pos = torch.full((len(frontier),), n - 1 + depth, device=self.device)
-            out = self._run(("draft_step", len(frontier), mask.shape[-1]), lambda *a: self._draft(*a)[0],
-                            toks, self.draft.carry(torch.stack(parent_hidden)[None]), pos, slots, mask)
+            out = self._run(("draft_step", len(frontier), self._span),
+                            lambda t, h, p, s, pre, loc: self._draft(t, h, p, s, self._mask(pre, loc))[0],
+                            toks, self.draft.carry(torch.stack(parent_hidden)[None]), pos, slots,
+                            torch.tensor([n], device=self.device), local.to(self.device))
             for row, node in enumerate(frontier):
                 node_hidden[node] = out[row]
             hidden = out
@@ -562,13 +582,14 @@ class SpecDecoder:
         """Target forward over the tree; returns (accepted tree path from the root, bonus token, aux)."""
         t = len(tree.parents)
         slots = n + torch.arange(t, device=self.device)
-        mask = self._prefix_mask(t, n, len(self._slots_t))
+        local = torch.zeros(t, t, dtype=torch.bool)  # over target slots n .. n+t-1
         for i in range(t):
             a = i
             while a >= 0:
-                mask[i, n + a] = True
+                local[i, a] = True
                 a = tree.parents[a]
-        logits, aux = self._target(tree.tokens, n + tree.depths, slots, mask)
+        logits, aux = self._target(tree.tokens, n + tree.depths, slots, torch.tensor([n], device=self.device),
+                                   local.to(self.device))
         logits, aux = logits[0], aux[0]
         if self.temperature > 0:
             accept = self._accept_sampled if tree.draft_probs is not None else self._accept_sampled_tree

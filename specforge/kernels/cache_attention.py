@@ -1,0 +1,147 @@
+"""Decoding attention over a KV cache whose filled length lives on the device.
+
+In every forward the decoder runs (a decode step, a chain or tree verify, a draft step) each query row reads
+all cache slots before a `prefix` and, of the T slots from there (the tokens of this round), those a small
+`local` [S, T] mask marks. Given in that form, the filled length never reaches the host: one CUDA graph
+serves every cache length, and the kernel reads only the slots up to prefix + T, however large the cache.
+
+Each program serves one kv head and one fixed range of SPLIT slots, for all the query heads sharing that kv
+head and all S queries at once (their rows stacked), so a key block is loaded once per round of rows;
+programs whose range starts past prefix + T return at once. A second kernel (the batch-invariant
+attention's merge) combines the ranges in order, so results are the same run after run.
+
+`cache_attention(q, k, v, prefix, local)`: q [1, Hq, S, D], k/v [1, Hkv, L, D], prefix [1] int64 on q's
+device, local [S, T] bool. Returns [1, Hq, S, D] in q's dtype. On CUDA a Triton kernel (as a custom op, so
+torch.compile treats it as one opaque call); elsewhere `cache_attention_reference`, which the tests hold the
+kernel to."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .invariant_attention import attention_reference
+
+try:
+    import triton
+    import triton.language as tl
+
+    from .invariant_attention import _merge_kernel
+except ImportError:  # CPU-only installs
+    triton = None
+
+SPLIT = 256  # cache slots per program
+BLOCK_N = 64  # slots per step inside a program
+MAX_ROWS = 128  # query heads per kv head times queries: what one program holds in registers
+
+
+def dense_mask(prefix: torch.Tensor, local: torch.Tensor, length: int) -> torch.Tensor:
+    """The [S, length] boolean mask that (prefix, local) describe, built on the device (no host read)."""
+    t = local.shape[1]
+    rel = torch.arange(length, device=local.device) - prefix.reshape(1)
+    inside = (rel >= 0) & (rel < t)
+    return (rel < 0) | (inside & local[:, rel.clamp(0, t - 1)])
+
+
+def cache_attention_reference(q, k, v, prefix, local, scale=None):
+    """Masked softmax attention in float32 (float64 stays float64) under `dense_mask`."""
+    return attention_reference(q, k, v, dense_mask(prefix, local, k.shape[2])[None], scale)
+
+
+def kernel_serves(q: torch.Tensor, k: torch.Tensor, local: torch.Tensor) -> bool:
+    """Whether the Triton kernel takes these shapes (batch 1, rows that fit one program, a power-of-two head
+    dim of at least 16); callers fall back to a dense mask otherwise."""
+    b, hq, s, d = q.shape
+    return (triton is not None and q.is_cuda and q.dtype != torch.float64 and b == 1
+            and hq // k.shape[1] * s <= MAX_ROWS and d >= 16 and d & (d - 1) == 0 and local.shape[0] == s)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kernel(q_ptr, k_ptr, v_ptr, prefix_ptr, local_ptr, m_ptr, l_ptr, acc_ptr, scale,
+                      S, T, L, G, NSPLIT, s_qh, s_qs, s_kh, s_kl, s_vh, s_vl, s_ls,
+                      IEEE: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+        hk = tl.program_id(0)
+        sp = tl.program_id(1)
+        prefix = tl.load(prefix_ptr)
+        r = tl.arange(0, ROWS)  # row r: query head hk*G + r // S, query r % S
+        live = r < G * S
+        g = r // S
+        s = r % S
+        dd = tl.arange(0, D)
+        q = tl.load(q_ptr + (hk * G + g)[:, None] * s_qh + s[:, None] * s_qs + dd[None, :], mask=live[:, None],
+                    other=0.0)
+        m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+        l_i = tl.zeros((ROWS,), tl.float32)
+        acc = tl.zeros((ROWS, D), tl.float32)
+        lo = sp * SPLIT
+        hi = tl.minimum(tl.minimum(lo + SPLIT, prefix + T), L)  # slots past the cache do not exist
+        for j0 in range(lo, hi, BLOCK_N):
+            j = j0 + tl.arange(0, BLOCK_N)
+            valid = j < hi
+            kt = tl.load(k_ptr + hk * s_kh + j[None, :].to(tl.int64) * s_kl + dd[:, None], mask=valid[None, :],
+                         other=0.0)
+            if IEEE:
+                scores = tl.dot(q, kt, input_precision="ieee") * scale
+            else:
+                scores = tl.dot(q, kt) * scale
+            rel = j - prefix
+            near = valid & (rel >= 0)
+            marked = tl.load(local_ptr + s[:, None] * s_ls + rel[None, :], mask=live[:, None] & near[None, :],
+                             other=0)
+            allowed = (valid & (rel < 0))[None, :] | (marked != 0)
+            scores = tl.where(allowed, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - safe)
+            p = tl.exp(scores - safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vt = tl.load(v_ptr + hk * s_vh + j[:, None].to(tl.int64) * s_vl + dd[None, :], mask=valid[:, None],
+                         other=0.0)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            m_i = m_new
+        # partials in the merge kernel's layout: [Hq, S, NSPLIT] (m, l) and [Hq, S, NSPLIT, D] (acc)
+        row = ((hk * G + g) * S + s) * NSPLIT + sp
+        tl.store(m_ptr + row, m_i, mask=live)
+        tl.store(l_ptr + row, l_i, mask=live)
+        tl.store(acc_ptr + row[:, None] * D + dd[None, :], acc, mask=live[:, None])
+
+    @torch.library.custom_op("specforge::cache_attention", mutates_args=())
+    def _cache_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: torch.Tensor,
+                            local: torch.Tensor, scale: float) -> torch.Tensor:
+        _, hq, s, d = q.shape
+        hk, length = k.shape[1], k.shape[2]
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        local = (local if local.stride(-1) == 1 else local.contiguous()).view(torch.uint8)
+        nsplit = triton.cdiv(length, SPLIT)
+        m = torch.empty(1, hq, s, nsplit, dtype=torch.float32, device=q.device)
+        l_ = torch.empty_like(m)
+        acc = torch.empty(1, hq, s, nsplit, d, dtype=torch.float32, device=q.device)
+        g = hq // hk
+        _split_kernel[(hk, nsplit)](
+            q, k, v, prefix, local, m, l_, acc, scale, s, local.shape[1], length, g, nsplit,
+            q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), local.stride(0),
+            IEEE=q.dtype == torch.float32, D=d, ROWS=max(16, triton.next_power_of_2(g * s)), SPLIT=SPLIT,
+            BLOCK_N=BLOCK_N, num_warps=4, num_stages=2)
+        out = torch.empty(1, hq, s, d, dtype=q.dtype, device=q.device)
+        _merge_kernel[(hq * s,)](m, l_, acc, out, s, hq, nsplit, out.stride(0), out.stride(1), out.stride(2),
+                                 D=d, BLOCK_S=triton.next_power_of_2(nsplit), num_warps=1)
+        return out
+
+    @_cache_attention_op.register_fake
+    def _(q, k, v, prefix, local, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def cache_attention(q, k, v, prefix, local, scale=None):
+    """The Triton kernel where it serves (`kernel_serves`), else the reference."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if kernel_serves(q, k, local):
+        return _cache_attention_op(q, k, v, prefix, local, scale)
+    return cache_attention_reference(q, k, v, prefix, local, scale)
