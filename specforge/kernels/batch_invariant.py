@@ -55,15 +55,21 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _eps(norm) -> float:
+    """A norm's epsilon: HF names it `variance_epsilon` (Llama 4's weightless norm too, since transformers
+    5.25; `eps` before), ours `eps`."""
+    eps = getattr(norm, "variance_epsilon", None)
+    return norm.eps if eps is None else eps
+
+
 def _norm_forward(self, x):
-    eps = getattr(self, "variance_epsilon", None)
-    return rms_norm(x, _local(self.weight), self.eps if eps is None else eps)
+    return rms_norm(x, _local(self.weight), _eps(self))
 
 
 def _l2_norm_forward(self, x):
     """Llama 4's q/k L2 norm: HF's RMSNorm formula without a weight, in float32 whatever the input."""
     ones = torch.ones(x.shape[-1], dtype=torch.float32, device=x.device)
-    return rms_norm(x.float(), ones, self.eps).type_as(x)
+    return rms_norm(x.float(), ones, _eps(self)).type_as(x)
 
 
 # module, class: weightless L2 norms, swapped for `_l2_norm_forward`.
