@@ -76,6 +76,7 @@ def main():
             for mode, topk, nodes in (("chain", 1, None), (f"tree k={k} T={t_nodes}", k, t_nodes)):
                 dec = SpecDecoder(target, draft, ids, max_len=max_len, spec_steps=args.spec_steps, topk=topk,
                                   num_draft_tokens=nodes, cuda_graphs=True)
+                dec.capture_prompts(max(len(p) for p in prompts) + 2)
                 dec.generate(prompts[0][:16], 8, eos)  # warm-up: graph capture
                 dec.generate_plain(prompts[0][:16], 8, eos)
                 differ, accepts, spec_tps, plain_tps = run(dec, prompts, args.new_tokens, eos)

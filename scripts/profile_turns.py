@@ -7,7 +7,8 @@ rounds (or plain blocks). Against those, the round's and the plain block's own g
 (device time): what a turn costs beyond prefill and device time is host time between replays. Prints a
 table per phase, the time spent in garbage collections inside the turns, the turns slower than twice the
 median round (a capture, a compile or a collection inside a turn), and with `--profile` the host ops of one
-turn by self CPU time. `--no-freeze`: without the bench's `gc.freeze()` after warm-up.
+turn by self CPU time. `--no-freeze`: without the bench's `gc.freeze()` after warm-up; `--compiled-prompts`: prompt graphs
+of the compiled forwards.
 
   python scripts/profile_turns.py --config configs/recipes/smollm2-gpu.yaml --spec-steps 5 [--topk 4 \
       --num-draft-tokens 16] [--turns 40] [--profile]
@@ -63,13 +64,20 @@ def main():
     ap.add_argument("--turns", type=int, default=40)
     ap.add_argument("--profile", action="store_true", help="torch.profiler over one speculative turn")
     ap.add_argument("--no-freeze", action="store_true", help="undo warm-up's gc.freeze()")
+    ap.add_argument("--compiled-prompts", action="store_true",
+                    help="the prompt graphs replay the compiled forwards (SpecDecoder.prompt_compiled)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args()
     cfg = load_config(config_file=args.config, overrides=args.overrides)
     tokens = args.num_draft_tokens or args.spec_steps + 1
     models = load_models(cfg, init_distributed(cfg), [(args.spec_steps, args.topk, tokens)])
     dec, tok = models.decoder(args.spec_steps, args.topk, tokens), models.tok
+    dec.prompt_compiled = args.compiled_prompts
+    t0 = time.perf_counter()
     warm_up(dec, tok, cfg.bench.capture_ahead)
+    print(f"warm-up: {time.perf_counter() - t0:.1f} s, {len(dec._graphs)} graphs "
+          f"({sum(k[0] in ('prompt', 'draft_prompt') for k in dec._graphs)} of prompts), "
+          f"{torch.cuda.memory_reserved() / 2**30:.2f} GiB reserved")
     if args.no_freeze:
         gc.unfreeze()
     graphs_before = len(dec._graphs)

@@ -84,7 +84,8 @@ def load_models(cfg: Config, dist: Dist, settings: list[tuple[int, int, int]]) -
         return SpecDecoder(static, draft, aux_ids, max_len=b.max_len, spec_steps=steps, topk=topk,
                            num_draft_tokens=tokens, temperature=b.temperature, seed=b.seed,
                            cuda_graphs=b.cuda_graphs and dist.tp == 1,  # collectives stay out of graphs
-                           compile=compile, plain_block=b.plain_block, span_step=b.span_step)
+                           compile=compile, plain_block=b.plain_block, span_step=b.span_step,
+                           prompt_step=b.prompt_step)
 
     return BenchModels(tok, draft, draft_dir, static, compile, decoder)
 
@@ -143,7 +144,7 @@ def warm_up(dec: SpecDecoder, tok, capture_ahead: bool = False) -> None:
     """Allocations, compilation and graph capture, outside the timed runs, as a server captures at start-up.
     Where attention reads the whole cache (`dec.whole_cache`) that is a handful of graphs; with span buckets
     it is one round per span, captured ahead only with `capture_ahead` (else when a turn first reaches the
-    span, inside its timing)."""
+    span, inside its timing). The prompt graphs (one per padded prompt length) are captured either way."""
     long = " ".join(["Summarize the main argument of this paragraph in one sentence."] * 30)
     for text in ("Hello", long):  # a short and a long prompt: prefill buffers of both sizes
         warm = prompt_ids(tok, [{"role": "user", "content": text}])
@@ -152,6 +153,8 @@ def warm_up(dec: SpecDecoder, tok, capture_ahead: bool = False) -> None:
             dec.generate_plain(warm, 24, tok.eos_token_id)
     if capture_ahead or dec.whole_cache:
         dec.capture()
+    else:
+        dec.capture_prompts()
     # What loading and compiling left on the heap is never traversed again by a garbage collection inside a
     # timed turn (a full collection over it takes tens of milliseconds), as serving engines do after start-up.
     gc.collect()

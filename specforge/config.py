@@ -207,6 +207,9 @@ class BenchConfig:
     # this, not all max_len of them (with CUDA graphs: one graph per span; smaller = less wasted reading, more
     # graphs to capture)
     span_step: int = 128
+    # with CUDA graphs, a prompt's prefill pads to a multiple of this many tokens and replays one graph per padded
+    # length (all captured at warm-up): no per-prompt host cost of an eager forward, nothing built inside a turn
+    prompt_step: int = 64
     # with span buckets: capture every span's graphs before timing (SpecDecoder.capture); off: a span's graphs
     # are captured when a turn first reaches it, inside that turn's time (one try on an H200 with it on did not
     # finish a tree bench in 150 s, where it took 133 s off). The CUDA default has a few graphs, always

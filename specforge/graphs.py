@@ -9,9 +9,11 @@ import torch
 class CapturedCall:
     """A CUDA graph of fn over static input buffers; replay copies new inputs into them first.
     Any other tensor fn reads must outlive the graph (a module buffer, not a temporary of the first call):
-    replays read the memory the capture saw."""
+    replays read the memory the capture saw. `pool` (`torch.cuda.graph_pool_handle()`): a memory pool shared
+    with other graphs, whose temporaries then overlap: safe when the graphs never run at once and each one's
+    outputs are read (cloned) before another replays."""
 
-    def __init__(self, fn, args):
+    def __init__(self, fn, args, pool=None):
         self.inputs = [a.clone() for a in args]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -22,7 +24,7 @@ class CapturedCall:
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = fn(*self.inputs)
         self.graph.replay()
 

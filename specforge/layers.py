@@ -81,12 +81,11 @@ class CacheMask(NamedTuple):
     slots: Optional[SlotMask] = None
 
 
-def slot_kernel_serves(mask: SlotMask, groups: int) -> bool:
-    """Whether `cache_attention`'s kernel reads this mask as it is (CUDA, not under the deterministic switch,
-    whose kernel is another; rows that fit one program); otherwise the mask is made dense."""
-    s = mask.local.shape[0]
-    return (mask.local.is_cuda and cache_attention.triton is not None and not batch_invariant.active()
-            and groups * s <= cache_attention.MAX_ROWS)
+def slot_kernel_serves(device: torch.device, rows: int) -> bool:
+    """Whether `cache_attention`'s kernel reads a SlotMask as it is, for `rows` query rows per kv head (query
+    heads per kv head times queries) on `device`: CUDA, rows that fit one program, and not under the
+    deterministic switch, whose kernel is another. Otherwise the mask is made dense."""
+    return not batch_invariant.active() and cache_attention.serves(device, rows)
 
 
 def dense_slots(mask: SlotMask, length: int) -> torch.Tensor:
@@ -97,7 +96,7 @@ def dense_slots(mask: SlotMask, length: int) -> torch.Tensor:
 def cache_mask(mask, groups: int, length: Optional[int] = None) -> CacheMask:
     """`mask`: [B, S, L] bool, or a SlotMask (read over `length` slots where it must be made dense)."""
     if isinstance(mask, SlotMask):
-        if slot_kernel_serves(mask, groups):
+        if slot_kernel_serves(mask.local.device, groups * mask.local.shape[0]):
             return CacheMask(None, None, None, mask)
         mask = dense_slots(mask, min(mask.span, length or mask.span))
     if batch_invariant.active():

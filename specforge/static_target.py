@@ -201,12 +201,13 @@ class StaticTarget(nn.Module):
         self._compiled = True
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask, eager: bool = False):
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask, eager: bool = False,
+                logit_rows: Optional[torch.Tensor] = None):
         """tokens, positions [B, S]; slots [S] cache slots to write; mask [B, S, L] over the first L <= max_len
         slots, which are all the attention reads (True = attend, the new tokens' own slots included), or a
-        SlotMask (batch 1). `eager`: the uncompiled layers even after `compile()` (a prompt's prefill, whose
-        new lengths would otherwise compile again inside a timed decode).
-        Returns (logits [B, S, V], aux [B, S, 3H])."""
+        SlotMask (batch 1). `eager`: the uncompiled layers even after `compile()`. `logit_rows` [R]: the only
+        rows whose logits are computed (a prompt needs its last row's; the head over all is the bulk of its
+        memory). Returns (logits [B, S or R, V], aux [B, S, 3H])."""
         h = self.embed_tokens(tokens)
         self.slot_positions.index_copy_(1, slots, positions)
         masks, span = self._masks(mask, positions)  # span: the cache slots the attention reads
@@ -225,6 +226,8 @@ class StaticTarget(nn.Module):
             h = (self._layer if eager else self._layer_fn)(layer, h, cos, sin, q_scale, slots, masks[self.spans[i]],
                                self.k_cache[i][:, :, :span], self.v_cache[i][:, :, :span], self.qkv[i],
                                self.gate_up[i])
+        if logit_rows is not None:
+            h = h.index_select(1, logit_rows)
         return (self._head if eager else self._head_fn)(h), torch.cat([aux[j] for j in self.aux_layer_ids], dim=-1)
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:

@@ -124,6 +124,29 @@ def test_rollback_leaves_caches_as_a_fresh_run(target, trained_draft):
     torch.testing.assert_close(dec.dk[..., :m, :], fresh_dec.dk[..., :m, :], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("length", [2, 9, 16, 17, 30])
+def test_padded_prompt_equals_unpadded(target, trained_draft, length):
+    """A prompt padded to a multiple of `prompt_step` (as under CUDA graphs, one graph per padded length) gives
+    the unpadded prefill's logits, features, draft output and cache entries (float64), and the same decode."""
+    target = copy.deepcopy(target).double()
+    draft = copy.deepcopy(trained_draft).double()
+    draft.set_embed_tokens(target.model.embed_tokens)
+    prompt = torch.randint(0, 256, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+    got = []
+    for step in (1, 8):
+        dec = SpecDecoder(target, draft, AUX, max_len=64, spec_steps=3, topk=2, num_draft_tokens=6)
+        dec.prompt_step = step
+        logits, aux = dec._prefill(prompt)
+        h = dec._draft_prefill(aux, torch.tensor(prompt[1:] + [7]), 0, length)
+        got.append((logits, aux, h, dec.target.k_cache[..., :length, :].clone(), dec.dk[..., :length, :].clone()))
+        got[-1] += (dec.generate(prompt, 20)[0], dec.generate_plain(prompt, 20)[0])
+    (*want, spec, plain), (*padded, spec_p, plain_p) = got
+    assert padded[1].shape == want[1].shape == (length, 3 * target.config.hidden_size)
+    for a, b in zip(padded, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert spec_p == spec == plain == plain_p
+
+
 def oracle_propose(dec, target, seq_ref):
     """A proposer that is given the target's own answer: its chain is the target's greedy continuation."""
 

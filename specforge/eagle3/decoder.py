@@ -25,8 +25,7 @@ from typing import Optional
 import torch
 
 from ..graphs import CapturedCall
-from ..kernels import batch_invariant, cache_attention
-from ..layers import SlotMask, cache_mask, dense_slots, grouped_attention
+from ..layers import SlotMask, cache_mask, grouped_attention, slot_kernel_serves
 from ..log import say
 from ..static_target import StaticTarget
 from .draft import Eagle3Draft
@@ -58,12 +57,14 @@ class SpecDecoder:
     deterministic switch, windowed layers), it reads the filled cache slots rounded up to a multiple of this,
     not the whole cache (with CUDA graphs, one graph per span). On CUDA otherwise (`whole_cache`) every
     decoding forward's mask is a SlotMask that `cache_attention` reads with the filled length on the device,
-    and one graph per kind of call serves every length."""
+    and one graph per kind of call serves every length. A prompt's prefill (target and draft) runs padded to
+    a multiple of `prompt_step` tokens, from one graph per such length (`capture` takes them all ahead), eagerly
+    inside the graph unless `prompt_compiled`."""
 
     def __init__(self, target_model, draft: Eagle3Draft, aux_layer_ids: list[int], max_len: int = 2048,
                  spec_steps: int = 5, topk: int = 1, num_draft_tokens: Optional[int] = None,
                  temperature: float = 0.0, seed: int = 0, cuda_graphs: bool = False, device_rounds: bool = True,
-                 compile: bool = False, plain_block: int = 4, span_step: int = 128):
+                 compile: bool = False, plain_block: int = 4, span_step: int = 128, prompt_step: int = 64):
         self.spec_steps, self.topk, self.temperature, self.seed = spec_steps, topk, temperature, seed
         self.num_draft_tokens = num_draft_tokens or spec_steps + 1
         max_nodes = 1 + sum(topk ** d if d == 1 else topk * topk for d in range(1, spec_steps + 1))
@@ -109,12 +110,15 @@ class SpecDecoder:
         # on the device), attention needs no span: one graph per kind of call serves every cache length.
         target_rows = self.target.num_heads // self.target.num_kv_heads * self.num_draft_tokens
         draft_rows = cfg.num_attention_heads // cfg.num_key_value_heads * max(topk, self.path_rows)
-        self.whole_cache = (self.device.type == "cuda" and cache_attention.triton is not None
-                            and not batch_invariant.active() and self.target.spans_full
-                            and max(target_rows, draft_rows) <= cache_attention.MAX_ROWS)
+        self.whole_cache = self.target.spans_full and slot_kernel_serves(self.device, max(target_rows, draft_rows))
         self.span_step = max(self.target.k_cache.shape[3], self.draft_slots) if self.whole_cache \
             else max(1, span_step)
         self._fit(max(self.target.k_cache.shape[3], self.draft_slots))
+        # Prompts: padded to a multiple of prompt_step under CUDA graphs (one graph per padded length, all in one
+        # memory pool: one prompt graph runs at a time and its outputs are cloned at once); as they are elsewhere.
+        self.prompt_step = max(1, prompt_step) if self.cuda_graphs else 1
+        self._prompt_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self.prompt_compiled = False  # the prompt graphs replay the compiled forwards (with `compile`)
         # The forwards every path calls; compiled with dynamic token counts (one graph for 1 token, one for more).
         self._target_fwd, self._draft_fwd, self._logits = self.target, self._draft_rows, draft.logits
         if compile:
@@ -131,23 +135,20 @@ class SpecDecoder:
         self._span = -(-need // self.span_step) * self.span_step
         return self._span
 
-    def _mask(self, prefix: torch.Tensor, local: torch.Tensor, dense_over: Optional[int] = None):
+    def _mask(self, prefix: torch.Tensor, local: torch.Tensor) -> SlotMask:
         '''Rows that read every slot before `prefix` ([1] or 0-dim, on the device) and the `local` [S, T] marks
-        of the T slots from there, over the span `_fit` set. `dense_over` (a cache's size): as a [1, S, L]
-        tensor over that cache's share of the span (a prompt's prefill, which no graph replays: its many rows
-        take plain attention, and no kernel is built for a new shape inside a timed decode).'''
-        mask = SlotMask(prefix.reshape(1), local, self._span)
-        return mask if dense_over is None else dense_slots(mask, min(self._span, dense_over))
+        of the T slots from there, over the span `_fit` set.'''
+        return SlotMask(prefix.reshape(1), local, self._span)
 
-    def _run(self, key, fn, *args, clone: bool = True):
+    def _run(self, key, fn, *args, clone: bool = True, pool=None):
         """fn(*args), from a CUDA graph captured on first use with these very inputs. Capturing is
         idempotent: the forward writes the same cache slots with the same values as the real call.
-        `clone=False`: the graph's own output tensors, valid until its next replay."""
+        `clone=False`: the graph's own output tensors, valid until its next replay. `pool`: see CapturedCall."""
         if not self.cuda_graphs or key is None:
             return fn(*args)
         call = self._graphs.get(key)
         if call is None:
-            call = self._graphs[key] = CapturedCall(fn, args)
+            call = self._graphs[key] = CapturedCall(fn, args, pool)
         else:
             call.replay(args)
         if not clone:
@@ -155,14 +156,10 @@ class SpecDecoder:
         return tuple(o.clone() for o in call.outputs) if isinstance(call.outputs, tuple) else call.outputs.clone()
 
     def _target(self, tokens, positions, slots, prefix, local):
-        """The target over `tokens` at `positions`, written at `slots`, reading as `_mask(prefix, local)` says.
-        More tokens than a round verifies (a prompt): eagerly, uncompiled, as no graph replays it and a new
-        length must not compile inside a timed decode."""
-        key = ("target", len(tokens), self._span) if len(tokens) <= self.num_draft_tokens else None
-        fn = lambda t, p, s, pre, loc: self._target_fwd(t[None], p[None], s,  # noqa: E731
-                                                        self._mask(pre, loc, None if key else self.target.max_len),
-                                                        eager=key is None)
-        return self._run(key, fn, tokens, positions, slots, prefix, local)
+        """The target over a tree's `tokens` at `positions`, written at `slots`, reading as `_mask(prefix, local)`
+        says (the host path's verification)."""
+        fn = lambda t, p, s, pre, loc: self._target_fwd(t[None], p[None], s, self._mask(pre, loc))  # noqa: E731
+        return self._run(("target", len(tokens), self._span), fn, tokens, positions, slots, prefix, local)
 
     def _draft_rows(self, tokens, hidden, positions, slots, mask):
         """The draft layer over rows `tokens` [R] (hidden [1, R, H] in), writing their keys and values at
@@ -246,15 +243,52 @@ class SpecDecoder:
         probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
         return int(torch.multinomial(probs, 1, generator=gen))
 
+    # ---- a prompt's prefill: from slot 0, padded to a multiple of prompt_step (one graph per padded length) ----
+
+    def _prompt_rows(self, rows: int, cache: int) -> int:
+        """`rows` rounded up to a multiple of prompt_step, within a cache of `cache` slots."""
+        return min(-(-rows // self.prompt_step) * self.prompt_step, cache)
+
+    def _causal(self, rows: int) -> torch.Tensor:
+        """[1, rows, rows] causal mask over cache slots 0..rows-1, built on the device (inside a graph)."""
+        idx = self._arange[:rows]
+        return (idx[None, :] <= idx[:, None])[None]
+
+    def _prompt_target(self, tokens: torch.Tensor, last: torch.Tensor):
+        """The target over a (padded) prompt at slots 0..P-1; logits of row `last` [1] only. Rows past the
+        prompt write slots that decoding overwrites before any query reads them (reads stop at the length)."""
+        idx = self._arange[:tokens.numel()]
+        logits, aux = self.target(tokens[None], idx[None], idx, self._causal(idx.numel()),
+                                  eager=not self.prompt_compiled, logit_rows=last)
+        return logits[0, 0], aux[0]
+
+    def _prompt_draft(self, aux: torch.Tensor, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The draft's step 0 over a (padded) prompt at positions and slots 0..P-1; its output at row `last`."""
+        idx = self._arange[:tokens.numel()]
+        draft = self._draft_fwd if self.prompt_compiled else self._draft_rows
+        h = draft(tokens, self.draft.project(aux[None]), idx, idx, self._causal(idx.numel()))
+        return h[0].index_select(0, last)[0]
+
     def _prefill(self, prompt: list[int]):
+        """The target over the prompt: (next-token logits [V], features [m, 3H])."""
         m = len(prompt)
         if m + 1 >= self.max_len:
             raise ValueError(f"prompt of {m} tokens does not fit max_len={self.max_len}")
-        idx = torch.arange(m, device=self.device)
-        self._fit(m)
-        causal = torch.ones(m, m, dtype=torch.bool, device=self.device).tril()
-        logits, aux = self._target(torch.tensor(prompt, device=self.device), idx, idx, idx[:1], causal)
-        return logits[0, -1], aux[0]
+        rows = self._prompt_rows(m, self.target.max_len)
+        tokens = torch.tensor(prompt + [0] * (rows - m), device=self.device)
+        logits, aux = self._run(("prompt", rows), self._prompt_target, tokens,
+                                torch.tensor([m - 1], device=self.device), pool=self._prompt_pool)
+        return logits, aux[:m]
+
+    def _draft_prompt(self, aux: torch.Tensor, tokens_after: torch.Tensor) -> torch.Tensor:
+        """The draft's step 0 over a prompt's positions 0..r-1 (features aux [r, 3H], the token after each)."""
+        r = tokens_after.numel()
+        rows = self._prompt_rows(r, self.draft_slots)
+        if rows > r:
+            aux = torch.cat([aux, aux.new_zeros(rows - r, aux.shape[-1])])
+            tokens_after = torch.cat([tokens_after, tokens_after.new_zeros(rows - r)])
+        return self._run(("draft_prompt", rows), self._prompt_draft, aux, tokens_after,
+                         torch.tensor([r - 1], device=self.device), pool=self._prompt_pool)
 
     # ---- speculative decoding ----
 
@@ -313,7 +347,6 @@ class SpecDecoder:
         # The draft's step 0 over the prompt's positions but the last; the last (its features, and the first
         # new token after it) is the first round's pending row.
         if m > 1:
-            self._fit(m)
             self._draft_prefill(aux[:m - 1], torch.tensor(prompt[1:], device=self.device), 0, m - 1)
         w = self.path_rows
         pend_aux = aux.new_zeros(w, aux.shape[-1])
@@ -339,11 +372,14 @@ class SpecDecoder:
     def capture(self, upto: Optional[int] = None) -> int:
         """Capture, ahead of decoding, the graphs of every span a greedy decode up to `upto` cache slots (default
         max_len) meets: one round per span and plain blocks of every length, so that a timed decode never
-        captures (a server likewise captures at start-up). Leaves nothing behind that matters: the dummy rounds
-        write cache slots that a later generate overwrites from its prefill on. Returns the graphs captured."""
+        captures (a server likewise captures at start-up); and the prompt graphs (`capture_prompts`). Leaves
+        nothing behind that matters: the dummy rounds write cache slots that a later generate overwrites from its
+        prefill on. Returns the graphs captured."""
+        before = len(self._graphs)
+        self.capture_prompts(upto)
         if not (self.cuda_graphs and self.device_rounds):
-            return 0
-        before, upto = len(self._graphs), min(upto or self.max_len, self.max_len)
+            return len(self._graphs) - before
+        upto = min(upto or self.max_len, self.max_len)
         w, dev = self.path_rows, self.device
         pend_aux = torch.zeros(w, self.draft.fc.in_features, dtype=self.dk.dtype, device=dev)
         pend_tok, count = torch.zeros(w, dtype=torch.long, device=dev), torch.ones(1, dtype=torch.long, device=dev)
@@ -351,9 +387,9 @@ class SpecDecoder:
         extra = self.round_slots(0)
         for span in range(self.span_step, upto + extra + self.span_step, self.span_step):
             n = min(span - extra, self.max_len - self.num_draft_tokens - 2)  # the last n a round of this span has
-            if n >= 1 and ("round", self._fit(self.round_slots(n))) not in self._graphs:
-                self._run(("round", self._fit(self.round_slots(n))), round_fn, torch.tensor([n], device=dev),
-                          pend_aux, pend_tok, count, clone=False)
+            key = ("round", self._fit(self.round_slots(n)))
+            if n >= 1 and key not in self._graphs:
+                self._run(key, round_fn, torch.tensor([n], device=dev), pend_aux, pend_tok, count, clone=False)
             for block in range(1, self.plain_block + 1):
                 n = min(span - block, self.max_len - 1 - block)
                 key = ("plain", block, self._fit(n + block))
@@ -362,25 +398,40 @@ class SpecDecoder:
                               torch.zeros(1, dtype=torch.long, device=dev), torch.tensor([n], device=dev), clone=False)
         return len(self._graphs) - before
 
+    def capture_prompts(self, upto: Optional[int] = None) -> int:
+        """Capture the prefill graphs of every padded prompt length up to `upto` tokens (default: the longest
+        prompt max_len allows), the longest first, so that the shorter ones reuse its memory pool. Returns the
+        graphs captured."""
+        if not self.cuda_graphs:
+            return 0
+        before, longest = len(self._graphs), min(upto or self.max_len, self.max_len) - 2
+        step = self.prompt_step
+        padded = {self._prompt_rows(m, self.target.max_len) for m in range(step, longest + step, step)}
+        for rows in sorted(padded, reverse=True):
+            m = min(rows, longest)  # a prompt of m tokens pads to `rows`, and its m - 1 draft rows likewise
+            _, aux = self._prefill([0] * m)
+            self._draft_prompt(aux[:m - 1], torch.zeros(m - 1, dtype=torch.long, device=self.device))
+        return len(self._graphs) - before
+
     def round_slots(self, n: int) -> int:
         """Cache slots a round at cache length n may write or read (the tree's, the draft's expanded nodes)."""
         return n + max(self.num_draft_tokens, self.spec_steps * self.topk, self.path_rows) + 1
 
     def _draft_prefill(self, aux, tokens_after, start: int, n: int) -> torch.Tensor:
-        """Step 0 for positions start..n-1: target features there plus the token after each."""
+        """Step 0 for positions start..n-1: target features there plus the token after each. Returns the
+        draft's output at position n-1. From position 0 (a prompt): `_draft_prompt`."""
         rows = n - start
-        steps = self._arange[:rows]  # a view of a persistent tensor: a captured graph may read it later
-        causal = self._tril[:rows, :rows] if rows <= len(self._tril) else \
-            torch.ones(rows, rows, dtype=torch.bool, device=self.device).tril()
-        key = ("draft_prefill", rows, self._span) if rows <= self.spec_steps + 1 else None
-        draft = self._draft if key is not None else self._draft_rows  # a prompt: eagerly, as in `_target`
+        if start == 0:
+            return self._draft_prompt(aux, tokens_after)
+        steps = self._arange[:rows]  # views of persistent tensors: a captured graph may read them later
+        causal = self._tril[:rows, :rows]
 
         def fn(aux, toks, start_t):  # positions are built on the device (inside the graph)
             pos = start_t + steps
-            mask = self._mask(start_t, causal, None if key else self.draft_slots)
-            return draft(toks, self.draft.project(aux[None]), pos, pos, mask)[0, -1]
+            return self._draft(toks, self.draft.project(aux[None]), pos, pos, self._mask(start_t, causal))[0, -1]
 
-        return self._run(key, fn, aux, tokens_after, torch.tensor([start], device=self.device))
+        return self._run(("draft_prefill", rows, self._span), fn, aux, tokens_after,
+                         torch.tensor([start], device=self.device))
 
     def _draft_pending(self, n_t, pend_aux, pend_tok, count):
         """Step 0 of the draft over the rows the last round accepted (`count` of the `path_rows` rows hold

@@ -49,12 +49,18 @@ def cache_attention_reference(q, k, v, prefix, local, scale=None):
     return attention_reference(q, k, v, dense_mask(prefix, local, k.shape[2])[None], scale)
 
 
+def serves(device: torch.device, rows: int) -> bool:
+    """Whether the Triton kernel runs on `device` for `rows` stacked rows per kv head (query heads per kv head
+    times queries: they must fit one program)."""
+    return triton is not None and device.type == "cuda" and rows <= MAX_ROWS
+
+
 def kernel_serves(q: torch.Tensor, k: torch.Tensor, local: torch.Tensor) -> bool:
-    """Whether the Triton kernel takes these shapes (batch 1, rows that fit one program, a power-of-two head
-    dim of at least 16); callers fall back to a dense mask otherwise."""
+    """Whether the Triton kernel takes these shapes (`serves`, batch 1, a power-of-two head dim of at least
+    16); otherwise `cache_attention` runs the reference."""
     b, hq, s, d = q.shape
-    return (triton is not None and q.is_cuda and q.dtype != torch.float64 and b == 1
-            and hq // k.shape[1] * s <= MAX_ROWS and d >= 16 and d & (d - 1) == 0 and local.shape[0] == s)
+    return (serves(q.device, hq // k.shape[1] * s) and q.dtype != torch.float64 and b == 1
+            and d >= 16 and d & (d - 1) == 0 and local.shape[0] == s)
 
 
 if triton is not None:
