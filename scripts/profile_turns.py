@@ -7,8 +7,8 @@ rounds (or plain blocks). Against those, the round's and the plain block's own g
 (device time): what a turn costs beyond prefill and device time is host time between replays. Prints a
 table per phase, the time spent in garbage collections inside the turns, the turns slower than twice the
 median round (a capture, a compile or a collection inside a turn), and with `--profile` the host ops of one
-turn by self CPU time. `--no-freeze`: without the bench's `gc.freeze()` after warm-up; `--compiled-prompts`: prompt graphs
-of the compiled forwards.
+turn by self CPU time. `--no-freeze`: without the bench's `gc.freeze()` after warm-up;
+`--compiled-prompts`: prompt graphs of the compiled forwards.
 
   python scripts/profile_turns.py --config configs/recipes/smollm2-gpu.yaml --spec-steps 5 [--topk 4 \
       --num-draft-tokens 16] [--turns 40] [--profile]

@@ -73,8 +73,9 @@ def test_moe_targets_graphs_equal_eager_and_plain(family, topk, tokens):
 @pytest.mark.parametrize("length", [2, 9, 63, 64, 65, 150, 197])
 def test_prompt_graphs_equal_unpadded_eager(length):
     """A prompt's prefill from its padded graph (target and draft) equals the unpadded eager forward: the
-    logits of the last row, the features of every row, the draft's output, and the caches' filled slots."""
-    target = tiny_target(seed=3, initializer_range=0.4).cuda()
+    logits of the last row, the features of every row, the draft's output, and the caches' filled slots. (A
+    target of the usual init scale: the wide one above amplifies float32 rounding, padded or not, to 1e-3.)"""
+    target = tiny_target(seed=3).cuda()
     draft = tiny_draft(target).cuda()
     prompt = torch.randint(0, target.config.vocab_size, (length,), generator=torch.Generator().manual_seed(length))
     got = {}
