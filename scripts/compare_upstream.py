@@ -1,0 +1,657 @@
+"""Our EAGLE-3 training step against upstream SpecForge's, on the same inputs, one device, one run each.
+
+    python scripts/compare_upstream.py --upstream upstream/SpecForge --shape llama3.1-8b --seq 2048 --batch 1
+    python scripts/compare_upstream.py --upstream upstream/SpecForge --shape tiny --steps 4 --warmup 1   # CPU check
+
+What it measures. Each side runs in its own subprocess (`--side ours|upstream`, internal). Both get the same
+inputs, drawn on the device from `--seed` by this file alone (torch only): a target shape (`--shape`, from
+`specforge.model_shapes` and `configs/targets`; `tiny` for the CPU), the target's token embedding and lm_head
+(random weights; the draft-vocab rows of the lm_head drawn twice as wide so the target's argmax mostly lands in
+the draft vocab, as it does with a vocab built from data), the draft vocab (d2t/t2d), one batch of random
+tokens whose last 15/16 are trained on, random aux features [B, T, 3H] and the target's final (normed) hidden
+state [B, T, H], made from the token's embedding plus the last aux feature so the labels are learnable. Each
+side computes its own soft labels from those hidden states with the lm_head, runs `--ttt` (7) TTT steps, its
+loss, backward and optimizer step, `--warmup` untimed steps then `--steps` timed ones, on that same batch.
+
+  ours      `specforge.eagle3.train.build_draft` and `run_batch` (what `specforge train` and
+            `scripts/bench_train.py` run: soft labels, TTT unroll with `train.attention`, fused loss), then
+            clip_grad_norm_ and AdamW (fused on CUDA), fp32 weights under bf16 autocast on CUDA.
+            `--ours KEY=VALUE ...` adds config overrides (e.g. train.compile=true).
+  upstream  its draft `LlamaForCausalLMEagle3` (specforge/modeling/draft/llama3_eagle.py) built through
+            `AutoDraftModel.from_config` with a config equal to ours, wrapped in `OnlineEagle3Model`
+            (specforge/algorithms/eagle3/model.py), trained through `Eagle3TrainStrategy.forward_loss`
+            (specforge/training/strategies/base.py) with its `TargetHead` (specforge/modeling/target/
+            target_head.py), then `loss.backward()` and its `BF16Optimizer.step()` (specforge/optimizer.py):
+            bf16 weights, fp32 master copies, grad clip 0.5. Its attention backend is `flex_attention` on
+            CUDA (its default) and `sdpa` on the CPU (torch's FlexAttention has no backward on the CPU).
+            Upstream's online mode reads target features from an SGLang server only (its in-process HF target
+            backend is gone at a6b6b02), so the step runs as its offline path does (`target_repr=
+            "hidden_state"`: its TargetHead turns the final hidden state into logits inside the step), which is
+            also what our online step does (the lm_head runs inside `run_batch`).
+
+Printed (and written as JSON with `--out`): tokens/s, ms per step split into labels (target lm_head + soft
+labels), draft forward + loss (the TTT unroll), backward and optimizer (CUDA events on a GPU, perf_counter on
+the CPU), peak memory (torch.cuda.max_memory_allocated on a GPU, the process's peak RSS on the CPU), the trainable
+parameter count, and the loss of every step (each side's own normalisation; see below), which should fall.
+
+On the GPU machine. The upstream side imports only specforge/{utils,distributed,optimizer,lr_scheduler}.py,
+specforge/algorithms (registry, contracts, eagle3), specforge/core, specforge/modeling and specforge/runtime/
+contracts.py, specforge/training/strategies/base.py: no sglang, yunchang, wandb, datasets, pydantic. It needs
+nothing beyond what our own training needs: torch (with the triton its CUDA wheel depends on; upstream's loss
+is a Triton kernel), transformers, huggingface-hub (a transformers dependency; imported by upstream's draft
+base class), safetensors, accelerate. Upstream pins torch==2.11.0 and transformers==5.8.1 (pyproject.toml);
+by default both sides run in the one environment (the same torch, so the same compiler and kernels);
+`--upstream-python PY` runs the upstream side under another interpreter, e.g. a venv with upstream's pins:
+    pip install torch==2.11.0 transformers==5.8.1 accelerate safetensors huggingface-hub
+sglang==0.5.14, yunchang, wandb, openai-harmony, datasets, tensorboard and pydantic are not imported.
+Export the upstream tree with
+    mkdir -p upstream/SpecForge && git --git-dir=<SpecForge mirror> archive HEAD | tar -x -C upstream/SpecForge
+
+On the CPU, upstream's `specforge/core/loss.py` cannot be imported as it is: it imports triton at the top to
+define its Triton kernels, and the CPU torch has no triton. There (only there) this script puts a stand-in
+`triton` module in sys.modules for the duration of that one import (torch's own triton probing is done before,
+and the stand-in is removed after), and replaces `LogSoftmaxLoss` in upstream's eagle3 model module by
+upstream's own reference `_compute_loss` of the same file (the same sum over draft vocab and mean over B*T
+positions), since a Triton kernel cannot run on CPU tensors. On CUDA nothing is stubbed or replaced.
+
+Differences between the two steps that a reader of the figures should keep in mind (upstream line numbers at
+a6b6b02):
+  * loss normalisation: upstream divides each TTT step's summed cross-entropy by B*T, all positions
+    (core/loss.py:201, backward scale 1/(B*T) at :207); ours by the number of positions that step scores
+    (eagle3/ttt.py). Its loss values (and gradients) are smaller by that fraction; only the trend compares.
+  * loss mask: upstream shifts the input ids and the target's hidden state by one (modeling/target/
+    target_head.py:103-108) but not the loss mask, so position t at step k is scored when token t+k is an
+    assistant token (algorithms/eagle3/model.py:493, :430-432); ours when token t+2+k is (the token
+    predicted). Both also drop positions whose target argmax is outside the draft vocab.
+  * precision: upstream trains bf16 weights with fp32 masters in a non-fused AdamW with torch's default betas
+    (0.9, 0.999) (optimizer.py:12-45; model built in bf16: config/schema.py:73, algorithms/model_providers.py:112,
+    :271), logits of every position in bf16; ours fp32 weights, bf16 autocast, fused AdamW with betas
+    (0.9, 0.95), logits only of scored positions, chunked. Both: the same lr (`--lr`, constant), clip 0.5.
+  * labels: upstream materialises full-vocab logits [B, T, V] in bf16 (target_head.py:100-101) and an fp32 copy
+    (algorithms/eagle3/model.py:487-501, torch.compile'd) for every position; ours only at scored positions,
+    1024 rows at a time (eagle3/ttt.py soft_labels). `--upstream-compact-teacher` uses upstream's offline
+    compact teacher (core/compact_teacher.py) instead.
+  * attention: upstream's flex mask shrinks the valid length by one per TTT step (llama3_eagle.py:859-862,
+    flex_attention.py:108-127), grows a DynamicCache by T keys per step and builds a block mask every step
+    (llama3_eagle.py:852-891); on the CPU its sdpa backend materialises [B, heads, T, T] scores plus the
+    repeated kv heads (llama3_eagle.py:717-785). Positions and the TTT schedule are the same (rope position
+    t+k at step k, the raw layer output carried to the next step, step weights 0.8^k: strategies/base.py:291).
+  * upstream calls torch.cuda.empty_cache() in every forward (algorithms/eagle3/model.py:307); counted.
+  * not measured on upstream's side: its trainer's FSDP/DDP wrapper (training/backend.py:208-281) and per-step
+    metric reductions (training/controller.py:331-365); this harness calls the strategy and optimizer directly.
+  * initialisation: ours starts its lm_head and norm from random, like upstream (train.init_head_from_target is
+    set false here); both draw N(0, 0.02) weights, from different generators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A shape small enough for the CPU (a Llama-family target of 4 layers).
+TINY = {"hidden_size": 128, "intermediate_size": 384, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 32, "vocab_size": 2048, "draft_vocab_size": 512, "num_hidden_layers": 4, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4096, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "aux_layer_ids": [1, 2, 3]}
+
+
+# ---------------------------------------------------------------------------------------------- the spec
+def resolve_spec(args) -> dict:
+    """The draft shape both sides build, from our own config code (the parent process only)."""
+    import torch
+    from transformers import LlamaConfig
+
+    from specforge.config import DraftConfig, load_config, preset_names
+    from specforge.eagle3.draft import draft_config
+    from specforge.targets import default_aux_layers
+
+    preset = None
+    if args.shape == "tiny":
+        t = dict(TINY)
+        aux = t.pop("aux_layer_ids")
+        dv = t.pop("draft_vocab_size")
+        tcfg = LlamaConfig(**t)
+        dcfg = draft_config(tcfg, DraftConfig(draft_vocab_size=dv), tcfg.vocab_size, aux)
+    else:
+        from specforge.model_shapes import SHAPES, shape_config
+
+        if args.shape not in SHAPES:
+            raise SystemExit(f"--shape {args.shape}: one of tiny, {', '.join(SHAPES)}")
+        tcfg = shape_config(args.shape)
+        preset = args.shape if args.shape in preset_names() else None
+        cfg = load_config(preset)
+        aux = list(cfg.target.aux_layer_ids or default_aux_layers(tcfg.num_hidden_layers))
+        dcfg = draft_config(tcfg, cfg.target.draft, tcfg.vocab_size, aux)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    seq = args.seq or (2048 if device == "cuda" else 128)
+    return {
+        "shape": args.shape, "preset": preset, "device": device,
+        "hidden_size": dcfg.hidden_size, "intermediate_size": dcfg.intermediate_size,
+        "num_attention_heads": dcfg.num_attention_heads, "num_key_value_heads": dcfg.num_key_value_heads,
+        "head_dim": dcfg.head_dim, "vocab_size": dcfg.vocab_size, "draft_vocab_size": dcfg.draft_vocab_size,
+        "rms_norm_eps": dcfg.rms_norm_eps, "max_position_embeddings": dcfg.max_position_embeddings,
+        "rope_parameters": dict(dcfg.rope_parameters), "num_target_layers": dcfg.num_target_layers,
+        "aux_layer_ids": aux, "seq": seq, "batch": args.batch, "ttt": args.ttt, "steps": args.steps,
+        "warmup": args.warmup, "lr": args.lr, "seed": args.seed,
+    }
+
+
+# -------------------------------------------------------------------------------------- shared inputs
+def make_inputs(spec: dict):
+    """The same tensors in both processes: drawn in a fixed order from one generator on the device."""
+    import torch
+
+    dev = torch.device(spec["device"])
+    g = torch.Generator(device=dev).manual_seed(spec["seed"])
+    v, vd, h = spec["vocab_size"], spec["draft_vocab_size"], spec["hidden_size"]
+    b, t = spec["batch"], spec["seq"]
+    bf16 = torch.bfloat16
+
+    def normal(*shape, std=1.0):
+        return torch.randn(*shape, generator=g, device=dev, dtype=torch.float32).mul_(std)
+
+    embed = normal(v, h, std=0.02)
+    lm_head = normal(v, h, std=0.02)
+    t2d = torch.zeros(v, dtype=torch.bool, device=dev)
+    t2d[torch.randperm(v, generator=g, device=dev)[:vd]] = True
+    lm_head[t2d] *= 2.0  # the target's argmax then mostly lands in the draft vocab
+    d2t = t2d.nonzero().flatten() - torch.arange(vd, device=dev)
+    input_ids = torch.randint(0, v, (b, t), generator=g, device=dev)
+    aux = normal(b, t, 3 * h)
+    x = embed[input_ids] / 0.02 + aux[..., 2 * h:]
+    final = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + spec["rms_norm_eps"])  # the final norm (unit weight)
+    loss_mask = torch.zeros(b, t, dtype=torch.bool, device=dev)
+    loss_mask[:, t // 16:] = True  # a prompt, then the answer the draft learns
+    return {"embed": embed.to(bf16), "lm_head": lm_head.to(bf16), "t2d": t2d, "d2t": d2t, "input_ids": input_ids,
+                "attention_mask": torch.ones(b, t, dtype=torch.long, device=dev), "loss_mask": loss_mask,
+                "aux": aux.to(bf16), "final": final.to(bf16)}
+
+
+# -------------------------------------------------------------------------------------------- timing
+class Clock:
+    """Marks within a step: CUDA events on a GPU, perf_counter on the CPU (where ops run synchronously)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.torch = torch
+
+    def start(self):
+        self.marks = []
+        self.mark()
+
+    def mark(self, *_):
+        if self.cuda:
+            ev = self.torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        """Seconds between consecutive marks (waits for the last one)."""
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+PHASES = ("labels", "draft_fwd", "backward", "optimizer")
+
+
+def timed_loop(spec, device, step_fn) -> dict:
+    """Runs warmup + steps; step_fn(clock) must call clock.mark() after labels, draft forward+loss, backward
+    and optimizer (4 marks) and return (total loss, step-0 loss) tensors."""
+    import torch
+
+    clock = Clock(device)
+    spent = dict.fromkeys(PHASES, 0.0)
+    losses, first = [], []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(spec["warmup"] + spec["steps"]):
+        if i == spec["warmup"]:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0, spent = time.perf_counter(), dict.fromkeys(PHASES, 0.0)
+        clock.start()
+        loss, loss0 = step_fn(clock)
+        for p, s in zip(PHASES, clock.intervals()):
+            spent[p] += s
+        losses.append(loss.detach().float())
+        first.append(loss0.detach().float())
+        print(f"  step {i + 1}: loss {loss.item():.4f}", file=sys.stderr, flush=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    n = spec["steps"]
+    tokens = n * spec["batch"] * spec["seq"]
+    out = {"tokens_per_s": tokens / elapsed, "step_ms": 1e3 * elapsed / n,
+           "phase_ms": {p: 1e3 * spent[p] / n for p in PHASES},
+           "losses": [float(x) for x in losses], "step0_losses": [float(x) for x in first]}
+    if device.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
+    else:
+        import resource
+
+        out["peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+        out["peak_mem_kind"] = "peak RSS of the whole process (CPU)"
+    return out
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+# ------------------------------------------------------------------------------------------ our side
+def run_ours(spec: dict, args) -> dict:
+    import torch
+    from torch import nn
+    from transformers import LlamaConfig
+
+    import specforge
+    from specforge.config import load_config
+    from specforge.data.batching import Batch
+    from specforge.eagle3.train import build_draft, run_batch, set_deterministic
+    from specforge.kernels.batch_invariant import batch_invariant
+    from specforge.layers import RMSNorm
+    from specforge.targets import TargetHead
+
+    src = Path(specforge.__file__).resolve().parent
+    if src != REPO / "specforge":
+        raise RuntimeError(f"our side imported specforge from {src}, not {REPO / 'specforge'}")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # as bench_train: a deterministic variant can run
+    dev = torch.device(spec["device"])
+    overrides = [f"device={dev.type}", f"train.batch_size={spec['batch']}", f"data.max_length={spec['seq']}",
+                 f"train.ttt_length={spec['ttt']}", f"train.seed={spec['seed']}", "train.init_head_from_target=false",
+                 f"target.draft.intermediate_size={spec['intermediate_size']}",
+                 f"target.draft.num_attention_heads={spec['num_attention_heads']}",
+                 f"target.draft.num_key_value_heads={spec['num_key_value_heads']}",
+                 f"target.draft.head_dim={spec['head_dim']}",
+                 f"target.draft.draft_vocab_size={spec['draft_vocab_size']}", *args.ours]
+    cfg = load_config(spec["preset"], overrides=overrides)
+    inp = make_inputs(spec)
+    tcfg = LlamaConfig(hidden_size=spec["hidden_size"], num_attention_heads=spec["num_attention_heads"],
+                       num_key_value_heads=spec["num_key_value_heads"], head_dim=spec["head_dim"],
+                       intermediate_size=spec["intermediate_size"], num_hidden_layers=spec["num_target_layers"],
+                       vocab_size=spec["vocab_size"], rms_norm_eps=spec["rms_norm_eps"],
+                       max_position_embeddings=spec["max_position_embeddings"],
+                       rope_parameters=spec["rope_parameters"])
+    embed = nn.Embedding.from_pretrained(inp["embed"], freeze=True)
+    norm = RMSNorm(spec["hidden_size"], spec["rms_norm_eps"]).to(dev)  # unused: the features come normed
+    head = TargetHead(tcfg, embed, norm, inp["lm_head"])
+    with batch_invariant(cfg.train.deterministic, training=True):
+        set_deterministic(cfg.train.deterministic)
+        t2d = inp["t2d"]
+        draft = build_draft(cfg, head, spec["aux_layer_ids"], inp["d2t"], t2d)
+        dc = draft.config
+        for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                    "vocab_size", "draft_vocab_size"):
+            if getattr(dc, key) != spec[key]:
+                raise RuntimeError(f"our draft has {key}={getattr(dc, key)}, the spec {spec[key]}")
+        draft_ids = torch.arange(draft.d2t.numel(), device=dev) + draft.d2t
+
+        def features(batch):  # the target's features, as the hooks would give them (padded like the batch)
+            extra = batch.input_ids.shape[1] - inp["aux"].shape[1]
+            pad = (lambda x: torch.cat([x, x.new_zeros(x.shape[0], extra, x.shape[2])], 1)) if extra else (lambda x: x)
+            return pad(inp["aux"]), pad(inp["final"])
+
+        params = [p for p in draft.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=spec["lr"], betas=tuple(cfg.train.betas),
+                                weight_decay=cfg.train.weight_decay, fused=dev.type == "cuda")
+        batch = Batch(inp["input_ids"], inp["attention_mask"], inp["loss_mask"])
+
+        def step(clock):
+            loss, stats = run_batch(cfg, draft, features, head, draft_ids, batch, dev, mark=clock.mark)
+            clock.mark()
+            loss.backward()
+            clock.mark()
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            clock.mark()
+            return loss, stats[0].loss
+
+        result = timed_loop(spec, dev, step)
+        set_deterministic(False)
+    attention = cfg.train.attention
+    if attention == "auto":
+        attention = "flex" if dev.type == "cuda" else "reference"
+    result.update(
+        package=str(src), params=sum(p.numel() for p in params), attention=attention,
+        precision="fp32 weights, bf16 autocast" if dev.type == "cuda" else "fp32",
+        loss_norm="per scored position",
+        notes=[f"config overrides: {' '.join(args.ours)}"] if args.ours else [],
+    )
+    return result
+
+
+# ------------------------------------------------------------------------------------- upstream's side
+def import_upstream(root: Path, cpu: bool):
+    """Upstream's modules, from `root` first on sys.path (never ours). Returns (modules, notes)."""
+    if not (root / "specforge" / "algorithms" / "eagle3" / "model.py").is_file():
+        raise RuntimeError(f"{root} has no specforge/algorithms/eagle3/model.py (a SpecForge tree exported from "
+                           f"sgl-project/SpecForge a6b6b02 or later is expected)")
+    if "specforge" in sys.modules:
+        raise RuntimeError("a specforge package was imported before upstream's")
+    sys.path.insert(0, str(root))
+    import torch
+
+    notes = []
+    stub = None
+    if cpu and not _has_triton():
+        # specforge/core/loss.py imports triton at its top to define Triton kernels, which the CPU never runs.
+        # Finish torch's own triton probing first (it would take the stand-in for the real package), then let
+        # that one import see a stand-in, then remove it.
+        import torch._dynamo
+        import torch.nn.attention.flex_attention
+
+        torch.compile(lambda x: x)  # imports the inductor backend and its triton checks
+        stub = _triton_standin()
+        sys.modules["triton"], sys.modules["triton.language"] = stub, stub.language
+        notes.append("CPU: a stand-in `triton` module was present only while upstream's specforge/core/loss.py "
+                     "was imported (it defines Triton kernels at import time)")
+    try:
+        import specforge.core.loss as up_loss
+    finally:
+        if stub is not None:
+            del sys.modules["triton"], sys.modules["triton.language"]
+    import specforge.algorithms.eagle3.model as up_model
+    from specforge.modeling.auto import AutoDraftModel
+    from specforge.modeling.target.target_head import TargetHead
+    from specforge.optimizer import BF16Optimizer
+    from specforge.runtime.contracts import TrainBatch
+    from specforge.training.strategies.base import Eagle3TrainStrategy
+
+    import specforge
+
+    src = Path(specforge.__file__).resolve().parent
+    if src != (root / "specforge").resolve():
+        raise RuntimeError(f"upstream side imported specforge from {src}, not {root / 'specforge'}")
+    if cpu:
+        # Its LogSoftmaxLoss is a Triton kernel (GPU only); the same file's reference computes the same loss.
+        class ReferenceLoss:
+            @staticmethod
+            def apply(logits, target_p, position_mask):
+                return up_loss._compute_loss(logits, target_p, position_mask)
+
+        up_model.LogSoftmaxLoss = ReferenceLoss
+        notes.append("CPU: loss = upstream's reference specforge/core/loss.py:_compute_loss instead of its "
+                     "Triton LogSoftmaxLoss (same value: summed over the draft vocab, mean over B*T positions)")
+    heavy = sorted({k.split(".")[0] for k in sys.modules} & {"sglang", "yunchang", "wandb", "datasets", "pydantic"})
+    if heavy:
+        notes.append(f"imported: {', '.join(heavy)}")
+    mods = types.SimpleNamespace(model=up_model, AutoDraftModel=AutoDraftModel, TargetHead=TargetHead,
+                                 BF16Optimizer=BF16Optimizer, TrainBatch=TrainBatch,
+                                 Eagle3TrainStrategy=Eagle3TrainStrategy, src=src)
+    return mods, notes
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_standin():
+    def jit(fn):
+        def launch(*a, **k):
+            raise RuntimeError("a Triton kernel was launched on the CPU")
+
+        class Kernel:
+            def __getitem__(self, grid):
+                return launch
+
+        return Kernel()
+
+    triton = types.ModuleType("triton")
+    language = types.ModuleType("triton.language")
+    language.constexpr = object  # parameter annotations of the kernels, evaluated at definition
+    triton.jit, triton.language = jit, language
+    triton.next_power_of_2 = lambda n: 1 << max(0, int(n) - 1).bit_length()
+    return triton
+
+
+def run_upstream(spec: dict, args) -> dict:
+    dev_type = spec["device"]
+    backend = args.upstream_attention or ("flex_attention" if dev_type == "cuda" else "sdpa")
+    if backend == "flex_attention" and dev_type == "cpu":
+        raise RuntimeError("upstream's flex_attention backend cannot train on the CPU: torch's FlexAttention has no "
+                           "CPU backward (NotImplementedError); use --upstream-attention sdpa")
+    up, notes = import_upstream(Path(args.upstream).resolve(), cpu=dev_type == "cpu")
+    import torch
+    from transformers import LlamaConfig
+
+    dev = torch.device(dev_type)
+    dtype = torch.bfloat16  # upstream's model.torch_dtype default (config/schema.py)
+    inp = make_inputs(spec)
+    # The draft config upstream generates from a target (algorithms/eagle3/providers.py: llama, 1 layer), with
+    # our sizes. norm_output is left at upstream's default (its compute_logits applies the final norm).
+    cfg = LlamaConfig(hidden_size=spec["hidden_size"], intermediate_size=spec["intermediate_size"],
+                      num_attention_heads=spec["num_attention_heads"], num_key_value_heads=spec["num_key_value_heads"],
+                      head_dim=spec["head_dim"], num_hidden_layers=1, vocab_size=spec["vocab_size"],
+                      rms_norm_eps=spec["rms_norm_eps"], max_position_embeddings=spec["max_position_embeddings"],
+                      rope_parameters=spec["rope_parameters"], hidden_act="silu", tie_word_embeddings=False,
+                      pretraining_tp=1)
+    cfg.draft_vocab_size = spec["draft_vocab_size"]
+    cfg.architectures = ["LlamaForCausalLMEagle3"]
+    # algorithms/model_providers.py:build_eagle3_draft, with the embedding and vocab mapping from memory
+    draft = up.AutoDraftModel.from_config(cfg, attention_backend=backend, torch_dtype=dtype)
+    with torch.no_grad():
+        draft.embed_tokens.weight.copy_(inp.pop("embed"))  # what load_embedding copies from the target
+        draft.t2d.copy_(inp.pop("t2d"))  # what load_vocab_mapping copies
+        draft.d2t.copy_(inp.pop("d2t"))
+    draft.freeze_embedding()
+    draft = draft.to(device=dev, dtype=dtype)
+    # algorithms/model_providers.py:build_eagle3_model
+    model = up.model.OnlineEagle3Model(draft_model=draft, length=spec["ttt"], attention_backend=backend)
+    model = model.to(device=dev, dtype=dtype)
+    # TargetHead.from_pretrained, with the lm_head from memory (its __init__ reads only config.json)
+    with tempfile.TemporaryDirectory() as folder:
+        LlamaConfig(hidden_size=spec["hidden_size"], vocab_size=spec["vocab_size"]).save_pretrained(folder)
+        head = up.TargetHead(folder)
+    with torch.no_grad():
+        head.fc.weight.copy_(inp.pop("lm_head"))
+    head.freeze_weights()
+    head = head.eval().to(device=dev, dtype=torch.bfloat16)
+    strategy = up.Eagle3TrainStrategy(model, target_head=head, ploss_decay=0.8,
+                                      compact_teacher=args.upstream_compact_teacher)
+    total = spec["warmup"] + spec["steps"]
+    opt = up.BF16Optimizer(draft, lr=spec["lr"], max_grad_norm=0.5, total_steps=total + 1, warmup_ratio=0.0,
+                           lr_scheduler="constant")
+    batch = up.TrainBatch(
+        sample_ids=[str(i) for i in range(spec["batch"])], strategy="eagle3",
+        tensors={"input_ids": inp["input_ids"], "attention_mask": inp["attention_mask"],
+                 "loss_mask": inp["loss_mask"].long(), "hidden_state": inp["aux"], "target": inp["final"]},
+        metadata={"target_repr": "hidden_state"})
+    model.train()
+    clock = [None]
+    seen = [False]
+
+    def labels_done(*_):  # draft.fc runs first thing after the teacher (algorithms/eagle3/model.py:315)
+        if not seen[0]:
+            seen[0] = True
+            clock[0].mark()
+
+    draft.fc.register_forward_pre_hook(labels_done)
+
+    def step(c):
+        clock[0], seen[0] = c, False
+        out = strategy.forward_loss(batch)
+        c.mark()
+        out.loss.backward()
+        c.mark()
+        opt.step()
+        c.mark()
+        return out.loss, out.metrics["plosses"][0]
+
+    result = timed_loop(spec, dev, step)
+    if args.upstream_compact_teacher:
+        notes.append("compact teacher (offline, core/compact_teacher.py)")
+    result.update(
+        package=str(up.src), params=sum(p.numel() for p in draft.parameters() if p.requires_grad),
+        attention=backend, precision="bf16 weights, fp32 masters", loss_norm="sum over scored / (B*T)",
+        notes=notes)
+    return result
+
+
+# ----------------------------------------------------------------------------------------- the parent
+def side_main(args) -> int:
+    spec = json.loads(Path(args.spec).read_text())
+    try:
+        result = (run_ours if args.side == "ours" else run_upstream)(spec, args)
+        result["ok"] = True
+    except Exception as e:  # one line for the table; the traceback goes to stderr
+        import traceback
+
+        traceback.print_exc()
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        result = {"ok": False, "error": f"{type(e).__name__}: {msg}"[:300]}
+    result["versions"] = versions()
+    Path(args.result).write_text(json.dumps(result, indent=2))
+    return 0 if result["ok"] else 1
+
+
+def run_side(side: str, spec_file: Path, args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / f"{side}.json"
+        python = args.upstream_python if side == "upstream" and args.upstream_python else sys.executable
+        cmd = [python, str(Path(__file__).resolve()), "--side", side, "--spec", str(spec_file), "--result", str(out)]
+        if side == "upstream":
+            cmd += ["--upstream", str(Path(args.upstream).resolve())]
+            if args.upstream_attention:
+                cmd += ["--upstream-attention", args.upstream_attention]
+            if args.upstream_compact_teacher:
+                cmd.append("--upstream-compact-teacher")
+        elif args.ours:
+            cmd += ["--ours", *args.ours]
+        print(f"[{side}] running ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=tempfile.gettempdir())
+        if args.verbose or proc.returncode:
+            print("\n".join(f"[{side}] {line}" for line in proc.stdout.splitlines()[-(10**6 if args.verbose else 25):]),
+                  file=sys.stderr, flush=True)
+        if out.is_file():
+            return json.loads(out.read_text())
+        tail = [ln for ln in proc.stdout.splitlines() if ln.strip()][-1:] or [""]
+        return {"ok": False, "error": f"exited with code {proc.returncode}, no result: {tail[0][:200]}"}
+
+
+def fmt_losses(xs: list, n: int = 6) -> str:
+    if not xs:
+        return ""
+    shown = " ".join(f"{x:.3f}" for x in xs[:n])
+    return shown + (f" ... {xs[-1]:.3f}" if len(xs) > n else "")
+
+
+def table(spec: dict, device: str, sides: dict) -> str:
+    names = list(sides)
+    rows = []
+
+    def row(label, fn):
+        cells = []
+        for n in names:
+            r = sides[n]
+            if not r.get("ok"):
+                cells.append(f"**failed**: {r.get('error', '')}" if label == "status" else "")
+            else:
+                try:
+                    cells.append(fn(r))
+                except (KeyError, TypeError):
+                    cells.append("")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    row("status", lambda r: "ok")
+    row("specforge package", lambda r: f"`{r['package']}`")
+    row("torch / transformers", lambda r: f"{r['versions']['torch']} / {r['versions']['transformers']}")
+    row("TTT attention", lambda r: r["attention"])
+    row("precision", lambda r: r["precision"])
+    row("trainable params", lambda r: f"{r['params']:,}")
+    row("tokens/s", lambda r: f"{r['tokens_per_s']:,.0f}")
+    row("ms / step", lambda r: f"{r['step_ms']:.1f}")
+    for p, label in zip(PHASES, ("labels (lm_head + soft labels)", "draft fwd + loss (TTT)", "backward",
+                                 "optimizer")):
+        row(f"  {label}",
+            lambda r, p=p: f"{r['phase_ms'][p]:.1f} ({r['phase_ms'][p] / sum(r['phase_ms'].values()):.0%})")
+    row("peak memory GiB", lambda r: f"{r['peak_mem_gib']:.2f} ({r['peak_mem_kind']})")
+    row("loss normalisation", lambda r: r["loss_norm"])
+    row("total loss, step 1..", lambda r: fmt_losses(r["losses"]))
+    row("step-0 loss, step 1..", lambda r: fmt_losses(r["step0_losses"]))
+    row("notes", lambda r: "; ".join(r.get("notes") or []) or "-")
+    head = (f"\n## EAGLE-3 training step, ours vs upstream SpecForge: shape {spec['shape']} (hidden "
+            f"{spec['hidden_size']}, {spec['num_attention_heads']}/{spec['num_key_value_heads']} heads x "
+            f"{spec['head_dim']}, intermediate {spec['intermediate_size']}, vocab {spec['vocab_size']} -> "
+            f"{spec['draft_vocab_size']}), {device}, batch {spec['batch']} x {spec['seq']} tokens, TTT "
+            f"{spec['ttt']}, {spec['steps']} timed steps after {spec['warmup']} warm-up, lr {spec['lr']}\n")
+    return head + "\n| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n" + "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--upstream", metavar="DIR", help="upstream SpecForge tree (holding specforge/)")
+    ap.add_argument("--shape", default="tiny", help="tiny (CPU) or a specforge.model_shapes shape, e.g. llama3.1-8b")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per row (default 2048 on a GPU, 128 on the CPU)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--ttt", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    ap.add_argument("--only", choices=("ours", "upstream"), help="run one side only")
+    ap.add_argument("--ours", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for our side")
+    ap.add_argument("--upstream-attention", choices=("flex_attention", "sdpa", "fa"),
+                    help="upstream's backend (default: flex_attention on CUDA, sdpa on the CPU)")
+    ap.add_argument("--upstream-compact-teacher", action="store_true",
+                    help="upstream's offline compact teacher (no [B, T, V] float32 logits)")
+    ap.add_argument("--upstream-python", metavar="PY", help="interpreter for the upstream side (e.g. a venv with "
+                                                              "upstream's pinned torch/transformers)")
+    ap.add_argument("--out", metavar="FILE", help="write the results as JSON")
+    ap.add_argument("--verbose", action="store_true", help="show each side's output")
+    ap.add_argument("--side", choices=("ours", "upstream"), help=argparse.SUPPRESS)
+    ap.add_argument("--spec", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.side:
+        return side_main(args)
+    if args.only != "ours" and not args.upstream:
+        ap.error("--upstream DIR is needed (or --only ours)")
+    spec = resolve_spec(args)
+    sides = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_file = Path(tmp) / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        for side in ("ours", "upstream"):
+            if args.only in (None, side):
+                sides[side] = run_side(side, spec_file, args)
+    import torch
+
+    device = torch.cuda.get_device_name() if spec["device"] == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(table(spec, device, sides), flush=True)
+    if args.out:
+        res = {"spec": spec, "device": device, "upstream": args.upstream, "sides": sides}
+        Path(args.out).write_text(json.dumps(res, indent=2))
+    return 0 if all(r.get("ok") for r in sides.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
