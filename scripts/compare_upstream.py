@@ -3,6 +3,42 @@
     python scripts/compare_upstream.py --upstream upstream/SpecForge --shape llama3.1-8b --seq 2048 --batch 1
     python scripts/compare_upstream.py --upstream upstream/SpecForge --shape tiny --steps 4 --warmup 1   # CPU check
 
+    # acceptance (issue 18 item 2): both drafts trained on the same target features, held-out acc_0..6
+    python -m specforge prepare-data --target smollm2-135m out_dir=outputs/cmp prepare.synthesize=3000
+    python scripts/compare_upstream.py --upstream upstream/SpecForge --target smollm2-135m \
+        --data outputs/cmp/prepared.jsonl --features outputs/cmp/features.pt --out outputs/cmp/acceptance.json
+
+Acceptance mode (`--features FILE`). With `--data` (the JSONL `specforge prepare-data` writes) the parent first
+writes FILE with our code only: the conversations read, tokenised and split as `specforge train` does
+(`load_samples`, every `--eval-every`-th held out, data.max_length = `--seq` or the config's), the draft vocab
+(d2t/t2d) built from the training split (`count_tokens`, `build_vocab`), then the target (`--target`: a
+configs/targets name or an HF folder; `load_target`) run once over fixed batches of `--batch` rows (the
+config's train.batch_size by default; length-bucketed as `epoch_batches` makes them; padded to a multiple of
+128 on CUDA) with our hooks (`FeatureCapture`): token ids, attention and loss masks, aux features [B, T, 3H] and
+the final normed hidden state [B, T, H], in bf16, plus the target's embedding, lm_head and final norm. Without
+`--data` FILE is reused. Each side (own process, FILE memory-mapped) then trains its draft for `--epochs`
+(default the config's train.epochs) over the train batches, the batch order of each epoch drawn from `--seed`
+(`batch_order`, the same on both sides), at a constant `--lr` (default the config's train.lr) with gradient
+clip `--clip` (0.5), and evaluates the held-out batches with its own forward:
+  ours      `build_draft`, `run_batch` (as `specforge train`, with warmup 0 and min_lr_ratio 1: a constant lr),
+            clip_grad_norm_, AdamW; held-out acc_k from `specforge.eagle3.train.evaluate` (our eval).
+            `--ours KEY=VALUE` overrides apply here (and to the parent, e.g. target.draft.draft_vocab_size).
+  upstream  the same draft, model, strategy and BF16Optimizer as the speed mode; held-out: its
+            `Eagle3TrainStrategy.forward_loss` under no_grad, the draft logits of every TTT step taken where its
+            forward computes them (`draft.compute_logits`) and scored by this harness with our definition
+            (`acc_from_logits`). Upstream's own acc (its `acc_corrects / acc_denoms`: draft top-1 == target
+            argmax, OOV a miss, like ours, but over its loss mask shifted by k, i.e. position t scored when
+            token t+k is trained on where the predicted token is t+2+k) is reported beside it
+            (`upstream_own_acc`), not used.
+The chain acceptance-length estimate is computed from acc_0..4 by our `summarize` (1 + sum of running
+products). Printed: side, epochs, steps, final train loss (mean of the last 20 steps, each side's own
+normalisation), held-out acc_0..6, the chain estimate, training tokens/s (real tokens, features read from
+FILE included). Differences left between the sides: those of the speed mode below (loss normalisation and
+the upstream loss mask shift, precision, AdamW betas (0.9, 0.95) ours vs (0.9, 0.999) upstream, weight decay 0
+both), and initialisation: ours follows its config, whose train.init_head_from_target=true starts our
+draft's lm_head and norm from the target's (upstream starts them random); `--ours
+train.init_head_from_target=false` removes that difference.
+
 What it measures. Each side runs in its own subprocess (`--side ours|upstream`, internal). Both get the same
 inputs, drawn on the device from `--seed` by this file alone (torch only): a target shape (`--shape`, from
 `specforge.model_shapes` and `configs/targets`; `tiny` for the CPU), the target's token embedding and lm_head
@@ -430,19 +466,23 @@ def _triton_standin():
     return triton
 
 
-def run_upstream(spec: dict, args) -> dict:
+def upstream_backend(spec: dict, args) -> str:
     dev_type = spec["device"]
     backend = args.upstream_attention or ("flex_attention" if dev_type == "cuda" else "sdpa")
     if backend == "flex_attention" and dev_type == "cpu":
         raise RuntimeError("upstream's flex_attention backend cannot train on the CPU: torch's FlexAttention has no "
                            "CPU backward (NotImplementedError); use --upstream-attention sdpa")
-    up, notes = import_upstream(Path(args.upstream).resolve(), cpu=dev_type == "cpu")
+    return backend
+
+
+def build_upstream(spec: dict, args, up, backend: str, inp: dict):
+    """Upstream's draft (our sizes; embedding, lm_head and vocab map from `inp`, which it pops), its
+    OnlineEagle3Model and its Eagle3TrainStrategy, as its model providers build them."""
     import torch
     from transformers import LlamaConfig
 
-    dev = torch.device(dev_type)
+    dev = torch.device(spec["device"])
     dtype = torch.bfloat16  # upstream's model.torch_dtype default (config/schema.py)
-    inp = make_inputs(spec)
     # The draft config upstream generates from a target (algorithms/eagle3/providers.py: llama, 1 layer), with
     # our sizes. norm_output is left at upstream's default (its compute_logits applies the final norm).
     cfg = LlamaConfig(hidden_size=spec["hidden_size"], intermediate_size=spec["intermediate_size"],
@@ -474,6 +514,17 @@ def run_upstream(spec: dict, args) -> dict:
     head = head.eval().to(device=dev, dtype=torch.bfloat16)
     strategy = up.Eagle3TrainStrategy(model, target_head=head, ploss_decay=0.8,
                                       compact_teacher=args.upstream_compact_teacher)
+    return draft, model, strategy
+
+
+def run_upstream(spec: dict, args) -> dict:
+    backend = upstream_backend(spec, args)
+    up, notes = import_upstream(Path(args.upstream).resolve(), cpu=spec["device"] == "cpu")
+    import torch
+
+    dev = torch.device(spec["device"])
+    inp = make_inputs(spec)
+    draft, model, strategy = build_upstream(spec, args, up, backend, inp)
     total = spec["warmup"] + spec["steps"]
     opt = up.BF16Optimizer(draft, lr=spec["lr"], max_grad_norm=0.5, total_steps=total + 1, warmup_ratio=0.0,
                            lr_scheduler="constant")
@@ -513,11 +564,311 @@ def run_upstream(spec: dict, args) -> dict:
     return result
 
 
+# ------------------------------------------------------------------------- features mode (issue 18 item 2)
+# Same data, same budget, acceptance: the parent runs the target once over prepared conversations (our data
+# code, our hooks) and writes the batches to one file; each side trains its own draft on them for the same
+# epochs, in the same order, with the same batch, constant lr and clip, then evaluates the held-out batches.
+FEATURE_KEYS = ("input_ids", "attention_mask", "loss_mask", "aux", "final")
+
+
+def build_features(args) -> dict:
+    """Writes `args.features` from `args.data` and `args.target` (parent only; our specforge); returns the
+    spec both sides train from."""
+    import torch
+
+    from specforge.config import load_config
+    from specforge.data.batching import collate, epoch_batches
+    from specforge.data.template import ensure_chat_template
+    from specforge.data.vocab import build_vocab, count_tokens, coverage
+    from specforge.eagle3.draft import draft_config
+    from specforge.eagle3.train import FLEX_PAD
+    from specforge.prepare import load_samples
+    from specforge.targets import (
+        FeatureCapture,
+        TargetHead,
+        aux_layer_ids,
+        load_target,
+        text_config,
+    )
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    overrides = [f"device={device}", f"data.train_path={Path(args.data).resolve()}",
+                 f"data.eval_every={args.eval_every}", *args.ours]
+    if args.seq:
+        overrides.append(f"data.max_length={args.seq}")
+    if Path(args.target).is_dir():
+        args.target = str(Path(args.target).resolve())  # the sides run in another working directory
+    cfg = load_config(args.target, overrides=overrides)
+    target, tok = load_target(cfg.target, dev)
+    ensure_chat_template(tok, cfg.data.chat_template)
+    train_samples, eval_samples = load_samples(cfg, target, tok)
+    if not train_samples or not eval_samples:
+        raise SystemExit(f"{args.data}: {len(train_samples)} training and {len(eval_samples)} held-out "
+                         f"conversations (--eval-every {args.eval_every}); both must be non-empty")
+    head = TargetHead.from_model(target)
+    vocab = head.embed.weight.shape[0]
+    counts = count_tokens(train_samples, vocab)
+    d2t, t2d = build_vocab(counts, min(cfg.target.draft.draft_vocab_size, vocab))
+    aux = aux_layer_ids(cfg.target, target)
+    tcfg = text_config(target.config)
+    dcfg = draft_config(target.config, cfg.target.draft, vocab, aux)
+    batch = args.batch or cfg.train.batch_size
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    capture = FeatureCapture(target, aux)
+
+    def host(x):  # the hooks reuse their buffers
+        return x.to("cpu", torch.bfloat16, copy=True)
+
+    def run(samples, index_lists):
+        out = []
+        for idx in index_lists:
+            b = collate([samples[i] for i in idx], pad_id)
+            with torch.no_grad():
+                f = capture.run(b.input_ids.to(dev), b.attention_mask.to(dev))
+            b.aux, b.prenorm = host(f.aux), host(f.final)
+            if dev.type == "cuda":  # a few lengths only: both sides' flex attention compiles per length
+                b = b.pad_to_multiple(FLEX_PAD)
+            out.append({"input_ids": b.input_ids, "attention_mask": b.attention_mask, "loss_mask": b.loss_mask,
+                        "aux": b.aux, "final": b.prenorm})
+        return out
+
+    t0 = time.perf_counter()
+    lengths = [len(s.input_ids) for s in train_samples]
+    train_batches = run(train_samples, epoch_batches(len(train_samples), lengths, batch, args.seed, 0))
+    by_len = sorted(range(len(eval_samples)), key=lambda i: len(eval_samples[i].input_ids))
+    eval_batches = run(eval_samples, [by_len[i:i + batch] for i in range(0, len(by_len), batch)])
+    capture.remove()
+    spec = {
+        "mode": "features", "shape": str(args.target), "target": str(args.target), "preset": None,
+        "device": device, "hidden_size": dcfg.hidden_size, "intermediate_size": dcfg.intermediate_size,
+        "num_attention_heads": dcfg.num_attention_heads, "num_key_value_heads": dcfg.num_key_value_heads,
+        "head_dim": dcfg.head_dim, "vocab_size": dcfg.vocab_size, "draft_vocab_size": dcfg.draft_vocab_size,
+        "rms_norm_eps": dcfg.rms_norm_eps, "max_position_embeddings": dcfg.max_position_embeddings,
+        "rope_parameters": dict(dcfg.rope_parameters), "num_target_layers": dcfg.num_target_layers,
+        "aux_layer_ids": aux, "seq": cfg.data.max_length, "batch": batch, "ttt": args.ttt,
+        "seed": args.seed, "eval_every": args.eval_every, "data": str(Path(args.data).resolve()),
+        "train_conversations": len(train_samples), "eval_conversations": len(eval_samples),
+        "train_batches": len(train_batches), "eval_batches": len(eval_batches),
+        "train_tokens": sum(lengths), "eval_tokens": sum(len(s.input_ids) for s in eval_samples),
+        "vocab_coverage": coverage(counts, t2d), "target_config": target.config.to_dict(),
+        "target_rms_norm_eps": tcfg.rms_norm_eps, "feature_seconds": time.perf_counter() - t0,
+    }
+    torch.save({"spec": spec, "embed": head.embed.weight.detach().to("cpu", torch.bfloat16),
+                "lm_head": head.lm_head_weight.detach().to("cpu", torch.bfloat16),
+                "norm": head.norm.weight.detach().to("cpu", torch.float32), "d2t": d2t, "t2d": t2d,
+                "train": train_batches, "eval": eval_batches}, args.features)
+    del target, head
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # the sides run in their own processes
+    return spec
+
+
+def batch_order(num_batches: int, seed: int, epoch: int) -> list[int]:
+    """The order of the stored train batches in an epoch: the same on both sides."""
+    import torch
+
+    return torch.randperm(num_batches, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+
+
+def load_features(path: str) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def train_loop(spec: dict, feats: dict, dev, step_fn) -> dict:
+    """`--epochs` over the stored train batches in `batch_order`; step_fn(tensors on dev) -> loss tensor."""
+    import torch
+
+    losses, tokens = [], 0
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for epoch in range(spec["epochs"]):
+        for n, i in enumerate(batch_order(len(feats["train"]), spec["seed"], epoch)):
+            b = {k: feats["train"][i][k].to(dev, non_blocking=True) for k in FEATURE_KEYS}
+            tokens += int(feats["train"][i]["attention_mask"].sum())
+            losses.append(step_fn(b).detach().float())
+            if n % 50 == 0:
+                print(f"  epoch {epoch + 1} batch {n + 1}: loss {losses[-1].item():.4f}", file=sys.stderr, flush=True)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    losses = torch.stack(losses).cpu().tolist()
+    tail = losses[-min(20, len(losses)):]
+    out = {"epochs": spec["epochs"], "steps": len(losses), "train_seconds": elapsed, "tokens_per_s": tokens / elapsed,
+           "final_loss": sum(tail) / len(tail), "losses": losses}
+    if dev.type == "cuda":
+        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def acc_from_logits(logits, final, lm_head, loss_mask, d2t, k: int):
+    """Our definition of step-k accuracy (eagle3/ttt.py ttt_loss, kernels/fused_loss.py): position t is scored
+    when token t+2+k is trained on (loss_mask); it is correct when the draft's top-1 (mapped to a target id)
+    equals the target's argmax at t+1+k (full vocab: an argmax outside the draft vocab is a miss).
+    `logits` [B, T, Vd] of TTT step k, position t predicting token t+2+k. Returns (correct, count)."""
+    t = loss_mask.shape[1]
+    span = t - 2 - k
+    if span <= 0:
+        return 0, 0
+    scored = loss_mask[:, 2 + k:].bool()
+    rows = final[:, 1 + k:1 + k + span][scored]
+    target_arg = (rows @ lm_head.t()).float().argmax(-1)  # as soft_labels: the matmul in the features' dtype
+    pred = logits[:, :span].argmax(-1)[scored]
+    pred = pred + d2t[pred]
+    return int((pred == target_arg).sum()), int(scored.sum())
+
+
+def run_ours_features(spec: dict, args) -> dict:
+    import torch
+    from torch import nn
+    from transformers import AutoConfig
+
+    import specforge
+    from specforge.config import load_config
+    from specforge.data.batching import Batch
+    from specforge.eagle3.train import build_draft, evaluate, run_batch
+    from specforge.layers import RMSNorm
+    from specforge.parallel.mesh import Dist
+    from specforge.targets import TargetHead
+
+    src = Path(specforge.__file__).resolve().parent
+    if src != REPO / "specforge":
+        raise RuntimeError(f"our side imported specforge from {src}, not {REPO / 'specforge'}")
+    dev = torch.device(spec["device"])
+    feats = load_features(spec["features"])
+    overrides = [f"device={dev.type}", f"train.batch_size={spec['batch']}", f"train.ttt_length={spec['ttt']}",
+                 f"train.seed={spec['seed']}", f"train.lr={spec['lr']}", f"train.grad_clip={spec['clip']}",
+                 "train.warmup_steps=0", "train.min_lr_ratio=1.0", *spec["ours"]]
+    cfg = load_config(spec["target"], overrides=overrides)
+    tc = dict(spec["target_config"])
+    tcfg = AutoConfig.for_model(tc.pop("model_type"), **tc)
+    embed = nn.Embedding.from_pretrained(feats["embed"].to(dev), freeze=True)
+    norm = RMSNorm(spec["hidden_size"], spec["target_rms_norm_eps"]).to(dev)
+    with torch.no_grad():
+        norm.weight.copy_(feats["norm"])  # read by train.init_head_from_target only (the features come normed)
+    head = TargetHead(tcfg, embed, norm, feats["lm_head"].to(dev))
+    torch.manual_seed(spec["seed"])
+    draft = build_draft(cfg, head, spec["aux_layer_ids"], feats["d2t"].to(dev), feats["t2d"].to(dev))
+    if draft.config.draft_vocab_size != spec["draft_vocab_size"]:
+        raise RuntimeError(f"our draft vocab {draft.config.draft_vocab_size}, the spec {spec['draft_vocab_size']}")
+    draft_ids = torch.arange(draft.d2t.numel(), device=dev) + draft.d2t
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec["lr"], betas=tuple(cfg.train.betas),
+                            weight_decay=cfg.train.weight_decay, fused=dev.type == "cuda")
+
+    def features(b):  # stored: the final hidden state, normed
+        return b.aux, b.prenorm
+
+    def as_batch(b):
+        return Batch(b["input_ids"], b["attention_mask"], b["loss_mask"].bool(), aux=b["aux"], prenorm=b["final"])
+
+    def step(b):
+        loss, _ = run_batch(cfg, draft, features, head, draft_ids, as_batch(b), dev)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, spec["clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    draft.train()
+    result = train_loop(spec, feats, dev, step)
+    source = types.SimpleNamespace(eval_batches=lambda: (as_batch({k: b[k].to(dev) for k in FEATURE_KEYS})
+                                                          for b in feats["eval"]))
+    ev = evaluate(cfg, draft, features, head, draft_ids, source, dev, Dist(1, 0, 0, 1, 1, 0, 0, dev))
+    attention = cfg.train.attention
+    if attention == "auto":
+        attention = "flex" if dev.type == "cuda" else "reference"
+    result.update(
+        acc=[ev[f"acc_{k}"] for k in range(spec["ttt"])], package=str(src),
+        params=sum(p.numel() for p in params), attention=attention,
+        precision="fp32 weights, bf16 autocast" if dev.type == "cuda" else "fp32",
+        acc_source="specforge.eagle3.train.evaluate (run_batch -> ttt_loss statistics)",
+        notes=[f"train.init_head_from_target={cfg.train.init_head_from_target}"]
+        + ([f"config overrides: {' '.join(spec['ours'])}"] if spec["ours"] else []))
+    return result
+
+
+def run_upstream_features(spec: dict, args) -> dict:
+    backend = upstream_backend(spec, args)
+    up, notes = import_upstream(Path(args.upstream).resolve(), cpu=spec["device"] == "cpu")
+    import torch
+
+    dev = torch.device(spec["device"])
+    feats = load_features(spec["features"])
+    torch.manual_seed(spec["seed"])
+    inp = {k: feats[k] for k in ("embed", "lm_head", "t2d", "d2t")}
+    draft, model, strategy = build_upstream(spec, args, up, backend, inp)
+    total = spec["epochs"] * len(feats["train"])
+    opt = up.BF16Optimizer(draft, lr=spec["lr"], max_grad_norm=spec["clip"], total_steps=total + 1,
+                           warmup_ratio=0.0, lr_scheduler="constant")
+
+    def train_batch(b):
+        return up.TrainBatch(
+            sample_ids=[str(i) for i in range(b["input_ids"].shape[0])], strategy="eagle3",
+            tensors={"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
+                     "loss_mask": b["loss_mask"].long(), "hidden_state": b["aux"], "target": b["final"]},
+            metadata={"target_repr": "hidden_state"})
+
+    def step(b):
+        out = strategy.forward_loss(train_batch(b))
+        out.loss.backward()
+        opt.step()  # clips, steps the fp32 masters, zeroes the gradients, copies back to bf16
+        return out.loss
+
+    model.train()
+    result = train_loop(spec, feats, dev, step)
+    # Held-out: its own forward (OnlineEagle3Model through forward_loss); the draft logits of every TTT step are
+    # taken where its forward computes them (draft.compute_logits), and scored with our definition.
+    model.eval()
+    captured = []
+    compute_logits = draft.compute_logits
+
+    def capture(hidden):
+        logits = compute_logits(hidden)
+        captured.append(logits.detach())
+        return logits
+
+    draft.compute_logits = capture
+    lm_head = feats["lm_head"].to(dev)
+    ttt = spec["ttt"]
+    correct, count, own_correct, own_denom = [0] * ttt, [0] * ttt, [0.0] * ttt, [0.0] * ttt
+    with torch.no_grad():
+        for b in feats["eval"]:
+            b = {k: b[k].to(dev) for k in FEATURE_KEYS}
+            captured.clear()
+            out = strategy.forward_loss(train_batch(b))
+            if len(captured) != ttt:
+                raise RuntimeError(f"upstream's forward computed draft logits {len(captured)} times, not {ttt}")
+            for k, logits in enumerate(captured):
+                c, n = acc_from_logits(logits, b["final"], lm_head, b["loss_mask"], draft.d2t, k)
+                correct[k] += c
+                count[k] += n
+                own_correct[k] += float(out.metrics["acc_corrects"][k])
+                own_denom[k] += float(out.metrics["acc_denoms"][k])
+    draft.compute_logits = compute_logits
+    result.update(
+        acc=[c / max(n, 1) for c, n in zip(correct, count)], eval_positions=count,
+        upstream_own_acc=[c / max(d, 1e-6) for c, d in zip(own_correct, own_denom)],
+        package=str(up.src), params=sum(p.numel() for p in draft.parameters() if p.requires_grad),
+        attention=backend, precision="bf16 weights, fp32 masters",
+        acc_source="its draft logits per TTT step (draft.compute_logits inside OnlineEagle3Model.forward), "
+                   "scored by this harness with our definition (acc_from_logits)",
+        notes=notes + ["upstream_own_acc: its acc_corrects/acc_denoms (loss mask shifted by k, not k+2)"])
+    return result
+
+
 # ----------------------------------------------------------------------------------------- the parent
 def side_main(args) -> int:
     spec = json.loads(Path(args.spec).read_text())
     try:
-        result = (run_ours if args.side == "ours" else run_upstream)(spec, args)
+        if spec.get("mode") == "features":
+            result = (run_ours_features if args.side == "ours" else run_upstream_features)(spec, args)
+        else:
+            result = (run_ours if args.side == "ours" else run_upstream)(spec, args)
         result["ok"] = True
     except Exception as e:  # one line for the table; the traceback goes to stderr
         import traceback
@@ -541,7 +892,7 @@ def run_side(side: str, spec_file: Path, args) -> dict:
                 cmd += ["--upstream-attention", args.upstream_attention]
             if args.upstream_compact_teacher:
                 cmd.append("--upstream-compact-teacher")
-        elif args.ours:
+        elif args.ours and not args.features:  # features mode: the overrides travel in the spec
             cmd += ["--ours", *args.ours]
         print(f"[{side}] running ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -604,17 +955,59 @@ def table(spec: dict, device: str, sides: dict) -> str:
     return head + "\n| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n" + "\n".join(rows)
 
 
+def chain_estimate(acc: list) -> float:
+    """The chain acceptance-length estimate of `specforge train`'s eval, from acc_k (train.summarize)."""
+    from specforge.eagle3.train import summarize
+    from specforge.eagle3.ttt import StepStats
+
+    return summarize([[StepStats(0.0, a, 0.0, 1) for a in acc]])["chain_accept_len_5"]
+
+
+def features_table(spec: dict, device: str, sides: dict) -> str:
+    ttt = spec["ttt"]
+    head = (f"\n## EAGLE-3 drafts trained on the same features, ours vs upstream SpecForge: target {spec['target']} "
+            f"(hidden {spec['hidden_size']}, vocab {spec['vocab_size']} -> {spec['draft_vocab_size']}, "
+            f"{spec['vocab_coverage']:.1%} of train answer tokens in the draft vocab), {device}; "
+            f"{spec['train_conversations']} train conversations ({spec['train_tokens']:,} tokens, "
+            f"{spec['train_batches']} batches of {spec['batch']}), {spec['eval_conversations']} held out (every "
+            f"{spec['eval_every']}th, {spec['eval_tokens']:,} tokens), max length {spec['seq']}; {spec['epochs']} "
+            f"epochs, constant lr {spec['lr']}, clip {spec['clip']}, TTT {ttt}\n")
+    cols = ["side", "epochs", "steps", "final train loss"] + [f"acc_{k}" for k in range(ttt)] + \
+        ["chain est. (5)", "tokens/s"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, r in sides.items():
+        if not r.get("ok"):
+            lines.append(f"| {name} | **failed**: {r.get('error', '')} |" + " |" * (len(cols) - 2))
+            continue
+        cells = [name, str(r["epochs"]), str(r["steps"]), f"{r['final_loss']:.4f}"]
+        cells += [f"{a:.3f}" for a in r["acc"]] + [f"{r['chain_accept_len_5']:.3f}", f"{r['tokens_per_s']:,.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = []
+    for name, r in sides.items():
+        if r.get("ok"):
+            notes.append(f"- {name}: `{r['package']}`, torch {r['versions']['torch']}, attention {r['attention']}, "
+                         f"{r['precision']}, {r['params']:,} trainable params; acc: {r['acc_source']}"
+                         + (f"; its own acc_0..: {' '.join(f'{a:.3f}' for a in r['upstream_own_acc'])}"
+                            if "upstream_own_acc" in r else "")
+                         + (f"; {'; '.join(r['notes'])}" if r.get("notes") else ""))
+    notes.append("- final train loss: mean of the last 20 steps, each side's own normalisation (upstream divides "
+                 "by all B*T positions, ours by the scored ones); compare acc, not loss")
+    return head + "\n" + "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--upstream", metavar="DIR", help="upstream SpecForge tree (holding specforge/)")
     ap.add_argument("--shape", default="tiny", help="tiny (CPU) or a specforge.model_shapes shape, e.g. llama3.1-8b")
     ap.add_argument("--seq", type=int, default=None, help="tokens per row (default 2048 on a GPU, 128 on the CPU)")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=None, help="rows per batch (default 1; with --features: the "
+                                                             "target's train.batch_size)")
     ap.add_argument("--ttt", type=int, default=7)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=None, help="constant lr (default 1e-4; with --features: the "
+                                                             "target's train.lr)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     ap.add_argument("--only", choices=("ours", "upstream"), help="run one side only")
@@ -625,6 +1018,13 @@ def main(argv=None) -> int:
                     help="upstream's offline compact teacher (no [B, T, V] float32 logits)")
     ap.add_argument("--upstream-python", metavar="PY", help="interpreter for the upstream side (e.g. a venv with "
                                                               "upstream's pinned torch/transformers)")
+    ap.add_argument("--features", metavar="FILE", help="acceptance mode: train both drafts on the batches of this "
+                    ".pt file (written first from --data and --target when --data is given) and compare held-out acc")
+    ap.add_argument("--data", metavar="JSONL", help="prepared conversations (what `specforge prepare-data` writes)")
+    ap.add_argument("--target", default="smollm2-135m", help="with --data: a configs/targets name or an HF folder")
+    ap.add_argument("--eval-every", type=int, default=50, help="with --data: hold out every k-th conversation")
+    ap.add_argument("--epochs", type=int, default=None, help="with --features (default: the target's train.epochs)")
+    ap.add_argument("--clip", type=float, default=0.5, help="with --features: gradient clip norm, both sides")
     ap.add_argument("--out", metavar="FILE", help="write the results as JSON")
     ap.add_argument("--verbose", action="store_true", help="show each side's output")
     ap.add_argument("--side", choices=("ours", "upstream"), help=argparse.SUPPRESS)
@@ -635,7 +1035,16 @@ def main(argv=None) -> int:
         return side_main(args)
     if args.only != "ours" and not args.upstream:
         ap.error("--upstream DIR is needed (or --only ours)")
+    if args.features:
+        return features_main(args)
+    args.batch = args.batch or 1
+    args.lr = args.lr if args.lr is not None else 1e-4
     spec = resolve_spec(args)
+    return report(spec, run_sides(spec, args), args, table)
+
+
+def run_sides(spec: dict, args) -> dict:
+    """Each side asked for (`--only`), in its own subprocess, reading `spec` from a temporary file."""
     sides = {}
     with tempfile.TemporaryDirectory() as tmp:
         spec_file = Path(tmp) / "spec.json"
@@ -643,14 +1052,44 @@ def main(argv=None) -> int:
         for side in ("ours", "upstream"):
             if args.only in (None, side):
                 sides[side] = run_side(side, spec_file, args)
+    return sides
+
+
+def report(spec: dict, sides: dict, args, make_table) -> int:
+    """Print the sides' table, write the JSON (`--out`); exit status 1 if a side failed."""
     import torch
 
     device = torch.cuda.get_device_name() if spec["device"] == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(table(spec, device, sides), flush=True)
+    print(make_table(spec, device, sides), flush=True)
     if args.out:
         res = {"spec": spec, "device": device, "upstream": args.upstream, "sides": sides}
         Path(args.out).write_text(json.dumps(res, indent=2))
     return 0 if all(r.get("ok") for r in sides.values()) else 1
+
+
+def features_main(args) -> int:
+    from specforge.config import load_config
+
+    if args.data:
+        print(f"features: running the target over {args.data} ...", file=sys.stderr, flush=True)
+        spec = build_features(args)
+        print(f"features: wrote {args.features} in {spec['feature_seconds']:.1f} s", file=sys.stderr, flush=True)
+    elif not Path(args.features).is_file():
+        raise SystemExit(f"--features {args.features}: no such file (pass --data to write it)")
+    else:
+        spec = load_features(args.features)["spec"]
+    tcfg = load_config(spec["target"], overrides=list(args.ours)).train
+    spec = dict(spec, features=str(Path(args.features).resolve()), epochs=args.epochs or tcfg.epochs,
+                lr=args.lr if args.lr is not None else tcfg.lr, clip=args.clip, ours=list(args.ours), ttt=args.ttt,
+                seed=args.seed)
+    if args.batch and args.batch != spec["batch"]:
+        raise SystemExit(f"--batch {args.batch}: {args.features} holds batches of {spec['batch']}; rewrite it "
+                         f"with --data")
+    sides = run_sides(spec, args)
+    for r in sides.values():
+        if r.get("ok"):
+            r["chain_accept_len_5"] = chain_estimate(r["acc"])
+    return report(spec, sides, args, features_table)
 
 
 if __name__ == "__main__":

@@ -70,3 +70,84 @@ def test_upstream_tiny_cpu(tmp_path, capsys, monkeypatch):
     _check_side(r, UPSTREAM / "specforge")
     assert r["attention"] == "sdpa"  # its flex backend has no CPU backward
     assert any("_compute_loss" in n for n in r["notes"])
+
+
+# ------------------------------------------------------------------- acceptance mode (--data / --features)
+def _features_run(tmp_path, capsys, folder, *extra):
+    from tests.test_train import write_conversations
+
+    data = write_conversations(tmp_path / "prepared.jsonl", n=12)
+    out = tmp_path / "acc.json"
+    code = compare_upstream.main([
+        "--features", str(tmp_path / "feats.pt"), "--data", str(data), "--target", str(folder), "--eval-every", "4",
+        "--device", "cpu", "--batch", "3", "--epochs", "2", "--lr", "3e-3", "--ttt", "3",
+        "--ours", "target.draft.draft_vocab_size=256", *extra, "--out", str(out)])
+    return code, json.loads(out.read_text()), capsys.readouterr().out
+
+
+def _check_acc_side(r, package: Path):
+    assert r["ok"], r.get("error")
+    for key in ("epochs", "steps", "final_loss", "losses", "acc", "chain_accept_len_5", "tokens_per_s", "package",
+                "attention", "versions", "acc_source"):
+        assert key in r, key
+    assert Path(r["package"]) == package.resolve()
+    assert r["epochs"] == 2 and r["steps"] == 6 == len(r["losses"])  # 9 train conversations in batches of 3
+    assert len(r["acc"]) == 3 and all(0.0 <= a <= 1.0 for a in r["acc"])
+    assert 1.0 <= r["chain_accept_len_5"] <= 6.0 and math.isfinite(r["final_loss"]) and r["tokens_per_s"] > 0
+
+
+def test_features_ours_tiny_cpu(tmp_path, capsys, tiny_target_folder):
+    code, res, table = _features_run(tmp_path, capsys, tiny_target_folder, "--only", "ours")
+    assert code == 0
+    s = res["spec"]
+    assert (s["train_conversations"], s["eval_conversations"], s["train_batches"]) == (9, 3, 3)
+    assert s["draft_vocab_size"] == 256 and s["epochs"] == 2 and s["lr"] == 3e-3 and s["clip"] == 0.5
+    _check_acc_side(res["sides"]["ours"], REPO / "specforge")
+    assert "| side | epochs | steps | final train loss | acc_0 | acc_1 | acc_2 | chain est. (5) | tokens/s |" in table
+    assert "| ours | 2 | 6 |" in table
+    # The written features are reused without --data: the same batches, the same result on the CPU.
+    out2 = tmp_path / "again.json"
+    assert compare_upstream.main(["--features", str(tmp_path / "feats.pt"), "--only", "ours", "--epochs", "2",
+                                  "--lr", "3e-3", "--ttt", "3", "--ours", "target.draft.draft_vocab_size=256",
+                                  "--out", str(out2)]) == 0
+    again = json.loads(out2.read_text())["sides"]["ours"]
+    assert again["acc"] == res["sides"]["ours"]["acc"] and again["losses"] == res["sides"]["ours"]["losses"]
+
+
+@pytest.mark.skipif(not (UPSTREAM / "specforge").is_dir(), reason="no upstream SpecForge tree in upstream/SpecForge")
+def test_features_upstream_tiny_cpu(tmp_path, capsys, monkeypatch, tiny_target_folder):
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    code, res, table = _features_run(tmp_path, capsys, tiny_target_folder, "--only", "upstream",
+                                     "--upstream", str(UPSTREAM))
+    r = res["sides"]["upstream"]
+    assert code == 0, r.get("error")
+    _check_acc_side(r, UPSTREAM / "specforge")
+    assert len(r["upstream_own_acc"]) == 3 and all(0.0 <= a <= 1.0 for a in r["upstream_own_acc"])
+    assert sum(r["eval_positions"]) > 0
+    assert "| upstream | 2 | 6 |" in table
+
+
+def test_acc_from_logits_is_our_definition():
+    """The accuracy the harness computes from upstream's draft logits equals the statistics of our ttt_loss on
+    the same draft, tokens, features and mask (the draft's own logits here)."""
+    import torch
+
+    from specforge.eagle3.ttt import next_token_mask, soft_labels, ttt_loss, ttt_unroll
+    from tests.conftest import unroll_inputs
+
+    draft, ids, aux = unroll_inputs(2, 24)
+    g = torch.Generator().manual_seed(3)
+    h, v = draft.config.hidden_size, draft.config.vocab_size
+    final = torch.randn(2, 24, h, generator=g, dtype=torch.float64)
+    lm_head = torch.randn(v, h, generator=g, dtype=torch.float64)
+    lm_head[draft.t2d] *= 3.0  # the target's argmax lands in the draft vocab
+    loss_mask = torch.rand(2, 24, generator=g) > 0.3
+    draft_ids = torch.arange(draft.d2t.numel()) + draft.d2t
+    labels = soft_labels(final, lm_head, draft_ids, next_token_mask(loss_mask))
+    with torch.no_grad():
+        _, stats = ttt_loss(draft, ids, loss_mask, aux, labels, steps=4, fused=False, attention="reference")
+        steps = [draft.logits(hidden) for _, hidden in ttt_unroll(draft, ids, aux, 4, attention="reference")]
+    for k, logits in enumerate(steps):
+        got = compare_upstream.acc_from_logits(logits, final, lm_head, loss_mask, draft.d2t, k)
+        assert got == (int(stats[k].correct), int(stats[k].count)), k
+    assert sum(int(s.count) for s in stats) > 0 and sum(int(s.correct) for s in stats) > 0
