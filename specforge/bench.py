@@ -146,7 +146,7 @@ def warm_up(dec: SpecDecoder, tok, capture_ahead: bool = False) -> None:
     it is one round per span, captured ahead only with `capture_ahead` (else when a turn first reaches the
     span, inside its timing). The prompt graphs (one per padded prompt length) are captured either way."""
     long = " ".join(["Summarize the main argument of this paragraph in one sentence."] * 30)
-    for text in ("Hello", long):  # a short and a long prompt: prefill buffers of both sizes
+    for text in ("Hello", long):  # a short and a long prompt: rounds compiled and captured at both context lengths
         warm = prompt_ids(tok, [{"role": "user", "content": text}])
         for _ in range(2):  # the second pass meets the graphs captured by the first
             dec.generate(warm, 24, tok.eos_token_id)

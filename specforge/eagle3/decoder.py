@@ -399,9 +399,9 @@ class SpecDecoder:
         return len(self._graphs) - before
 
     def capture_prompts(self, upto: Optional[int] = None) -> int:
-        """Capture the prefill graphs of every padded prompt length up to `upto` tokens (default: the longest
-        prompt max_len allows), the longest first, so that the shorter ones reuse its memory pool. Returns the
-        graphs captured."""
+        """Capture the prefill graphs of every padded prompt length that a decode within `upto` cache slots
+        (default max_len) can meet, i.e. prompts of up to upto - 2 tokens, the longest first, so that the shorter
+        ones reuse its memory pool. Returns the graphs captured."""
         if not self.cuda_graphs:
             return 0
         before, longest = len(self._graphs), min(upto or self.max_len, self.max_len) - 2
