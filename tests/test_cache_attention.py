@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from specforge.kernels import batch_invariant
-from specforge.kernels.cache_attention import cache_attention, cache_attention_reference, dense_mask
+from specforge.kernels import cache_attention as ca
+from specforge.kernels.cache_attention import cache_attention, cache_attention_reference, dense_mask, launch_grid
 from specforge.kernels.invariant_attention import attention_reference
 from specforge.layers import SlotMask, cache_mask, grouped_attention
 
@@ -43,6 +44,20 @@ def test_slot_mask_through_grouped_attention_equals_plain_attention():
                                    rtol=1e-12, atol=1e-12)
 
 
+def test_launch_grid_covers_every_row_and_slot_once():
+    """Row blocks times rows per program cover the g*s stacked rows with less than one block to spare, rows
+    per program are powers of two from 16 up to the row block, and the ranges cover the cache."""
+    for g in (1, 3, 4, 5, 6, 8):
+        for s in (1, 4, 6, 16, 21):
+            for length in (1, 63, 64, 300, 2064):
+                for split, row_block in ((256, 128), (64, 16), (128, 32), (32, 64)):
+                    rows, nrb, nsplit = launch_grid(g, s, length, split, row_block)
+                    assert rows >= 16 and rows & (rows - 1) == 0 and rows <= max(16, row_block)
+                    assert nrb * rows >= g * s > (nrb - 1) * rows
+                    assert nsplit * split >= length > (nsplit - 1) * split
+    assert launch_grid(6, 6, 512, 256, 128) == (64, 1, 2)  # the defaults: one block of all rows, as before
+
+
 CASES = [  # (query heads, kv heads, queries, local slots, cache slots, prefix, head dim)
     (9, 3, 1, 1, 2064, 0, 64), (9, 3, 1, 1, 2064, 700, 64), (9, 3, 6, 6, 2064, 511, 64),
     (9, 3, 16, 16, 2064, 1999, 64), (9, 3, 4, 20, 2071, 1024, 64), (32, 8, 16, 16, 4112, 3000, 128),
@@ -73,6 +88,20 @@ def test_kernel_equals_float64_reference(case, dtype):
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got.double(), ref, **tol)
     assert torch.equal(cache_attention(q, k, v, prefix, local), got)  # run to run
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("split,row_block", [(64, 16), (128, 32), (64, 64)])
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[5], (12, 2, 16, 16, 700, 450, 128)])
+def test_narrow_ranges_and_row_blocks_equal_float64_reference(case, split, row_block, monkeypatch):
+    """Other launch shapes (`scripts/bench_cache_attention.py` times them) compute the same attention."""
+    monkeypatch.setattr(ca, "SPLIT", split)
+    monkeypatch.setattr(ca, "ROW_BLOCK", row_block)
+    for dtype, tol in ((torch.float32, dict(rtol=1e-4, atol=1e-5)), (torch.bfloat16, dict(rtol=2e-2, atol=2e-2))):
+        q, k, v, prefix, local = _case(*case, dtype)
+        ref = cache_attention_reference(q.double(), k.double(), v.double(), prefix, local)
+        torch.testing.assert_close(cache_attention(q, k, v, prefix, local).double(), ref, **tol)
 
 
 @gpu

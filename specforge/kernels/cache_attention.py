@@ -5,10 +5,12 @@ all cache slots before a `prefix` and, of the T slots from there (the tokens of 
 `local` [S, T] mask marks. Given in that form, the filled length never reaches the host: one CUDA graph
 serves every cache length, and the kernel reads only the slots up to prefix + T, however large the cache.
 
-Each program serves one kv head and one fixed range of SPLIT slots, for all the query heads sharing that kv
-head and all S queries at once (their rows stacked), so a key block is loaded once per round of rows;
-programs whose range starts past prefix + T return at once. A second kernel (the batch-invariant
-attention's merge) combines the ranges in order, so results are the same run after run.
+Each program serves one kv head, one fixed range of SPLIT slots and one block of at most ROW_BLOCK rows: the
+query heads sharing that kv head times the S queries, stacked, so a key block is loaded once per block of rows.
+Programs whose range starts past prefix + T return at once. A target with few kv heads (Qwen2.5-1.5B: 2) and a
+verify of many queries gets more programs, and shorter ones, from narrower ranges and several row blocks
+(`launch_grid`). A second kernel (the batch-invariant attention's merge) combines the ranges in order, so
+results are the same run after run.
 
 `cache_attention(q, k, v, prefix, local)`: q [1, Hq, S, D], k/v [1, Hkv, L, D], prefix [1] int64 on q's
 device, local [S, T] bool. Returns [1, Hq, S, D] in q's dtype. On CUDA a Triton kernel (as a custom op, so
@@ -32,8 +34,9 @@ except ImportError:  # CPU-only installs
     triton = None
 
 SPLIT = 256  # cache slots per program
-BLOCK_N = 64  # slots per step inside a program
-MAX_ROWS = 128  # query heads per kv head times queries: what one program holds in registers
+BLOCK_N = 64  # slots per step inside a program (at most SPLIT)
+ROW_BLOCK = 128  # stacked rows per program; more rows are spread over several programs
+MAX_ROWS = 128  # query heads per kv head times queries that the decoder hands the kernel (`serves`)
 
 
 def dense_mask(prefix: torch.Tensor, local: torch.Tensor, length: int) -> torch.Tensor:
@@ -47,6 +50,14 @@ def dense_mask(prefix: torch.Tensor, local: torch.Tensor, length: int) -> torch.
 def cache_attention_reference(q, k, v, prefix, local, scale=None):
     """Masked softmax attention in float32 (float64 stays float64) under `dense_mask`."""
     return attention_reference(q, k, v, dense_mask(prefix, local, k.shape[2])[None], scale)
+
+
+def launch_grid(g: int, s: int, length: int, split: int | None = None, row_block: int | None = None):
+    """(rows per program, row blocks, slot ranges) for g query heads per kv head, s queries and `length`
+    cache slots: rows per program a power of two from 16 (tl.dot's least) up to `row_block`."""
+    split, row_block = split or SPLIT, row_block or ROW_BLOCK
+    rows = min(max(16, 1 << max(g * s - 1, 0).bit_length()), max(16, row_block))
+    return rows, -(-g * s // rows), -(-length // split)
 
 
 def serves(device: torch.device, rows: int) -> bool:
@@ -67,13 +78,14 @@ if triton is not None:
 
     @triton.jit
     def _split_kernel(q_ptr, k_ptr, v_ptr, prefix_ptr, local_ptr, m_ptr, l_ptr, acc_ptr, scale,
-                      S, T, L, G, NSPLIT, s_qh, s_qs, s_kh, s_kl, s_vh, s_vl, s_ls,
+                      S, T, L, G, NSPLIT, NRB, s_qh, s_qs, s_kh, s_kl, s_vh, s_vl, s_ls,
                       IEEE: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
                       BLOCK_N: tl.constexpr):
-        hk = tl.program_id(0)
+        hk = tl.program_id(0) // NRB
+        rb = tl.program_id(0) % NRB
         sp = tl.program_id(1)
         prefix = tl.load(prefix_ptr)
-        r = tl.arange(0, ROWS)  # row r: query head hk*G + r // S, query r % S
+        r = rb * ROWS + tl.arange(0, ROWS)  # row r: query head hk*G + r // S, query r % S
         live = r < G * S
         g = r // S
         s = r % S
@@ -125,16 +137,16 @@ if triton is not None:
         hk, length = k.shape[1], k.shape[2]
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         local = (local if local.stride(-1) == 1 else local.contiguous()).view(torch.uint8)
-        nsplit = triton.cdiv(length, SPLIT)
+        g = hq // hk
+        rows, nrb, nsplit = launch_grid(g, s, length)
         m = torch.empty(1, hq, s, nsplit, dtype=torch.float32, device=q.device)
         l_ = torch.empty_like(m)
         acc = torch.empty(1, hq, s, nsplit, d, dtype=torch.float32, device=q.device)
-        g = hq // hk
-        _split_kernel[(hk, nsplit)](
-            q, k, v, prefix, local, m, l_, acc, scale, s, local.shape[1], length, g, nsplit,
+        _split_kernel[(hk * nrb, nsplit)](
+            q, k, v, prefix, local, m, l_, acc, scale, s, local.shape[1], length, g, nsplit, nrb,
             q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), local.stride(0),
-            IEEE=q.dtype == torch.float32, D=d, ROWS=max(16, triton.next_power_of_2(g * s)), SPLIT=SPLIT,
-            BLOCK_N=BLOCK_N, num_warps=4, num_stages=2)
+            IEEE=q.dtype == torch.float32, D=d, ROWS=rows, SPLIT=SPLIT, BLOCK_N=min(BLOCK_N, SPLIT),
+            num_warps=4, num_stages=2)
         out = torch.empty(1, hq, s, d, dtype=q.dtype, device=q.device)
         _merge_kernel[(hq * s,)](m, l_, acc, out, s, hq, nsplit, out.stride(0), out.stride(1), out.stride(2),
                                  D=d, BLOCK_S=triton.next_power_of_2(nsplit), num_warps=1)
