@@ -55,7 +55,8 @@ def test_launch_grid_covers_every_row_and_slot_once():
                     assert rows >= 16 and rows & (rows - 1) == 0 and rows <= max(16, row_block)
                     assert nrb * rows >= g * s > (nrb - 1) * rows
                     assert nsplit * split >= length > (nsplit - 1) * split
-    assert launch_grid(6, 6, 512, 256, 128) == (64, 1, 2)  # the defaults: one block of all rows, as before
+    assert launch_grid(6, 6, 512, 256, 128) == (64, 1, 2)  # the first launch: one block of all rows
+    assert launch_grid(6, 6, 512) == (16, 3, 8)  # the defaults: 16-row blocks over 64-slot ranges
 
 
 CASES = [  # (query heads, kv heads, queries, local slots, cache slots, prefix, head dim)

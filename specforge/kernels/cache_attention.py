@@ -33,9 +33,9 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
-SPLIT = 256  # cache slots per program
+SPLIT = 64  # cache slots per program (timed on an H200: scripts/bench_cache_attention.py, docs/benchmarks.md)
 BLOCK_N = 64  # slots per step inside a program (at most SPLIT)
-ROW_BLOCK = 128  # stacked rows per program; more rows are spread over several programs
+ROW_BLOCK = 16  # stacked rows per program; more rows are spread over several programs
 MAX_ROWS = 128  # query heads per kv head times queries that the decoder hands the kernel (`serves`)
 
 
