@@ -67,8 +67,10 @@ loss, backward and optimizer step, `--warmup` untimed steps then `--steps` timed
 
 Printed (and written as JSON with `--out`): tokens/s, ms per step split into labels (target lm_head + soft
 labels), draft forward + loss (the TTT unroll), backward and optimizer (CUDA events on a GPU, perf_counter on
-the CPU), peak memory (torch.cuda.max_memory_allocated on a GPU, the process's peak RSS on the CPU), the trainable
-parameter count, and the loss of every step (each side's own normalisation; see below), which should fall.
+the CPU), peak memory (torch.cuda.max_memory_allocated on a GPU, the process's peak RSS on the CPU; on a GPU
+also per phase: its peak and what is allocated at its end, so the memory held from the forward to the backward
+shows), the trainable parameter count, and the loss of every step (each side's own normalisation; see below),
+which should fall.
 
 On the GPU machine. The upstream side imports only specforge/{utils,distributed,optimizer,lr_scheduler}.py,
 specforge/algorithms (registry, contracts, eagle3), specforge/core, specforge/modeling and specforge/runtime/
@@ -216,7 +218,9 @@ def make_inputs(spec: dict):
 
 # -------------------------------------------------------------------------------------------- timing
 class Clock:
-    """Marks within a step: CUDA events on a GPU, perf_counter on the CPU (where ops run synchronously)."""
+    """Marks within a step: CUDA events on a GPU, perf_counter on the CPU (where ops run synchronously). On a GPU
+    each mark also notes the memory allocated then and the peak since the previous mark (which it resets), so a
+    step's peak can be placed in a phase and the memory held from forward to backward read off."""
 
     def __init__(self, device):
         import torch
@@ -225,7 +229,7 @@ class Clock:
         self.torch = torch
 
     def start(self):
-        self.marks = []
+        self.marks, self.mem = [], []
         self.mark()
 
     def mark(self, *_):
@@ -233,6 +237,9 @@ class Clock:
             ev = self.torch.cuda.Event(enable_timing=True)
             ev.record()
             self.marks.append(ev)
+            cuda = self.torch.cuda
+            self.mem.append((cuda.memory_allocated() / 2**30, cuda.max_memory_allocated() / 2**30))
+            cuda.reset_peak_memory_stats()
         else:
             self.marks.append(time.perf_counter())
 
@@ -255,6 +262,7 @@ def timed_loop(spec, device, step_fn) -> dict:
     clock = Clock(device)
     spent = dict.fromkeys(PHASES, 0.0)
     losses, first = [], []
+    peaks, held = [0.0] * len(PHASES), [0.0] * len(PHASES)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -268,6 +276,9 @@ def timed_loop(spec, device, step_fn) -> dict:
         loss, loss0 = step_fn(clock)
         for p, s in zip(PHASES, clock.intervals()):
             spent[p] += s
+        if clock.mem:  # GPU: per phase, the peak (over all steps) and what is allocated at its end (this step)
+            peaks = [max(a, b) for a, (_, b) in zip(peaks, clock.mem[1:])]
+            held = [a for a, _ in clock.mem[1:]]
         losses.append(loss.detach().float())
         first.append(loss0.detach().float())
         print(f"  step {i + 1}: loss {loss.item():.4f}", file=sys.stderr, flush=True)
@@ -280,8 +291,9 @@ def timed_loop(spec, device, step_fn) -> dict:
            "phase_ms": {p: 1e3 * spent[p] / n for p in PHASES},
            "losses": [float(x) for x in losses], "step0_losses": [float(x) for x in first]}
     if device.type == "cuda":
-        out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["peak_mem_gib"] = max(peaks + [torch.cuda.max_memory_allocated() / 2**30])
         out["peak_mem_kind"] = "torch.cuda.max_memory_allocated"
+        out["phase_peak_gib"], out["phase_end_gib"] = dict(zip(PHASES, peaks)), dict(zip(PHASES, held))
     else:
         import resource
 
@@ -943,6 +955,10 @@ def table(spec: dict, device: str, sides: dict) -> str:
         row(f"  {label}",
             lambda r, p=p: f"{r['phase_ms'][p]:.1f} ({r['phase_ms'][p] / sum(r['phase_ms'].values()):.0%})")
     row("peak memory GiB", lambda r: f"{r['peak_mem_gib']:.2f} ({r['peak_mem_kind']})")
+    for p in PHASES:  # on a GPU: where the peak falls, and what stays allocated (after the draft forward: the
+        # weights, optimizer state and what autograd saved for backward)
+        row(f"  peak in {p} / allocated after it, GiB",
+            lambda r, p=p: f"{r['phase_peak_gib'][p]:.2f} / {r['phase_end_gib'][p]:.2f}")
     row("loss normalisation", lambda r: r["loss_norm"])
     row("total loss, step 1..", lambda r: fmt_losses(r["losses"]))
     row("step-0 loss, step 1..", lambda r: fmt_losses(r["step0_losses"]))
