@@ -62,7 +62,7 @@ def launch_grid(g: int, s: int, length: int, split: int | None = None, row_block
 
 def serves(device: torch.device, rows: int) -> bool:
     """Whether the Triton kernel runs on `device` for `rows` stacked rows per kv head (query heads per kv head
-    times queries: they must fit one program)."""
+    times queries; at most MAX_ROWS, spread over row blocks of ROW_BLOCK)."""
     return triton is not None and device.type == "cuda" and rows <= MAX_ROWS
 
 
