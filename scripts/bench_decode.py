@@ -98,6 +98,8 @@ def main():
     ap.add_argument("--tolerance", type=float, default=0.25)
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs (to see what they buy)")
     ap.add_argument("--no-compile", action="store_true", help="graphs of the uncompiled forwards")
+    ap.add_argument("--no-skinny", action="store_true", help="the target's projections on cuBLAS (F.linear) "
+                    "instead of the skinny-linear kernel")
     ap.add_argument("--profile", action="store_true", help="kernels per step and the costliest, from the profiler")
     ap.add_argument("--deterministic", action="store_true", help="the batch-invariant kernels (bench.deterministic)")
     ap.add_argument("--matmul", choices=["decode", "train"], default="decode",
@@ -141,7 +143,8 @@ def step_costs(args) -> dict:
     k, t_nodes = (int(x) for x in args.tree.split(","))
     bw = copy_bandwidth()
     weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
-    static = StaticTarget(target, ids, args.max_len + max(t_nodes, s + 1, args.plain_block))
+    static = StaticTarget(target, ids, args.max_len + max(t_nodes, s + 1, args.plain_block),
+                          skinny=not args.no_skinny)
     dec = decoder(args, static, draft, ids)
     tree = decoder(args, static, draft, ids, topk=k, tokens=t_nodes)
     fill_context(dec, n)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import skinny_linear
 from .layers import SlotMask, apply_rope, cache_mask, dense_slots, grouped_attention, rope_angles, rope_cos_sin
 from .targets import decoder_model, decoder_parts, text_config
 
@@ -116,10 +117,12 @@ def is_gated_mlp(ff: nn.Module) -> bool:
 
 class StaticTarget(nn.Module):
     """`fuse=True` (not under tensor parallelism) joins each layer's q/k/v projections, and the gate and up
-    projections of dense MLPs, into one matmul each (`fuse_linears`: the HF parameters become views)."""
+    projections of dense MLPs, into one matmul each (`fuse_linears`: the HF parameters become views).
+    `skinny=True` (not under tensor parallelism) runs the layers' projections through `skinny_linear`, whose
+    kernel reads a weight faster than cuBLAS at the few rows of a decode step or a verify."""
 
     def __init__(self, model: nn.Module, aux_layer_ids: list[int], max_len: int, batch: int = 1,
-                 fuse: bool = True):
+                 fuse: bool = True, skinny: bool = True):
         super().__init__()
         cfg = text_config(model.config)
         if cfg.model_type not in FAMILIES:
@@ -158,6 +161,7 @@ class StaticTarget(nn.Module):
                     if fuse and not split else None for l in layers]
         self.gate_up = [fuse_linears([f.gate_proj, f.up_proj]) if fuse and not split and is_gated_mlp(f) else None
                         for f in (self._ff(l) for l in layers)]
+        self.skinny = skinny and not split
         # Whether a CUDA graph can capture the forward: every feed-forward is dense, Llama 4's (dense over its
         # experts), or a sparse block `sparse_moe` runs; other sparse blocks route through the host.
         self.capturable = all(self.llama4 or is_gated_mlp(f) or is_sparse_block(f)
@@ -240,9 +244,9 @@ class StaticTarget(nn.Module):
         a = layer.self_attn
         x = layer.input_layernorm(h)
         if qkv is not None:
-            q, k, v = F.linear(x, qkv[0], qkv[1]).split(qkv[2], dim=-1)
+            q, k, v = self._linear(x, qkv[0], qkv[1]).split(qkv[2], dim=-1)
         else:
-            q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
+            q, k, v = self._proj(a.q_proj, x), self._proj(a.k_proj, x), self._proj(a.v_proj, x)
         q, k, v = (t.view(b, s, -1, self.head_dim) for t in (q, k, v))
         if self.llama4:  # rotation (rope layers), then L2 norms; or the query temperature (no-rope layers)
             if a.use_rope:
@@ -260,14 +264,23 @@ class StaticTarget(nn.Module):
         k_cache.index_copy_(2, slots, k)
         v_cache.index_copy_(2, slots, v)
         o = grouped_attention(q, k_cache, v_cache, mask)
-        h = h + a.o_proj(o.transpose(1, 2).reshape(b, s, -1))
+        h = h + self._proj(a.o_proj, o.transpose(1, 2).reshape(b, s, -1))
         return h + self._feed_forward(self._ff(layer), layer.post_attention_layernorm(h), gate_up)
+
+    def _linear(self, x, weight, bias):
+        return skinny_linear.linear(x, weight, bias) if self.skinny else F.linear(x, weight, bias)
+
+    def _proj(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A projection module on x, through `_linear` where it is a plain nn.Linear."""
+        if self.skinny and type(module) is nn.Linear:
+            return skinny_linear.linear(x, module.weight, module.bias)
+        return module(x)
 
     def _feed_forward(self, ff: nn.Module, x: torch.Tensor, gate_up) -> torch.Tensor:
         if gate_up is not None:
-            gate, up = F.linear(x, gate_up[0], gate_up[1]).chunk(2, dim=-1)
+            gate, up = self._linear(x, gate_up[0], gate_up[1]).chunk(2, dim=-1)
             act = getattr(ff, "act_fn", None) or ff.activation_fn
-            return ff.down_proj(act(gate) * up)
+            return self._proj(ff.down_proj, act(gate) * up)
         if is_sparse_block(ff):
             return sparse_moe(ff, x)
         out = ff(x)

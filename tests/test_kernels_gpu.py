@@ -274,3 +274,74 @@ def test_compiled_draft_halves_match_eager():
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-4, atol=1e-5)
     for n, g in outs[0][1].items():
         torch.testing.assert_close(outs[1][1][n], g, rtol=1e-3, atol=1e-5, msg=n)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Skinny linear (specforge/kernels/skinny_linear.py): the kernel against a float64 F.linear, at the shapes of
+# the embedded default and Qwen2.5-1.5B, ragged ones, and the launch settings the benchmark sweeps.
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, k", [(960, 576), (576, 1536), (2048, 1536), (17920, 1536), (1536, 8960), (1000, 200)])
+def test_skinny_linear_equals_float64_reference(n, k, dtype):
+    from specforge.kernels import skinny_linear as sl
+
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(n, device="cuda", generator=g).to(dtype)
+    for m in (1, 2, 6, 16):
+        x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
+        for bias in (None, b):
+            ref = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+            got = sl.linear(x, w, bias)  # a K over MAX_K goes to cuBLAS; the kernel itself is checked below
+            assert sl.serves(x, w) == (k <= sl.MAX_K) and got.dtype == dtype and got.shape == (m, n)
+            # float32 sums: the only error left is the output's rounding (2^-8 relative for bf16)
+            torch.testing.assert_close(got.double(), ref, rtol=8e-3, atol=1e-3)
+            cfgs = [None, (8, 256, 4, 2), (32, 512, 4, 4)] if m == 1 else [None, (16, 128, 4, 4), (64, 256, 4, 4)]
+            for cfg in cfgs:
+                torch.testing.assert_close(sl.skinny_linear_kernel(x, w, bias, cfg).double(), ref, rtol=8e-3,
+                                           atol=1e-3)
+
+
+def test_skinny_linear_leading_dims_strides_and_fallbacks():
+    from specforge.kernels import skinny_linear as sl
+    from specforge.kernels.batch_invariant import batch_invariant
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(384, 256, device="cuda", generator=g, dtype=torch.bfloat16) / 16
+    x = torch.randn(1, 2, 3, 512, device="cuda", generator=g, dtype=torch.bfloat16)[..., ::2]  # strided rows
+    ref = torch.nn.functional.linear(x.double(), w.double())
+    got = sl.linear(x, w)
+    assert got.shape == (1, 2, 3, 384)
+    torch.testing.assert_close(got.double(), ref, rtol=8e-3, atol=1e-3)
+    many = torch.randn(17, 256, device="cuda", generator=g, dtype=torch.bfloat16)
+    assert not sl.serves(many, w)  # more rows than MAX_ROWS: cuBLAS
+    assert not sl.serves(x.float(), w.float())
+    with batch_invariant(True):  # the switch's invariant matmul must see every matmul
+        assert not sl.serves(x, w)
+
+
+def test_static_target_skinny_equals_cublas_path_compiled_and_in_graphs():
+    """A prefill, a chain verify, decode steps and a tree-sized verify of a bf16 static target, compiled and
+    replayed from CUDA graphs, give the cuBLAS path's logits within bf16 rounding."""
+    from specforge.graphs import CapturedCall
+    from specforge.static_target import StaticTarget
+
+    from .conftest import tiny_target
+
+    model = tiny_target(dtype=torch.bfloat16, hidden_size=256, intermediate_size=704, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=64).cuda()
+    seq = torch.randint(0, model.config.vocab_size, (1, 40), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(3))
+    slots = torch.arange(64, device="cuda")
+    outs = {}
+    for skinny in (False, True):
+        st = StaticTarget(model, [1, 2, 3], max_len=64, skinny=skinny)
+        st.compile()
+        got = []
+        for start, end in [(0, 16), (16, 22), (22, 23), (23, 39), (39, 40)]:
+            pos = torch.arange(start, end, device="cuda")
+            call = CapturedCall(lambda t, p, s, m: st(t, p, s, m)[0],
+                                (seq[:, start:end], pos[None], pos, (slots[None] <= pos[:, None])[None]))
+            got.append(call.outputs.float().clone())
+        outs[skinny] = torch.cat(got, dim=1)
+    assert _rel(outs[True], outs[False]) < 0.02

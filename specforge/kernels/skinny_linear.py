@@ -1,0 +1,138 @@
+"""Linear layers over a few rows (a decode step, a verify): y = x W^T + b for x of at most MAX_ROWS rows.
+
+At one to sixteen rows a linear layer is a read of its weight, and cuBLAS splits narrow weights into too few
+column tiles to keep the memory busy: on an H200 Qwen2.5-1.5B's o_proj (1536 x 1536) ran as 24 tiles at
+0.75 TB/s, its q/k/v projection at 1.2 TB/s, against about 4 TB/s that a copy reaches. Here each program
+owns BLOCK_N output columns for all rows and walks K in order (no split, no atomics: the same result run after
+run), so a narrow weight still spreads over every SM. One row reduces with multiply-adds (columns need not
+come in sixteens); several rows use tl.dot with the rows padded to 16.
+
+`linear(x, weight, bias)`: x [..., K], weight [N, K], bias [N] or None. The kernel runs on CUDA for bf16/fp16
+inputs of at most MAX_ROWS rows and K <= MAX_K with a contiguous weight, outside the deterministic switch
+(whose invariant matmul must see every matmul); everything else is `F.linear`, the reference the tests hold
+the kernel to.
+The kernel is a custom op, so torch.compile treats it as one opaque call and CUDA graphs capture it."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import batch_invariant
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+MAX_ROWS = 16  # tl.dot's least row tile; more rows are a matmul, which cuBLAS does well
+MAX_K = 4096  # a longer K (an MLP's down projection) wants its sum split over programs, as cuBLAS does
+
+
+def launch(m: int, n: int, k: int, sms: int = 132) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for m rows of an [n, k] weight. One row: column blocks as
+    narrow as 4, until there are about 8 programs per SM (more weight rows in flight), and K steps of up to 512;
+    several rows: 32 columns (64 where that still gives 2 programs per SM), K steps of 256 (128). Chosen from a
+    sweep on an H200 (scripts/bench_linear.py, docs/benchmarks.md)."""
+    block_n = 64
+    if m == 1:
+        while block_n > 4 and -(-n // block_n) < 8 * sms:
+            block_n //= 2
+        block_k = min(512, 4096 // block_n)
+    else:
+        block_n = 64 if -(-n // 64) >= 2 * sms else 32
+        block_k = 256 if block_n == 32 else 128
+    return block_n, min(block_k, max(64, 1 << (k - 1).bit_length())), 4, 4
+
+
+def serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` takes the kernel for these inputs (see the module docstring)."""
+    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and weight.dim() == 2 and weight.is_contiguous()
+            and x.shape[-1] == weight.shape[1] and x.shape[-1] <= MAX_K and x.numel() <= MAX_ROWS * x.shape[-1]
+            and not batch_invariant.active())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym,
+                       HAS_BIAS: tl.constexpr, ONE_ROW: tl.constexpr, EVEN_K: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        rn_safe = tl.where(n_ok, rn, 0)  # columns past N read row 0 (in bounds) and are never stored
+        if ONE_ROW:
+            acc1 = tl.zeros((BLOCK_N,), tl.float32)
+        else:
+            rm = tl.arange(0, 16)
+            acc = tl.zeros((16, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            w_ptrs = w_ptr + rn_safe[:, None].to(tl.int64) * s_wn + rk[None, :]
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=rk[None, :] < K, other=0.0)
+            if ONE_ROW:
+                if EVEN_K:
+                    x = tl.load(x_ptr + rk)
+                else:
+                    x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
+                acc1 += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+            else:
+                x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
+                            other=0.0)
+                acc = tl.dot(x, tl.trans(w), acc)
+        if ONE_ROW:
+            if HAS_BIAS:
+                acc1 += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(y_ptr + rn, acc1.to(y_ptr.dtype.element_ty), mask=n_ok)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=(rm[:, None] < M) & n_ok[None, :])
+
+    def skinny_linear_kernel(x2: torch.Tensor, weight: torch.Tensor, bias, cfg=None) -> torch.Tensor:
+        """The kernel on x2 [M, K] (M <= MAX_ROWS, last dim contiguous); `cfg` overrides `launch` (timing)."""
+        m, k = x2.shape
+        n = weight.shape[0]
+        y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+        if m == 0:
+            return y
+        block_n, block_k, warps, stages = cfg or launch(m, n, k, _sm_count(x2.device))
+        _skinny_kernel[(triton.cdiv(n, block_n),)](
+            x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0),
+            y.stride(0), HAS_BIAS=bias is not None, ONE_ROW=m == 1, EVEN_K=k % block_k == 0,
+            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+        return y
+
+    _SMS: dict = {}
+
+    def _sm_count(device: torch.device) -> int:
+        i = device.index if device.index is not None else torch.cuda.current_device()
+        if i not in _SMS:
+            _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+        return _SMS[i]
+
+    @torch.library.custom_op("specforge::skinny_linear", mutates_args=())
+    def _skinny_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        return skinny_linear_kernel(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+    @_skinny_linear_op.register_fake
+    def _(x, weight, bias):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b: the skinny kernel where it serves (`serves`), else F.linear."""
+    if serves(x, weight):
+        return _skinny_linear_op(x, weight, bias)
+    return F.linear(x, weight, bias)
