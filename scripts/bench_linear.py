@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from specforge.kernels import skinny_linear as sl
 from specforge.model_shapes import SHAPES
 
+from bench_cache_attention import time_us
+
 ROWS = (1, 6, 16)
 ONE_ROW = [(bn, bk, 4, st) for bn in (4, 8, 16, 32) for bk in (256, 512) for st in (2, 4)]
 DOT = [(bn, bk, 4, 4) for bn in (16, 32, 64) for bk in (128, 256)]
@@ -36,28 +38,6 @@ def linears(shape: str) -> list[tuple[str, int, int, bool]]:
     qkv_bias = c.get("model_type") == "qwen2"
     return [("qkv", (hq + 2 * hk) * d, h, qkv_bias), ("o", h, hq * d, False), ("gate_up", 2 * inter, h, False),
             ("down", h, inter, False)]
-
-
-def time_us(fn, calls: int, replays: int = 20) -> float:
-    """Median microseconds per call, `calls` calls (fn(i) for i in range(calls)) captured in one graph."""
-    for i in range(calls):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv=None):
