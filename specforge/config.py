@@ -140,6 +140,10 @@ class TrainConfig:
     ttt_length: int = 7
     step_weight: float = 0.8  # loss weight of TTT step k is step_weight**k
     mask_out_of_vocab: bool = True  # drop positions whose target argmax is outside the draft vocab from the loss
+    # An acceptance-aware term: each scored position's loss adds tv_weight times the total variation between
+    # the target's next-token distribution and the draft's (one minus its expected acceptance). 0 = soft
+    # cross-entropy alone. Computed on the unfused loss path (all of a step's logits alive until backward).
+    tv_weight: float = 0.0
     epochs: int = 1
     max_steps: Optional[int] = None
     batch_size: int = 4

@@ -114,3 +114,44 @@ def test_ttt_loss_fused_equals_unfused(dtype, tol, recompute, mask_out_of_vocab)
     assert set(g1) == set(g0)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=tol, atol=tol, msg=name)
+
+
+def test_tv_term_is_the_total_variation_from_the_target_float64():
+    """tv_weight adds, per row, the total variation between the target's full-vocab distribution p and the
+    draft's q (q has no mass outside the draft vocab): written here as half the L1 distance, against the
+    implementation's 1 - sum min(p, q); and its gradient is autograd's on that formula (gradcheck)."""
+    hidden, w, labels, b_idx, t_idx, d2t = make_case()
+    weight = torch.arange(hidden.shape[0]) % 3 != 1
+    lam = 0.7
+    got = run(soft_ce_reference, hidden, w, labels, b_idx, t_idx, weight, d2t, tv_weight=lam)
+    ce_only = run(soft_ce_reference, hidden, w, labels, b_idx, t_idx, weight, d2t)
+    q = torch.softmax(hidden @ w.t(), -1)
+    p = torch.exp(labels.logits[b_idx, t_idx] - labels.lse[b_idx, t_idx, None])
+    tv = 0.5 * ((p - q).abs().sum(-1) + (1 - p.sum(-1)))
+    wf = weight.double()
+    expected = ce_only[0] + lam * (tv * wf).sum() / wf.sum()
+    torch.testing.assert_close(got[0], expected, rtol=1e-12, atol=1e-12)
+    assert 0 < float(tv.min()) and float(tv.max()) < 1
+    # the statistics do not change with the loss
+    assert int(got[1]) == int(ce_only[1]) and torch.equal(got[2], ce_only[2])
+    h = hidden[:6].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x: soft_ce_reference(x, w, labels, b_idx[:6], t_idx[:6], None, d2t, tv_weight=lam)[0], (h,))
+
+
+def test_ttt_loss_with_tv_takes_the_unfused_path():
+    target = tiny_target(dtype=torch.float64)
+    draft = tiny_draft(target, dtype=torch.float64)
+    torch.manual_seed(2)
+    ids = torch.randint(0, 256, (2, 16))
+    aux = torch.randn(2, 16, 192, dtype=torch.float64)
+    full = torch.randn(2, 16, 256, dtype=torch.float64) * 3
+    draft_ids = torch.arange(64) + draft.d2t
+    labels = SoftLabels(full[..., draft_ids].contiguous(), torch.logsumexp(full, -1), full.argmax(-1))
+    loss_mask = torch.ones(2, 16, dtype=torch.bool)
+    totals = {}
+    for fused, tv in ((True, 0.5), (False, 0.5), (False, 0.0)):
+        totals[fused, tv], _ = ttt_loss(draft, ids, loss_mask, aux, labels, 3, fused=fused, tv_weight=tv,
+                                        attention="reference")
+    assert torch.equal(totals[True, 0.5], totals[False, 0.5])
+    assert float(totals[False, 0.5]) > float(totals[False, 0.0])  # the term is positive

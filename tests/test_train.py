@@ -35,6 +35,21 @@ def test_overfit_loss_falls(tmp_path, tiny_target_folder):
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 
+def test_tv_weight_reaches_the_loss(tmp_path, tiny_target_folder):
+    """train.tv_weight adds the acceptance-aware term to the step's loss (same data, seed and first weights:
+    only the loss differs, by a positive amount)."""
+    data = write_conversations(tmp_path / "d.jsonl", n=4)
+    first = {}
+    for tv in (0.0, 0.5):
+        cfg = load_config(str(tiny_target_folder), overrides=[
+            f"out_dir={tmp_path / f'run{tv}'}", f"data.train_path={data}", "data.eval_every=1000",
+            "train.max_steps=1", "train.batch_size=2", "train.ttt_length=2", "target.draft.draft_vocab_size=512",
+            f"train.tv_weight={tv}"])
+        train(cfg)
+        first[tv] = json.loads((tmp_path / f"run{tv}" / "metrics.json").read_text())["train_losses"][0]
+    assert first[0.5] > first[0.0]
+
+
 def test_cli_end_to_end_writes_checkpoint_and_events(tmp_path, tiny_target_folder, capsys):
     """prepare-data (generation by the tiny target), vocab, training, eval, checkpoint, TensorBoard."""
     out = tmp_path / "run"

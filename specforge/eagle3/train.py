@@ -153,7 +153,7 @@ def run_batch(cfg: Config, draft, features, head: TargetHead, draft_ids, batch, 
                      cfg.train.step_weight, cfg.train.mask_out_of_vocab, fused=cfg.train.fused_loss,
                      loss_chunk=cfg.train.loss_chunk, loss_recompute=cfg.train.loss_recompute,
                      attention=cfg.train.attention, denominators=denominators, doc_ids=batch.doc_ids,
-                     position_ids=batch.position_ids)
+                     position_ids=batch.position_ids, tv_weight=cfg.train.tv_weight)
 
 
 def global_stats(loss: torch.Tensor, stats: list, dist: Optional[Dist]):

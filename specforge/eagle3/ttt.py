@@ -128,7 +128,8 @@ def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tenso
              labels: SoftLabels, steps: int = 7, step_weight: float = 0.8, mask_out_of_vocab: bool = True,
              fused: bool = True, loss_chunk: int | None = None, loss_recompute: bool = False,
              attention: str = "auto", denominators: torch.Tensor | None = None,
-             doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+             doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+             tv_weight: float = 0.0):
     """Weighted TTT loss and per-step statistics.
 
     Position t at step k is scored when token t+2+k is an assistant token (loss_mask). Accuracy counts
@@ -141,7 +142,9 @@ def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tenso
     autograd). Both compute the same. `attention`: the TTT attention kernel (see `ttt_unroll`).
     `denominators` [steps]: what each step's weighted loss sum is divided by (default: its own weight sum,
     `step_weights`; data parallel passes the sum over all ranks). Packed rows pass `doc_ids` and
-    `position_ids` (see `ttt_unroll`); a position is then scored only against its own conversation."""
+    `position_ids` (see `ttt_unroll`); a position is then scored only against its own conversation.
+    `tv_weight` > 0: each row's loss adds that times its total variation from the target (one minus its
+    expected acceptance; `soft_ce_reference`), which only the unfused path computes, so it takes that path."""
     # The target at position p predicts token p+1: score p when token p+1 is in the loss mask.
     pred_mask = next_token_mask(loss_mask, doc_ids)
     in_vocab = draft.t2d[labels.argmax]
@@ -156,13 +159,14 @@ def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tenso
         weight = in_vocab[b_idx, t_idx] if mask_out_of_vocab else None
         denom = None if denominators is None else denominators[k]
         normed = draft.norm(hidden[rows])
-        if fused:
+        if fused and not tv_weight:
             loss_k, correct, accept, count = fused_soft_ce(normed, draft.lm_head.weight, labels, b_idx, t_idx,
                                                            weight, draft.d2t, chunk=loss_chunk,
                                                            recompute=loss_recompute, denom=denom)
         else:
             loss_k, correct, accept, count = soft_ce_reference(normed, draft.lm_head.weight, labels, b_idx,
-                                                               t_idx, weight, draft.d2t, denom=denom)
+                                                               t_idx, weight, draft.d2t, denom=denom,
+                                                               tv_weight=tv_weight)
         total = total + (step_weight ** k) * loss_k
         stats.append(StepStats(loss_k.detach(), correct, accept, count))
     return total, stats

@@ -55,24 +55,30 @@ def default_chunk(vocab: int, bytes_per_logit: int = 4, budget: int = CHUNK_BYTE
 
 def soft_ce_reference(normed_hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: SoftLabels,
                       b_idx: torch.Tensor, t_idx: torch.Tensor, weight: Optional[torch.Tensor] = None,
-                      d2t: Optional[torch.Tensor] = None, denom: Optional[torch.Tensor] = None):
+                      d2t: Optional[torch.Tensor] = None, denom: Optional[torch.Tensor] = None,
+                      tv_weight: float = 0.0):
     """One TTT step, unfused: (weighted mean loss, correct, accept, count). All [N, Vd] tensors are
     materialised; autograd keeps the float32 ones until backward. `denom`: what the weighted sum is divided
-    by (default: the sum of the weights; data parallel passes the sum over all ranks)."""
+    by (default: the sum of the weights; data parallel passes the sum over all ranks). `tv_weight` > 0 adds
+    tv_weight times each row's total variation between the target's full next-token distribution and the
+    draft's, 1 - sum_x min(p(x), q(x)): one minus the row's expected acceptance, which it trains directly."""
     logits = F.linear(normed_hidden, lm_head_weight)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     logq = F.log_softmax(logits, dim=-1)
     tgt_logits = labels.logits[b_idx, t_idx]
     tgt_arg = labels.argmax[b_idx, t_idx]
+    p_full = torch.exp(tgt_logits - labels.lse[b_idx, t_idx].unsqueeze(-1))  # full-vocab target probs
     ce = -(torch.softmax(tgt_logits, dim=-1) * logq).sum(-1)
+    row = ce
+    if tv_weight:
+        row = ce + tv_weight * (1 - torch.minimum(p_full, logq.exp()).sum(-1))
     weight = torch.ones_like(ce) if weight is None else weight.to(ce.dtype)
-    loss = (ce * weight).sum() / (weight.sum() if denom is None else denom.to(ce.dtype)).clamp(min=1)
+    loss = (row * weight).sum() / (weight.sum() if denom is None else denom.to(ce.dtype)).clamp(min=1)
     with torch.no_grad():
         arg = logits.argmax(-1)
         if d2t is not None:
             arg = arg + d2t[arg]
         correct = (arg == tgt_arg).sum()
-        p_full = torch.exp(tgt_logits - labels.lse[b_idx, t_idx].unsqueeze(-1))  # full-vocab target probs
         accept = torch.minimum(p_full, logq.exp()).sum()
     return loss, correct, accept, torch.tensor(len(ce))
 
