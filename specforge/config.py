@@ -135,6 +135,11 @@ class DumpConfig:
 @dataclass
 class TrainConfig:
     mode: str = "online"  # online | offline
+    # Online: compute each sample's target features once, before the first step (its own forward, alone,
+    # so that the values never depend on the batch or on a resume), and keep them in memory: epochs after
+    # the first skip the target. None = on the CPU, in one process, when the run passes over its data more
+    # than once, where they fit in FEATURE_CACHE_BYTES (the target's forward is most of a CPU step).
+    cache_features: Optional[bool] = None
     hidden: Optional[str] = None  # offline: the dump folder; None = <out_dir>/hidden
     shuffle_window: int = 8  # offline: shards held in memory at once (samples are shuffled within it)
     ttt_length: int = 7

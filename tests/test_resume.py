@@ -44,7 +44,10 @@ def _cfg(folder, data, out, *extra):
 
 
 def _mode(mode, dump):
-    return [] if mode == "online" else ["train.mode=offline", f"train.hidden={dump}", "train.shuffle_window=2"]
+    """online: the features computed once and kept (on the CPU, when a run passes over its data more than
+    once; train.cache_features); online-live: the target run in every step; offline: read from a dump."""
+    return {"online": [], "online-live": ["train.cache_features=false"],
+            "offline": ["train.mode=offline", f"train.hidden={dump}", "train.shuffle_window=2"]}[mode]
 
 
 def _result(out):
@@ -55,7 +58,7 @@ def _result(out):
 @pytest.fixture(scope="module")
 def unbroken(tmp_path_factory, tiny_target_folder, data, dump):
     runs = {}
-    for mode in ("online", "offline"):
+    for mode in ("online", "online-live", "offline"):
         out = tmp_path_factory.mktemp(f"unbroken-{mode}")
         train(_cfg(tiny_target_folder, data, out, *_mode(mode, dump)))
         runs[mode] = _result(out)
@@ -69,7 +72,7 @@ def _assert_same(got, want):
         assert torch.equal(got[1][k], want[1][k]), k
 
 
-@pytest.mark.parametrize("mode,stop", [("online", 4), ("online", 6), ("offline", 5)])
+@pytest.mark.parametrize("mode,stop", [("online", 4), ("online", 6), ("online-live", 4), ("offline", 5)])
 def test_stop_and_resume_equals_unbroken(tmp_path, tiny_target_folder, data, dump, unbroken, mode, stop):
     """Stopped mid-epoch (4, 5) or at the epoch boundary (6), then resumed: the same losses and weights, bit
     for bit, as the run that never stopped (weights, AdamW moments, schedule, data position, RNG)."""
@@ -79,6 +82,32 @@ def test_stop_and_resume_equals_unbroken(tmp_path, tiny_target_folder, data, dum
     assert [p.name for p in step_folders(out / "checkpoints")] == [f"step_{stop:07d}"]
     train(_cfg(tiny_target_folder, data, out, *_mode(mode, dump), "train.resume=latest"))
     _assert_same(_result(out), unbroken[mode])
+
+
+def test_kept_features_train_as_live_ones(unbroken):
+    """Features computed once per sample alone (kept) and per padded batch (live) differ only in float32
+    rounding: the same run to within it."""
+    kept, live = unbroken["online"], unbroken["online-live"]
+    torch.testing.assert_close(torch.tensor(kept[0]), torch.tensor(live[0]), rtol=1e-4, atol=0)
+    for k in live[1]:
+        torch.testing.assert_close(kept[1][k], live[1][k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("cache, forwards", [("true", 14), ("false", STEPS + 1)])
+def test_kept_features_run_the_target_once_per_sample(tmp_path, tiny_target_folder, data, monkeypatch, cache,
+                                                       forwards):
+    """Kept: one target forward per conversation (12 training, 2 held out), none in the steps; live: one per
+    step and one for the held-out evaluation at the end."""
+    from specforge.targets import FeatureCapture
+
+    calls = []
+    run = FeatureCapture.run
+    monkeypatch.setattr(FeatureCapture, "run", lambda self, ids, *a, **k: calls.append(ids.shape) or run(self, ids,
+                                                                                                          *a, **k))
+    train(_cfg(tiny_target_folder, data, tmp_path / "run", f"train.cache_features={cache}"))
+    assert len(calls) == forwards
+    if cache == "true":
+        assert all(shape[0] == 1 for shape in calls)
 
 
 def test_two_runs_give_identical_losses(tmp_path, tiny_target_folder, data, unbroken):

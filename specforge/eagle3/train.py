@@ -113,6 +113,30 @@ class OnlineFeatures:
         self.capture.remove()
 
 
+FEATURE_CACHE_BYTES = 4 << 30  # train.cache_features=None keeps float32 features up to this size
+
+
+def keeps_features(cfg: Config, device, dist: Optional[Dist], samples, hidden: int, steps_per_epoch: int) -> bool:
+    """Whether online training computes the features once and keeps them (train.cache_features): where
+    unset, when the run passes over its data more than once on the CPU, in one process, and they fit."""
+    if cfg.train.cache_features is not None:
+        return cfg.train.cache_features
+    passes = (cfg.train.max_steps or steps_per_epoch * cfg.train.epochs) > steps_per_epoch
+    nbytes = sum(len(s.input_ids) for s in samples) * 4 * hidden * 4  # aux (3H) + prenorm (H), float32
+    return (passes and device.type == "cpu" and (dist is None or dist.world == 1)
+            and nbytes <= FEATURE_CACHE_BYTES)
+
+
+@torch.no_grad()
+def capture_features(capture: FeatureCapture, samples, device) -> None:
+    """Each sample's features from a forward of that sample alone (no padding and no neighbours, so the same
+    values whenever they are computed: a resumed run reads what an unbroken one did), kept in the sample as
+    a dump holds them (aux, and the final hidden state before the norm)."""
+    for s in samples:
+        f = capture.run(s.input_ids[None].to(device))
+        s.aux, s.prenorm = f.aux[0], f.prenorm[0]
+
+
 class OfflineFeatures:
     """Features of a batch read back from a dump; the target's final norm is applied here."""
 
@@ -215,7 +239,18 @@ def online_setup(cfg: Config, device, dist: Optional[Dist] = None):
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     source = MemorySource(train_samples, eval_samples, cfg.train.batch_size, cfg.train.seed, pad_id,
                           cfg.data.max_length if cfg.train.pack else None)
-    return head, ids, OnlineFeatures(target, ids), source, train_samples
+    features = OnlineFeatures(target, ids)
+    samples = train_samples + eval_samples
+    if keeps_features(cfg, device, dist, samples, text_config(target.config).hidden_size,
+                      source.steps_per_epoch()):
+        start = time.perf_counter()
+        capture_features(features.capture, samples, device)
+        features.close()
+        features = OfflineFeatures(head.norm)
+        if is_main(dist):
+            print(f"train: target features of {len(samples)} samples computed once and kept "
+                  f"({time.perf_counter() - start:.0f} s; train.cache_features)", flush=True)
+    return head, ids, features, source, train_samples
 
 
 def offline_setup(cfg: Config, device, dist: Optional[Dist] = None):
