@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from . import batch_invariant
+from .invariant_matmul import _sm_count
 
 try:
     import triton
@@ -104,20 +105,12 @@ if triton is not None:
         y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
         if m == 0:
             return y
-        block_n, block_k, warps, stages = cfg or launch(m, n, k, _sm_count(x2.device))
+        block_n, block_k, warps, stages = cfg or launch(m, n, k, _sm_count(x2.device.index or 0))
         _skinny_kernel[(triton.cdiv(n, block_n),)](
             x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0),
             y.stride(0), HAS_BIAS=bias is not None, ONE_ROW=m == 1, EVEN_K=k % block_k == 0,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
         return y
-
-    _SMS: dict = {}
-
-    def _sm_count(device: torch.device) -> int:
-        i = device.index if device.index is not None else torch.cuda.current_device()
-        if i not in _SMS:
-            _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
-        return _SMS[i]
 
     @torch.library.custom_op("specforge::skinny_linear", mutates_args=())
     def _skinny_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
