@@ -223,23 +223,30 @@ class StaticTarget(nn.Module):
                 q_scale = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
         else:
             cos, sin = rope_cos_sin(self.rotary, h, positions)
-        aux = {}
+        aux, delta = {}, None
         for i, layer in enumerate(self.layers):
+            h, h_in, delta = (self._layer if eager else self._layer_fn)(
+                layer, h, delta, cos, sin, q_scale, slots, masks[self.spans[i]], self.k_cache[i][:, :, :span],
+                self.v_cache[i][:, :, :span], self.qkv[i], self.gate_up[i])
             if i in self.aux_layer_ids:
-                aux[i] = h
-            h = (self._layer if eager else self._layer_fn)(layer, h, cos, sin, q_scale, slots, masks[self.spans[i]],
-                               self.k_cache[i][:, :, :span], self.v_cache[i][:, :, :span], self.qkv[i],
-                               self.gate_up[i])
+                aux[i] = h_in
         if logit_rows is not None:
-            h = h.index_select(1, logit_rows)
-        return (self._head if eager else self._head_fn)(h), torch.cat([aux[j] for j in self.aux_layer_ids], dim=-1)
+            h, delta = h.index_select(1, logit_rows), delta.index_select(1, logit_rows)
+        return (self._head if eager else self._head_fn)(h, delta), torch.cat([aux[j] for j in self.aux_layer_ids],
+                                                                              dim=-1)
 
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h))
+    def _head(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h + delta))
 
-    def _layer(self, layer, h, cos, sin, q_scale, slots, mask, k_cache, v_cache, qkv, gate_up):
+    def _layer(self, layer, h, delta, cos, sin, q_scale, slots, mask, k_cache, v_cache, qkv, gate_up):
         """One decoder layer over the static cache (`k_cache`, `v_cache`: this layer's first L slots, [B, Hkv, L, D]);
-        `qkv`, `gate_up`: the fused weights of `fuse_linears`, or None."""
+        `qkv`, `gate_up`: the fused weights of `fuse_linears`, or None. The residual add of the previous layer's
+        feed-forward output `delta` (None for the first layer) happens here, where the compiled layer fuses it
+        with this layer's input norm, instead of as a kernel of its own at the end of that layer. Returns
+        (residual after attention, this layer's input = h + delta, feed-forward output)."""
+        if delta is not None:
+            h = h + delta
+        h_in = h
         b, s, _ = h.shape
         a = layer.self_attn
         x = layer.input_layernorm(h)
@@ -265,7 +272,7 @@ class StaticTarget(nn.Module):
         v_cache.index_copy_(2, slots, v)
         o = grouped_attention(q, k_cache, v_cache, mask)
         h = h + self._proj(a.o_proj, o.transpose(1, 2).reshape(b, s, -1))
-        return h + self._feed_forward(self._ff(layer), layer.post_attention_layernorm(h), gate_up)
+        return h, h_in, self._feed_forward(self._ff(layer), layer.post_attention_layernorm(h), gate_up)
 
     def _linear(self, x, weight, bias):
         return skinny_linear.linear(x, weight, bias) if self.skinny else F.linear(x, weight, bias)

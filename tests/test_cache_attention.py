@@ -123,3 +123,23 @@ def test_one_graph_serves_every_cache_length():
         ref = cache_attention_reference(q.double(), k.double(), v.double(), prefix, local)
         torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
         assert math.isfinite(float(out.float().abs().max()))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[3], CASES[5], (12, 2, 6, 6, 2064, 900, 128)])
+def test_merge_inside_the_launch_equals_merge_kernel(case, monkeypatch):
+    """The ranges merged by the last program of each block (head dims up to FUSE_MAX_D) and by the second
+    kernel give the same attention (float32: within rounding of the merge order), run after run, and every
+    arrival counter is back at zero afterwards (the next call, or a graph replay, starts from it)."""
+    q, k, v, prefix, local = _case(*case, torch.float32)
+    ref = cache_attention_reference(q.double(), k.double(), v.double(), prefix, local)
+    got = {}
+    for fuse_max_d in (0, 128):
+        monkeypatch.setattr(ca, "FUSE_MAX_D", fuse_max_d)
+        got[fuse_max_d] = cache_attention(q, k, v, prefix, local)
+        torch.testing.assert_close(got[fuse_max_d].double(), ref, rtol=1e-4, atol=1e-5)
+        for _ in range(3):
+            assert torch.equal(cache_attention(q, k, v, prefix, local), got[fuse_max_d])
+    torch.testing.assert_close(got[0], got[128], rtol=1e-5, atol=1e-6)
+    assert int(ca._counters[q.device].abs().sum()) == 0

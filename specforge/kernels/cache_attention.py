@@ -9,8 +9,16 @@ Each program serves one kv head, one fixed range of SPLIT slots and one block of
 query heads sharing that kv head times the S queries, stacked, so a key block is loaded once per block of rows.
 Programs whose range starts past prefix + T return at once. A target with few kv heads (Qwen2.5-1.5B: 2) and a
 verify of many queries gets more programs, and shorter ones, from narrower ranges and several row blocks
-(`launch_grid`). A second kernel (the batch-invariant attention's merge) combines the ranges in order, so
-results are the same run after run.
+(`launch_grid`). The ranges are combined in range order, so results repeat run after run. For a head dim
+up to FUSE_MAX_D that happens inside the same launch: each program leaves its partial result and counts
+itself in on a per-block counter; the last to arrive merges the block's live ranges (whichever program is
+last, in the same order) and sets the counter back to zero. A small target's decode step is bound by its
+number of launches, and this takes one per layer away (SmolLM2: 1.017 -> 0.972 ms a step). With 128-wide
+heads one program merging every range is slower than a second kernel (the batch-invariant attention's
+merge) whose programs share out the rows, so there the ranges are merged that way (docs/benchmarks.md).
+The counters live in one zeroed buffer per device, made on the first call (so the first call must not be
+under CUDA-graph capture: CapturedCall warms up first) and shared by every call: calls on one device must not
+run on two streams at once.
 
 `cache_attention(q, k, v, prefix, local)`: q [1, Hq, S, D], k/v [1, Hkv, L, D], prefix [1] int64 on q's
 device, local [S, T] bool. Returns [1, Hq, S, D] in q's dtype. On CUDA a Triton kernel (as a custom op, so
@@ -37,6 +45,7 @@ SPLIT = 64  # cache slots per program (timed on an H200: scripts/bench_cache_att
 BLOCK_N = 64  # slots per step inside a program (at most SPLIT)
 ROW_BLOCK = 16  # stacked rows per program; more rows are spread over several programs
 MAX_ROWS = 128  # query heads per kv head times queries that the decoder hands the kernel (`serves`)
+FUSE_MAX_D = 64  # head dims up to this merge the ranges inside the launch; larger ones in a second kernel
 
 
 def dense_mask(prefix: torch.Tensor, local: torch.Tensor, length: int) -> torch.Tensor:
@@ -77,10 +86,11 @@ def kernel_serves(q: torch.Tensor, k: torch.Tensor, local: torch.Tensor) -> bool
 if triton is not None:
 
     @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, prefix_ptr, local_ptr, m_ptr, l_ptr, acc_ptr, scale,
-                      S, T, L, G, NSPLIT, NRB, s_qh, s_qs, s_kh, s_kl, s_vh, s_vl, s_ls,
+    def _split_kernel(q_ptr, k_ptr, v_ptr, prefix_ptr, local_ptr, m_ptr, l_ptr, acc_ptr, count_ptr, o_ptr, scale,
+                      S, T, L, G, NSPLIT, NRB, s_qh, s_qs, s_kh, s_kl, s_vh, s_vl, s_ls, s_oh, s_os,
                       IEEE: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, SPLIT: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+                      BLOCK_N: tl.constexpr, MAXSPLIT: tl.constexpr, CH: tl.constexpr,
+                      FUSED: tl.constexpr):
         hk = tl.program_id(0) // NRB
         rb = tl.program_id(0) % NRB
         sp = tl.program_id(1)
@@ -124,11 +134,56 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m_i = m_new
-        # partials in the merge kernel's layout: [Hq, S, NSPLIT] (m, l) and [Hq, S, NSPLIT, D] (acc)
-        row = ((hk * G + g) * S + s) * NSPLIT + sp
-        tl.store(m_ptr + row, m_i, mask=live)
-        tl.store(l_ptr + row, l_i, mask=live)
-        tl.store(acc_ptr + row[:, None] * D + dd[None, :], acc, mask=live[:, None])
+        # This range's partial result ([Hq, S, NSPLIT] for m and l, [Hq, S, NSPLIT, D] for acc), if it has one.
+        row = ((hk * G + g) * S + s) * NSPLIT
+        nlive = tl.cdiv(tl.minimum(prefix + T, L), SPLIT)
+        if sp < nlive or not FUSED:  # the merge kernel reads every range (an empty one weighs nothing)
+            tl.store(m_ptr + row + sp, m_i, mask=live)
+            tl.store(l_ptr + row + sp, l_i, mask=live)
+            tl.store(acc_ptr + (row + sp)[:, None] * D + dd[None, :], acc, mask=live[:, None])
+        if FUSED:
+            tl.debug_barrier()  # every thread's stores before the arrival below (which releases them)
+            if tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel") == NSPLIT - 1:
+                # The last program of this block of rows: merge the live ranges in order (loads through L2,
+                # where the other programs' stores are) and set the counter back for the next call.
+                tl.store(count_ptr + tl.program_id(0), 0)
+                # m and l of every live range in one load each; acc in chunks of CH ranges (few trips to L2)
+                ranges = tl.arange(0, MAXSPLIT)
+                ok = live[:, None] & (ranges[None, :] < nlive)
+                ms = tl.load(m_ptr + row[:, None] + ranges[None, :], mask=ok, other=float("-inf"),
+                             cache_modifier=".cg")
+                big = tl.max(ms, axis=1)
+                safe = tl.where(big == float("-inf"), 0.0, big)
+                ls = tl.load(l_ptr + row[:, None] + ranges[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+                total = tl.sum(tl.exp(ms - safe[:, None]) * ls, axis=1)
+                out = tl.zeros((ROWS, D), tl.float32)
+                for c in range(0, nlive, CH):
+                    rc = c + tl.arange(0, CH)
+                    okc = live[:, None] & (rc[None, :] < nlive)
+                    at = row[:, None] + rc[None, :]
+                    w = tl.exp(tl.load(m_ptr + at, mask=okc, other=float("-inf"), cache_modifier=".cg")
+                               - safe[:, None])
+                    part = tl.load(acc_ptr + at[:, :, None] * D + dd[None, None, :], mask=okc[:, :, None], other=0.0,
+                                   cache_modifier=".cg")
+                    out += tl.sum(w[:, :, None] * part, axis=1)
+                out = tl.where(total[:, None] > 0, out / total[:, None], 0.0)  # a row that attends nothing: zeros
+                tl.store(o_ptr + (hk * G + g)[:, None] * s_oh + s[:, None] * s_os + dd[None, :],
+                         out.to(o_ptr.dtype.element_ty), mask=live[:, None])
+
+    _counters: dict = {}
+    _made: list = []  # every counter buffer ever made: a captured graph keeps the address it saw
+
+    def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
+        """The zeroed arrival counters of `device` (each block's last program sets its own back to zero), made
+        outside CUDA-graph capture only: memory made while capturing would not be zeroed until a replay."""
+        buf = _counters.get(device)
+        if buf is None or buf.numel() < n:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("cache_attention: call it once outside CUDA-graph capture first (it makes its "
+                                   "zeroed counter buffer then)")
+            buf = _counters[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+            _made.append(buf)
+        return buf
 
     @torch.library.custom_op("specforge::cache_attention", mutates_args=())
     def _cache_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: torch.Tensor,
@@ -142,14 +197,18 @@ if triton is not None:
         m = torch.empty(1, hq, s, nsplit, dtype=torch.float32, device=q.device)
         l_ = torch.empty_like(m)
         acc = torch.empty(1, hq, s, nsplit, d, dtype=torch.float32, device=q.device)
-        _split_kernel[(hk * nrb, nsplit)](
-            q, k, v, prefix, local, m, l_, acc, scale, s, local.shape[1], length, g, nsplit, nrb,
-            q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), local.stride(0),
-            IEEE=q.dtype == torch.float32, D=d, ROWS=rows, SPLIT=SPLIT, BLOCK_N=min(BLOCK_N, SPLIT),
-            num_warps=4, num_stages=2)
         out = torch.empty(1, hq, s, d, dtype=q.dtype, device=q.device)
-        _merge_kernel[(hq * s,)](m, l_, acc, out, s, hq, nsplit, out.stride(0), out.stride(1), out.stride(2),
-                                 D=d, BLOCK_S=triton.next_power_of_2(nsplit), num_warps=1)
+        fused = d <= FUSE_MAX_D
+        _split_kernel[(hk * nrb, nsplit)](
+            q, k, v, prefix, local, m, l_, acc, _counter_buffer(q.device, hk * nrb) if fused else m, out, scale, s,
+            local.shape[1], length, g, nsplit, nrb, q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1),
+            v.stride(2), local.stride(0), out.stride(1), out.stride(2),
+            IEEE=q.dtype == torch.float32, D=d, ROWS=rows, SPLIT=SPLIT, BLOCK_N=min(BLOCK_N, SPLIT),
+            MAXSPLIT=triton.next_power_of_2(nsplit), CH=max(1, min(8, 4096 // (rows * d))), FUSED=fused,
+            num_warps=4, num_stages=2)
+        if not fused:
+            _merge_kernel[(hq * s,)](m, l_, acc, out, s, hq, nsplit, out.stride(0), out.stride(1), out.stride(2),
+                                     D=d, BLOCK_S=triton.next_power_of_2(nsplit), num_warps=1)
         return out
 
     @_cache_attention_op.register_fake
