@@ -7,10 +7,12 @@ serves every cache length, and the kernel reads only the slots up to prefix + T,
 
 Each program serves one kv head, one fixed range of SPLIT slots and one block of at most ROW_BLOCK rows: the
 query heads sharing that kv head times the S queries, stacked, so a key block is loaded once per block of rows.
-Programs whose range starts past prefix + T return at once. A target with few kv heads (Qwen2.5-1.5B: 2) and a
-verify of many queries gets more programs, and shorter ones, from narrower ranges and several row blocks
-(`launch_grid`). The ranges are combined in range order, so results repeat run after run. For a head dim
-up to FUSE_MAX_D that happens inside the same launch: each program leaves its partial result and counts
+Programs whose range starts past prefix + T read nothing (with the merge inside the launch, they only count
+themselves in; see below). A target with few kv heads (Qwen2.5-1.5B: 2) and a verify of many queries gets
+more programs, and shorter ones, from narrower ranges and several row blocks (`launch_grid`).
+
+The ranges are combined in range order, so results repeat run after run. For a head dim up to FUSE_MAX_D
+that happens inside the same launch: each program leaves its partial result and counts
 itself in on a per-block counter; the last to arrive merges the block's live ranges (whichever program is
 last, in the same order) and sets the counter back to zero. A small target's decode step is bound by its
 number of launches, and this takes one per layer away (SmolLM2: 1.017 -> 0.972 ms a step). With 128-wide
