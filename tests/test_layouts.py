@@ -407,3 +407,15 @@ def test_speculators_library_reads_our_export(tmp_path, tiny_target_folder, caps
             assert diff < 1e-4 * max(1.0, ours[k].abs().max().item()), (name, k, diff)
     with capsys.disabled():
         print(f"\nspeculators Eagle3DraftModel vs ours, float32, 4 TTT steps: largest |logit difference| {worst:.3g}")
+
+
+@pytest.mark.parametrize("fmt", ["sglang", "speculators"])
+def test_training_says_when_the_engine_must_read_the_eagle31_flags(tmp_path, tiny_target_folder, capsys, fmt):
+    """A norm_output draft in SGLang's layout is served wrongly by an engine that ignores the flag (it feeds
+    the raw hidden state back): training says so, and names the flag; the speculators layout needs no warning."""
+    data = write_conversations(tmp_path / "d.jsonl", n=2)
+    main(["train", "--target", str(tiny_target_folder), f"data.train_path={data}", *QUICK,
+          "target.draft.norm_output=true", f"train.export_format={fmt}", f"out_dir={tmp_path / 'run'}"])
+    printed = capsys.readouterr().out
+    assert json.loads((tmp_path / "run" / "draft" / "config.json").read_text())["norm_output"] is True
+    assert ("EAGLE 3.1's norm_output (written to its config.json)" in printed) == (fmt == "sglang")

@@ -81,6 +81,13 @@ def export_drafts(cfg: Config, draft: Eagle3Draft, weights: dict, out: Path, ver
     for layout, name in pairs:
         save_draft(draft, out / name, getattr(torch, cfg.train.save_dtype), layout=layout, verifier=verifier,
                    state_dict=weights, extra=extra)
+    flags = [f for f in ("fc_norm", "norm_output") if getattr(draft.config, f, False)]
+    if flags and SGLANG in [layout for layout, _ in pairs]:
+        # The draft is still correct to serve, but an engine that ignores the flags feeds it other inputs than
+        # it was trained on, and its acceptance drops.
+        say(f"train: the draft uses EAGLE 3.1's {' and '.join(flags)} (written to its config.json); serve it with "
+            f"an engine that reads them (vLLM through the speculators layout, train.export_format=both), or check "
+            f"that your SGLang does (upstream's LlamaForCausalLMEagle3 did not as of 2026-11)")
     return out / "draft"
 
 
