@@ -25,18 +25,29 @@ def target():
 def trained_draft(target):
     """A draft trained for a moment on the target's own greedy continuations (real TTT loss), so that
     rounds accept some tokens and reject others."""
+    return train_draft(target)
+
+
+@pytest.fixture(scope="module")
+def eagle31_draft(target):
+    """The same with EAGLE 3.1's norm_output (the GPU recipe's): decoding must hand each step what TTT handed it
+    (`carry`). (With fc_norm too, 150 steps leave this tiny target's rounds accepting no draft token at all.)"""
+    return train_draft(target, norm_output=True)
+
+
+def train_draft(target, steps=150, **flags):
     torch.manual_seed(0)
     prompts = [torch.randint(0, 256, (6,)).tolist() for _ in range(12)]
     dec = SpecDecoder(target, tiny_draft(target), AUX, max_len=128)
     seqs = torch.tensor([p + dec.generate_plain(p, 40)[0] for p in prompts])
-    draft = tiny_draft(target, draft_vocab=256, std=0.05)
+    draft = tiny_draft(target, draft_vocab=256, std=0.05, **flags)
     draft.set_vocab(torch.zeros(256, dtype=torch.long), torch.ones(256, dtype=torch.bool))
     out = target(input_ids=seqs, output_hidden_states=True)
     aux = torch.cat([out.hidden_states[j] for j in AUX], -1)
     labels = SoftLabels(out.logits, torch.logsumexp(out.logits, -1), out.logits.argmax(-1))
     mask = torch.ones_like(seqs, dtype=torch.bool)
     opt = torch.optim.Adam(draft.parameters(), lr=3e-3)
-    for _ in range(150):
+    for _ in range(steps):
         loss, _ = ttt_loss(draft, seqs, mask, aux, labels, steps=4)
         loss.backward()
         opt.step()
@@ -67,11 +78,13 @@ def test_greedy_speculative_equals_plain_greedy(target, trained_draft, steps, to
     assert sum(lengths) == sum(len(dec.generate(p, 60)[0]) - 1 for p in PROMPTS)
 
 
-@pytest.mark.parametrize("steps, topk, tokens", [(5, 4, 16), (4, 3, 10), (3, 2, 7), (5, 2, 4)])
-def test_device_tree_is_the_host_tree(target, trained_draft, steps, topk, tokens):
+@pytest.mark.parametrize("steps, topk, tokens, kind", [(5, 4, 16, "eagle3"), (4, 3, 10, "eagle3"), (3, 2, 7, "eagle3"),
+                                                     (5, 2, 4, "eagle3"), (5, 4, 16, "eagle3.1")])
+def test_device_tree_is_the_host_tree(target, trained_draft, eagle31_draft, steps, topk, tokens, kind):
     """The device tree round builds, node for node, the tree of the host-side `_propose` (the readable
     reference), and accepts the same path, in every round of a whole generation."""
-    dec = SpecDecoder(target, trained_draft, AUX, max_len=160, spec_steps=steps, topk=topk, num_draft_tokens=tokens)
+    draft = trained_draft if kind == "eagle3" else eagle31_draft
+    dec = SpecDecoder(target, draft, AUX, max_len=160, spec_steps=steps, topk=topk, num_draft_tokens=tokens)
     host_propose, device_propose = dec._propose, dec._propose_on_device
     seen = []
 
@@ -216,11 +229,13 @@ def test_speculative_sampling_matches_target_distribution(topk, nodes):
     assert dec.generate(prompt, 8, seed=11)[0] == dec.generate(prompt, 8, seed=11)[0]
 
 
-def test_one_unroll_estimates_every_chain_length(target, trained_draft):
+@pytest.mark.parametrize("kind", ["eagle3", "eagle3.1"])
+def test_one_unroll_estimates_every_chain_length(target, trained_draft, eagle31_draft, kind):
     """The acceptance lengths of chains of 1..5 steps, replayed from one TTT unroll of the draft over the plain
-    greedy text, are those the decoder gets, round by round (float64, so no rounding can flip a choice)."""
+    greedy text, are those the decoder gets, round by round (float64, so no rounding can flip a choice). With
+    EAGLE 3.1's norms too: training and decoding must hand each draft step the same state."""
     target = copy.deepcopy(target).double()
-    draft = copy.deepcopy(trained_draft).double()
+    draft = copy.deepcopy(trained_draft if kind == "eagle3" else eagle31_draft).double()
     draft.set_embed_tokens(target.model.embed_tokens)
     plain_dec = SpecDecoder(target, draft, AUX, max_len=160, spec_steps=5)
     checked = 0
