@@ -143,7 +143,7 @@ def row(run: Run, args, sizes: dict[int, int]) -> dict:
         m = json.loads((d / "metrics.json").read_text())
         ev = m.get("eval") or {}
         r["steps"] = m.get("steps")
-        r["acc"] = [ev[f"acc_{k}"] for k in range(7) if f"acc_{k}" in ev]
+        r["acc"] = [ev[f"acc_{k}"] for k in range(len(ev)) if f"acc_{k}" in ev]  # every TTT step of the run
         r["chain_estimate"] = ev.get("chain_accept_len_5")
     for kind in args.bench:
         p = d / f"bench_{kind}" / "results.json"
@@ -156,7 +156,7 @@ def row(run: Run, args, sizes: dict[int, int]) -> dict:
 
 
 def markdown(rows: list[dict], kinds: list[str]) -> str:
-    head = "| run | conversations | steps | train s | held-out acc_0..6 | chain estimate |"
+    head = "| run | conversations | steps | train s | held-out acc_0.. | chain estimate |"
     head += "".join(f" bench {k} |" for k in kinds)
     lines = [head, "|" + " --- |" * (6 + len(kinds))]
     for r in rows:
@@ -176,11 +176,11 @@ def parse_runs(args, sizes: list[int]) -> list[Run]:
         if not over or "=" not in over:
             raise SystemExit(f"--ablation {spec!r}: write NAME=key=value[,key=value...]")
         runs.append(Run(name, max(sizes), over.split(",")))
+    for r in runs:  # folder names
+        r.name = r.name.replace(" ", "_").replace("/", "_")
     names = [r.name for r in runs]
     if len(set(names)) != len(names):
-        raise SystemExit(f"run names repeat: {names}")
-    for r in runs:
-        r.name = r.name.replace(" ", "_").replace("/", "_")
+        raise SystemExit(f"run names repeat (spaces and / read as _): {names}")
     return runs
 
 

@@ -35,6 +35,9 @@ class DraftConfig:
     norm_output: bool = False
 
 
+EAGLE31_FLAGS = ("fc_norm", "norm_output")  # the DraftConfig fields above, as every layout and engine names them
+
+
 @dataclass
 class GGUFConfig:
     """A GGUF file shipped inside PyPI packages, whole in one package or split over several whose files are

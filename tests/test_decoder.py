@@ -35,7 +35,7 @@ def eagle31_draft(target):
     return train_draft(target, norm_output=True)
 
 
-def train_draft(target, steps=150, **flags):
+def train_draft(target, **flags):
     torch.manual_seed(0)
     prompts = [torch.randint(0, 256, (6,)).tolist() for _ in range(12)]
     dec = SpecDecoder(target, tiny_draft(target), AUX, max_len=128)
@@ -47,7 +47,7 @@ def train_draft(target, steps=150, **flags):
     labels = SoftLabels(out.logits, torch.logsumexp(out.logits, -1), out.logits.argmax(-1))
     mask = torch.ones_like(seqs, dtype=torch.bool)
     opt = torch.optim.Adam(draft.parameters(), lr=3e-3)
-    for _ in range(steps):
+    for _ in range(150):
         loss, _ = ttt_loss(draft, seqs, mask, aux, labels, steps=4)
         loss.backward()
         opt.step()

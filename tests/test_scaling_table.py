@@ -93,6 +93,12 @@ def test_table_reads_the_runs_outputs(tmp_path):
     lines = st.markdown(rows, Args.bench).splitlines()
     assert lines[3] == "| largest | 398 | 12 | 3.5 | 0.500 0.400 0.300 0.200 0.100 0.100 0.100 | 1.70 | 1.66 |  |"
     assert lines[2] == "| size_100 | 100 |  |  |  |  |  |  |"
+    # a run with more TTT steps tables all of them
+    (d / "metrics.json").write_text(json.dumps({"steps": 12, "eval": {f"acc_{k}": 0.5 for k in range(9)}}))
+    assert st.row(runs[1], Args, {400: 398})["acc"] == [0.5] * 9
     with pytest.raises(SystemExit, match="NAME=key=value"):
         Args.ablation = ["no-overrides"]
+        st.parse_runs(Args, [100])
+    with pytest.raises(SystemExit, match="run names repeat"):  # the folders would be the same
+        Args.ablation = ["lr 2=train.lr=2e-3", "lr_2=train.lr=3e-3"]
         st.parse_runs(Args, [100])

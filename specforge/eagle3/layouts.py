@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from transformers import LlamaConfig
 
+from ..config import EAGLE31_FLAGS
 from ..targets import default_aux_layers
 
 SGLANG, SPECULATORS = "sglang", "speculators"
@@ -82,7 +83,7 @@ def sglang_config(cfg: LlamaConfig, dtype: torch.dtype) -> dict:
     ids = engine_ids(cfg)
     if ids is not None:
         out["eagle_config"]["eagle_aux_hidden_state_layer_ids"] = [i - 1 for i in ids]
-    for flag in ("fc_norm", "norm_output"):
+    for flag in EAGLE31_FLAGS:
         if getattr(cfg, flag, False):
             out[flag] = True
     return out

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from ..config import Config
+from ..config import EAGLE31_FLAGS, Config
 from ..data.sources import MemorySource, ShardSource
 from ..data.template import ensure_chat_template
 from ..kernels.batch_invariant import batch_invariant
@@ -67,7 +67,7 @@ def init_draft(cfg: Config, head: TargetHead, aux_ids: list[int]) -> Eagle3Draft
                          f"{dcfg.eagle_aux_hidden_state_layer_ids} ({dcfg.ids_field}="
                          f"{dcfg.ids_as_written or 'none: the defaults'} in its config.json), but this run captures "
                          f"{list(aux_ids)}; set target.aux_layer_ids={dcfg.eagle_aux_hidden_state_layer_ids}")
-    for flag in ("fc_norm", "norm_output"):
+    for flag in EAGLE31_FLAGS:
         if getattr(cfg.target.draft, flag) and not getattr(dcfg, flag):
             say(f"train: target.draft.{flag}=true ignored: the draft of train.init_from has no {flag}")
     return draft
@@ -81,7 +81,7 @@ def export_drafts(cfg: Config, draft: Eagle3Draft, weights: dict, out: Path, ver
     for layout, name in pairs:
         save_draft(draft, out / name, getattr(torch, cfg.train.save_dtype), layout=layout, verifier=verifier,
                    state_dict=weights, extra=extra)
-    flags = [f for f in ("fc_norm", "norm_output") if getattr(draft.config, f, False)]
+    flags = [f for f in EAGLE31_FLAGS if getattr(draft.config, f, False)]
     if flags and SGLANG in [layout for layout, _ in pairs]:
         # The draft is still correct to serve, but an engine that ignores the flags feeds it other inputs than
         # it was trained on, and its acceptance drops.
