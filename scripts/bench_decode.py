@@ -26,6 +26,7 @@ from specforge.config import load_config
 from specforge.eagle3.checkpoint import load_draft
 from specforge.eagle3.decoder import SpecDecoder
 from specforge.eagle3.draft import Eagle3Draft, draft_config, init_draft_weights
+from specforge.kernels import skinny_linear
 from specforge.kernels.batch_invariant import batch_invariant
 from specforge.model_shapes import random_target
 from specforge.static_target import StaticTarget
@@ -100,11 +101,15 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="graphs of the uncompiled forwards")
     ap.add_argument("--no-skinny", action="store_true", help="the target's projections on cuBLAS (F.linear) "
                     "instead of the skinny-linear kernel")
+    ap.add_argument("--skinny-rows", choices=["loop", "dot", "mixed"], default=None,
+                    help="skinny_linear.ROWS (default: the module's): how the kernel reduces a verify's rows")
     ap.add_argument("--profile", action="store_true", help="kernels per step and the costliest, from the profiler")
     ap.add_argument("--deterministic", action="store_true", help="the batch-invariant kernels (bench.deterministic)")
     ap.add_argument("--matmul", choices=["decode", "train"], default="decode",
                     help="with --deterministic: the matmul setting (decode: K split; train: wide tiles, no split)")
     args = ap.parse_args()
+    if args.skinny_rows:
+        skinny_linear.ROWS = args.skinny_rows
     with batch_invariant(args.deterministic, training=args.matmul == "train"):
         rows = step_costs(args)
     if args.check:
@@ -223,8 +228,9 @@ def step_costs(args) -> dict:
     for key, ms in rows.items():
         print(f"| {key} | {ms:.3f} | {ms / dec_ms:.2f} |")
     print(f"| weight-read floor of the decode step | {floor:.3f} | {floor / dec_ms:.2f} |")
-    print(f"\nc = {c:.3f}, v = {v:.3f}, draft prefill = {prefill:.3f} decode steps; decode step = {dec_ms / floor:.2f}x "
-          f"the weight-read floor; chain round = {chain_round / dec_ms:.2f} decode steps (1 + S*c + v + prefill = "
+    print(f"\nc = {c:.3f}, v = {v:.3f}, draft prefill = {prefill:.3f} decode steps; "
+          f"decode step = {dec_ms / floor:.2f}x the weight-read floor; "
+          f"chain round = {chain_round / dec_ms:.2f} decode steps (1 + S*c + v + prefill = "
           f"{1 + s * c + v + prefill:.2f})")
     for al in (2.0, 2.5, 3.0, 4.0):
         print(f"speedup bound at acceptance length {al}: {al / (1 + s * c + v + prefill):.2f}x by the formula, "

@@ -25,8 +25,8 @@ from specforge.model_shapes import SHAPES
 from bench_cache_attention import time_us
 
 ROWS = (1, 6, 16)
-ONE_ROW = [(bn, bk, 4, st) for bn in (4, 8, 16, 32) for bk in (256, 512) for st in (2, 4)]
-DOT = [(bn, bk, 4, 4) for bn in (16, 32, 64) for bk in (128, 256)]
+LOOP = [(bn, bk, 4, st, False) for bn in (4, 8, 16, 32) for bk in (256, 512) for st in (2, 4)]
+DOT = [(bn, bk, 4, 4, True) for bn in (16, 32, 64) for bk in (128, 256)]
 
 
 def linears(shape: str) -> list[tuple[str, int, int, bool]]:
@@ -44,9 +44,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", action="append", help="model_shapes shape(s); default smollm2-135m and "
                     "qwen2.5-coder-1.5b")
-    ap.add_argument("--sweep", action="store_true", help="also time every launch setting of ONE_ROW / DOT")
+    ap.add_argument("--sweep", action="store_true", help="also time every launch setting of LOOP and DOT")
+    ap.add_argument("--rows", choices=["loop", "dot", "mixed"], default=sl.ROWS,
+                    help="skinny_linear.ROWS: how the kernel's own launch reduces the rows")
     ap.add_argument("--json", help="write every timing here")
     args = ap.parse_args(argv)
+    sl.ROWS = args.rows
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     dev = torch.device("cuda")
@@ -70,7 +73,7 @@ def main(argv=None):
                     return lambda i: sl.skinny_linear_kernel(x, ws[i], bias, cfg)
 
                 us = {"cublas": time_us(lambda i: F.linear(x, ws[i], bias), copies)}
-                for cfg in [None] + ((ONE_ROW if m == 1 else DOT) if args.sweep else []):
+                for cfg in [None] + (LOOP + DOT if args.sweep else []):
                     err = (sl.skinny_linear_kernel(x, ws[0], bias, cfg).double() - ref).abs().max().item()
                     if not err < 5e-2 * max(1.0, ref.abs().max().item()):
                         raise SystemExit(f"{shape} {name} rows={m} setting {cfg}: error {err:.3g}")

@@ -17,7 +17,8 @@ checkpoint).
         --ablation "vocab 16K=target.draft.draft_vocab_size=16384" \\
         --ablation "no norm_output=target.draft.norm_output=false" --parallel 5
 
-An ablation is `NAME=key=value[,key=value...]` and runs on the largest size.
+An ablation is `NAME=key=value[,key=value...]` and runs on the largest size, or on `--ablation-size` (one of
+the sizes) when the largest is too long to repeat.
 """
 
 from __future__ import annotations
@@ -171,11 +172,14 @@ def markdown(rows: list[dict], kinds: list[str]) -> str:
 
 def parse_runs(args, sizes: list[int]) -> list[Run]:
     runs = [Run(f"size {s}" if s < max(sizes) else "largest", s) for s in sizes]
+    at = max(sizes) if getattr(args, "ablation_size", None) is None else int(args.ablation_size)
+    if args.ablation and at not in sizes:
+        raise SystemExit(f"--ablation-size {at}: not one of the training sizes {sizes}")
     for spec in args.ablation:
         name, _, over = spec.partition("=")
         if not over or "=" not in over:
             raise SystemExit(f"--ablation {spec!r}: write NAME=key=value[,key=value...]")
-        runs.append(Run(name, max(sizes), over.split(",")))
+        runs.append(Run(name, at, over.split(",")))
     for r in runs:  # folder names
         r.name = r.name.replace(" ", "_").replace("/", "_")
     names = [r.name for r in runs]
@@ -193,6 +197,8 @@ def main() -> None:
     p.add_argument("--sizes", default="1000,4000,16000,all",
                    help="training conversations per run ('all' = everything not held out)")
     p.add_argument("--ablation", action="append", default=[], metavar="NAME=key=value[,key=value]")
+    p.add_argument("--ablation-size", type=int, default=None, help="the size the ablations run on (one of "
+                   "--sizes; default the largest)")
     p.add_argument("--eval-prompts", type=int, default=400, help="prompts held out (all their answers)")
     p.add_argument("--bench", default="chain,tree", help="benches per run: chain, tree, or none")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (they share the GPU)")

@@ -91,3 +91,36 @@ def test_prompt_graphs_equal_unpadded_eager(length):
             assert ("prompt", -(-length // 64) * 64 if length <= 192 else 206) in dec._graphs
     for eager, graph in zip(got[False], got[True]):
         torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", ["loop", "dot"])
+@pytest.mark.parametrize("compile", [False, True])
+def test_bf16_verify_rows_equal_decode_steps_bitwise(rows, compile, monkeypatch):
+    """In bf16, where the skinny linear kernel and the cache attention kernel run, each token's logits and
+    features in a verify of 6 (chain) or 16 (tree) tokens equal bit for bit those of one-token decode steps
+    over the same cache: what makes greedy speculative decoding give plain decoding's tokens exactly. SmolLM2's
+    widths (hidden 576, 9 query heads over 3 kv heads of 64), from CUDA graphs."""
+    from specforge.kernels import skinny_linear
+
+    monkeypatch.setattr(skinny_linear, "ROWS", rows)
+    target = tiny_target(seed=3, dtype=torch.bfloat16, vocab_size=4096, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=6, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         initializer_range=0.1).cuda()
+    draft = tiny_draft(target, dtype=torch.bfloat16).cuda()
+    dec = SpecDecoder(target, draft, AUX, max_len=512, spec_steps=5, cuda_graphs=True, compile=compile)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 4096, (150,), generator=gen).tolist()  # the round crosses a 64-slot range
+    dec._prefill(prompt)
+    n = len(prompt)
+    toks = torch.randint(0, 4096, (16,), generator=gen).cuda()
+    pos = n + torch.arange(16, device="cuda")
+    one = torch.ones(1, 1, dtype=torch.bool, device="cuda")
+    for t in (6, 16):
+        dec._fit(dec.round_slots(n))
+        causal = torch.ones(t, t, dtype=torch.bool, device="cuda").tril()
+        logits, aux = (x.reshape(t, -1).clone() for x in dec._target(toks[:t], pos[:t], pos[:t], pos[:1], causal))
+        for i in range(t):
+            l1, a1 = (x.reshape(1, -1) for x in dec._target(toks[i:i + 1], pos[i:i + 1], pos[i:i + 1],
+                                                             pos[i:i + 1], one))
+            assert torch.equal(l1[0], logits[i]), f"{t} rows: row {i}'s logits differ from its decode step"
+            assert torch.equal(a1[0], aux[i]), f"{t} rows: row {i}'s features differ from its decode step"

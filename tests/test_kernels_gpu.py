@@ -296,10 +296,30 @@ def test_skinny_linear_equals_float64_reference(n, k, dtype):
             assert sl.serves(x, w) == (k <= sl.MAX_K) and got.dtype == dtype and got.shape == (m, n)
             # float32 sums: the only error left is the output's rounding (2^-8 relative for bf16)
             torch.testing.assert_close(got.double(), ref, rtol=8e-3, atol=1e-3)
-            cfgs = [None, (8, 256, 4, 2), (32, 512, 4, 4)] if m == 1 else [None, (16, 128, 4, 4), (64, 256, 4, 4)]
-            for cfg in cfgs:
+            for cfg in [None, (8, 256, 4, 2, False), (32, 512, 4, 4, False), (16, 128, 4, 4, True),
+                        (64, 256, 4, 4, True)]:
                 torch.testing.assert_close(sl.skinny_linear_kernel(x, w, bias, cfg).double(), ref, rtol=8e-3,
                                            atol=1e-3)
+
+
+@pytest.mark.parametrize("rows", ["loop", "dot"])
+@pytest.mark.parametrize("n, k", [(960, 576), (49152, 576), (576, 1536), (2048, 1536), (1000, 200)])
+def test_skinny_linear_rows_do_not_change_each_other(n, k, rows, monkeypatch):
+    """A row's output is the same bits whether it comes alone (a decode step) or with up to 15 others (a
+    verify), whatever the others hold: the launch never depends on the row count. bf16, with and without bias."""
+    from specforge.kernels import skinny_linear as sl
+
+    monkeypatch.setattr(sl, "ROWS", rows)
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).to(torch.bfloat16)
+    b = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16)
+    x = torch.randn(16, k, device="cuda", generator=g).to(torch.bfloat16)
+    for bias in (None, b):
+        alone = torch.cat([sl.linear(x[i:i + 1], w, bias) for i in range(16)])
+        for m in (2, 6, 16):
+            assert torch.equal(sl.linear(x[:m], w, bias), alone[:m]), f"{m} rows"
+        other = torch.cat([x[:3], torch.randn(5, k, device="cuda", generator=g).to(torch.bfloat16)])
+        assert torch.equal(sl.linear(other, w, bias)[:3], alone[:3])
 
 
 def test_skinny_linear_leading_dims_strides_and_fallbacks():
@@ -316,6 +336,8 @@ def test_skinny_linear_leading_dims_strides_and_fallbacks():
     many = torch.randn(17, 256, device="cuda", generator=g, dtype=torch.bfloat16)
     assert not sl.serves(many, w)  # more rows than MAX_ROWS: cuBLAS
     assert not sl.serves(x.float(), w.float())
+    with pytest.raises(ValueError, match="ROWS"):
+        sl.launch(1, 384, 256, rows="rowwise")
     with batch_invariant(True):  # the switch's invariant matmul must see every matmul
         assert not sl.serves(x, w)
 

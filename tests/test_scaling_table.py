@@ -102,3 +102,9 @@ def test_table_reads_the_runs_outputs(tmp_path):
     with pytest.raises(SystemExit, match="run names repeat"):  # the folders would be the same
         Args.ablation = ["lr 2=train.lr=2e-3", "lr_2=train.lr=3e-3"]
         st.parse_runs(Args, [100])
+    Args.ablation, Args.ablation_size = ["tv=train.tv_weight=1"], 100  # ablations on a smaller size
+    assert [(r.name, r.size) for r in st.parse_runs(Args, [100, 400])] == [
+        ("size_100", 100), ("largest", 400), ("tv", 100)]
+    with pytest.raises(SystemExit, match="ablation-size 200"):
+        Args.ablation_size = 200
+        st.parse_runs(Args, [100, 400])

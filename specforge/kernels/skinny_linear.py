@@ -4,8 +4,19 @@ At one to sixteen rows a linear layer is a read of its weight, and cuBLAS splits
 column tiles to keep the memory busy: on an H200 Qwen2.5-1.5B's o_proj (1536 x 1536) ran as 24 tiles at
 0.75 TB/s, its q/k/v projection at 1.2 TB/s, against about 4 TB/s that a copy reaches. Here each program
 owns BLOCK_N output columns for all rows and walks K in order (no split, no atomics: the same result run after
-run), so a narrow weight still spreads over every SM. One row reduces with multiply-adds (columns need not
-come in sixteens); several rows use tl.dot with the rows padded to 16.
+run), so a narrow weight still spreads over every SM.
+
+A row's result must not depend on how many rows come with it: greedy speculative decoding gives exactly the
+plain decoder's tokens only if a token's logits in a verify of S+1 rows equal, bit for bit, its logits in a
+one-row decode step. So the launch shape never depends on the row count, and each row is reduced the same way
+whatever the count (ROWS; timed on an H200 for SmolLM2-135M, scripts/bench_decode.py, docs/benchmarks.md):
+- "dot" (default): tl.dot with the rows padded to 16 (a tensor core computes each output row from its own
+  input row); column blocks of at least 16. Decode step 1.018 ms, verify of 6 / 16 rows 1.073 / 1.097 ms.
+- "loop": multiply-adds, the weight block loaded once and each row reduced against it in turn, so column
+  blocks can be as narrow as 4. A verify pays one CUDA-core reduction per row: 1.002 / 1.630 / 2.886 ms.
+- "mixed": one row by "loop", several by "dot": 0.986 / 1.075 / 1.101 ms, but a verify's rows then round
+  differently from decode steps and greedy speculative decoding drifts from plain decoding (99 of 160 bench
+  turns differed). Kept to measure what exactness costs.
 
 `linear(x, weight, bias)`: x [..., K], weight [N, K], bias [N] or None. The kernel runs on CUDA for bf16/fp16
 inputs of at most MAX_ROWS rows and K <= MAX_K with a contiguous weight, outside the deterministic switch
@@ -31,22 +42,27 @@ except ImportError:  # CPU-only installs
 
 MAX_ROWS = 16  # tl.dot's least row tile; more rows are a matmul, which cuBLAS does well
 MAX_K = 4096  # a longer K (an MLP's down projection) wants its sum split over programs, as cuBLAS does
+ROWS = "dot"  # how rows are reduced: "loop", "dot" or "mixed" (module docstring; scripts/bench_decode.py)
 
 
-def launch(m: int, n: int, k: int, sms: int = 132) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages) for m rows of an [n, k] weight. One row: column blocks as
-    narrow as 4, until there are about 8 programs per SM (more weight rows in flight), and K steps of up to 512;
-    several rows: 32 columns (64 where that still gives 2 programs per SM), K steps of 256 (128). Chosen from a
-    sweep on an H200 (scripts/bench_linear.py, docs/benchmarks.md)."""
-    block_n = 64
-    if m == 1:
+def launch(m: int, n: int, k: int, sms: int = 132, rows: str | None = None) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, DOT) for m rows of an [n, k] weight. Multiply-adds: column
+    blocks as narrow as 4, until there are about 8 programs per SM (more weight rows in flight), and K steps of
+    up to 512; tl.dot: 32 columns (64 where that still gives 2 programs per SM), K steps of 256 (128). Chosen
+    from a sweep on an H200 (scripts/bench_linear.py, docs/benchmarks.md). Only "mixed" looks at m."""
+    rows = rows or ROWS
+    if rows not in ("loop", "dot", "mixed"):
+        raise ValueError(f"skinny_linear.ROWS: {rows!r} is not one of 'loop', 'dot', 'mixed'")
+    dot = rows == "dot" or (rows == "mixed" and m > 1)
+    if not dot:
+        block_n = 64
         while block_n > 4 and -(-n // block_n) < 8 * sms:
             block_n //= 2
         block_k = min(512, 4096 // block_n)
     else:
         block_n = 64 if -(-n // 64) >= 2 * sms else 32
         block_k = 256 if block_n == 32 else 128
-    return block_n, min(block_k, max(64, 1 << (k - 1).bit_length())), 4, 4
+    return block_n, min(block_k, max(64, 1 << (k - 1).bit_length())), 4, 4, dot
 
 
 def serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -59,18 +75,15 @@ def serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # one binary for every row count: M == 1 must not compile apart
     def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym,
-                       HAS_BIAS: tl.constexpr, ONE_ROW: tl.constexpr, EVEN_K: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         rn_safe = tl.where(n_ok, rn, 0)  # columns past N read row 0 (in bounds) and are never stored
-        if ONE_ROW:
-            acc1 = tl.zeros((BLOCK_N,), tl.float32)
-        else:
-            rm = tl.arange(0, 16)
-            acc = tl.zeros((16, BLOCK_N), tl.float32)
+        rm = tl.arange(0, 16)
+        acc = tl.zeros((16, BLOCK_N), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             w_ptrs = w_ptr + rn_safe[:, None].to(tl.int64) * s_wn + rk[None, :]
@@ -78,25 +91,23 @@ if triton is not None:
                 w = tl.load(w_ptrs)
             else:
                 w = tl.load(w_ptrs, mask=rk[None, :] < K, other=0.0)
-            if ONE_ROW:
-                if EVEN_K:
-                    x = tl.load(x_ptr + rk)
-                else:
-                    x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
-                acc1 += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-            else:
+            if DOT:
                 x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
                             other=0.0)
                 acc = tl.dot(x, tl.trans(w), acc)
-        if ONE_ROW:
-            if HAS_BIAS:
-                acc1 += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-            tl.store(y_ptr + rn, acc1.to(y_ptr.dtype.element_ty), mask=n_ok)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                     mask=(rm[:, None] < M) & n_ok[None, :])
+            else:
+                wf = w.to(tl.float32)
+                for m in range(0, M):  # each row against the loaded block, the same sums whatever M is
+                    if EVEN_K:
+                        x = tl.load(x_ptr + m * s_xm + rk)
+                    else:
+                        x = tl.load(x_ptr + m * s_xm + rk, mask=rk < K, other=0.0)
+                    part = tl.sum(wf * x.to(tl.float32)[None, :], axis=1)
+                    acc = tl.where(rm[:, None] == m, acc + part[None, :], acc)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & n_ok[None, :])
 
     def skinny_linear_kernel(x2: torch.Tensor, weight: torch.Tensor, bias, cfg=None) -> torch.Tensor:
         """The kernel on x2 [M, K] (M <= MAX_ROWS, last dim contiguous); `cfg` overrides `launch` (timing)."""
@@ -105,10 +116,10 @@ if triton is not None:
         y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
         if m == 0:
             return y
-        block_n, block_k, warps, stages = cfg or launch(m, n, k, _sm_count(x2.device.index or 0))
+        block_n, block_k, warps, stages, dot = cfg or launch(m, n, k, _sm_count(x2.device.index or 0))
         _skinny_kernel[(triton.cdiv(n, block_n),)](
             x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0),
-            y.stride(0), HAS_BIAS=bias is not None, ONE_ROW=m == 1, EVEN_K=k % block_k == 0,
+            y.stride(0), HAS_BIAS=bias is not None, DOT=dot, EVEN_K=k % block_k == 0,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
         return y
 
