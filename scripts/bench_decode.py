@@ -101,7 +101,7 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="graphs of the uncompiled forwards")
     ap.add_argument("--no-skinny", action="store_true", help="the target's projections on cuBLAS (F.linear) "
                     "instead of the skinny-linear kernel")
-    ap.add_argument("--skinny-rows", choices=["loop", "dot", "mixed"], default=None,
+    ap.add_argument("--skinny-rows", choices=skinny_linear.ROW_MODES, default=None,
                     help="skinny_linear.ROWS (default: the module's): how the kernel reduces a verify's rows")
     ap.add_argument("--profile", action="store_true", help="kernels per step and the costliest, from the profiler")
     ap.add_argument("--deterministic", action="store_true", help="the batch-invariant kernels (bench.deterministic)")

@@ -45,7 +45,7 @@ def main(argv=None):
     ap.add_argument("--shape", action="append", help="model_shapes shape(s); default smollm2-135m and "
                     "qwen2.5-coder-1.5b")
     ap.add_argument("--sweep", action="store_true", help="also time every launch setting of LOOP and DOT")
-    ap.add_argument("--rows", choices=["loop", "dot", "mixed"], default=sl.ROWS,
+    ap.add_argument("--rows", choices=sl.ROW_MODES, default=sl.ROWS,
                     help="skinny_linear.ROWS: how the kernel's own launch reduces the rows")
     ap.add_argument("--json", help="write every timing here")
     args = ap.parse_args(argv)

@@ -172,7 +172,7 @@ def markdown(rows: list[dict], kinds: list[str]) -> str:
 
 def parse_runs(args, sizes: list[int]) -> list[Run]:
     runs = [Run(f"size {s}" if s < max(sizes) else "largest", s) for s in sizes]
-    at = max(sizes) if getattr(args, "ablation_size", None) is None else int(args.ablation_size)
+    at = max(sizes) if args.ablation_size is None else args.ablation_size
     if args.ablation and at not in sizes:
         raise SystemExit(f"--ablation-size {at}: not one of the training sizes {sizes}")
     for spec in args.ablation:

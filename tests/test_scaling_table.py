@@ -76,6 +76,7 @@ def test_table_reads_the_runs_outputs(tmp_path):
         out = tmp_path
         bench = ["chain", "tree"]
         ablation = ["nout=target.draft.norm_output=true,train.lr=2e-3"]
+        ablation_size = None
 
     runs = st.parse_runs(Args, [100, 400])
     assert [(r.name, r.size, r.overrides) for r in runs] == [

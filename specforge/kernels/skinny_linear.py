@@ -42,7 +42,8 @@ except ImportError:  # CPU-only installs
 
 MAX_ROWS = 16  # tl.dot's least row tile; more rows are a matmul, which cuBLAS does well
 MAX_K = 4096  # a longer K (an MLP's down projection) wants its sum split over programs, as cuBLAS does
-ROWS = "dot"  # how rows are reduced: "loop", "dot" or "mixed" (module docstring; scripts/bench_decode.py)
+ROW_MODES = ("loop", "dot", "mixed")  # how rows can be reduced (module docstring)
+ROWS = "dot"  # the one `launch` uses (scripts/bench_decode.py --skinny-rows times the others)
 
 
 def launch(m: int, n: int, k: int, sms: int = 132, rows: str | None = None) -> tuple[int, int, int, int, bool]:
@@ -51,8 +52,8 @@ def launch(m: int, n: int, k: int, sms: int = 132, rows: str | None = None) -> t
     up to 512; tl.dot: 32 columns (64 where that still gives 2 programs per SM), K steps of 256 (128). Chosen
     from a sweep on an H200 (scripts/bench_linear.py, docs/benchmarks.md). Only "mixed" looks at m."""
     rows = rows or ROWS
-    if rows not in ("loop", "dot", "mixed"):
-        raise ValueError(f"skinny_linear.ROWS: {rows!r} is not one of 'loop', 'dot', 'mixed'")
+    if rows not in ROW_MODES:
+        raise ValueError(f"skinny_linear.ROWS: {rows!r} is not one of {ROW_MODES}")
     dot = rows == "dot" or (rows == "mixed" and m > 1)
     if not dot:
         block_n = 64
