@@ -49,7 +49,7 @@ ROWS = "dot"  # the one `launch` uses (scripts/bench_decode.py --skinny-rows tim
 def launch(m: int, n: int, k: int, sms: int = 132, rows: str | None = None) -> tuple[int, int, int, int, bool]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages, DOT) for m rows of an [n, k] weight. Multiply-adds: column
     blocks as narrow as 4, until there are about 8 programs per SM (more weight rows in flight), and K steps of
-    up to 512; tl.dot: 32 columns (64 where that still gives 2 programs per SM), K steps of 256 (128). Chosen
+    up to 512; tl.dot: 32 columns (64 where that still gives 2 programs per SM), K steps of 128 or 256. Chosen
     from a sweep on an H200 (scripts/bench_linear.py, docs/benchmarks.md). Only "mixed" looks at m."""
     rows = rows or ROWS
     if rows not in ROW_MODES:
@@ -62,7 +62,10 @@ def launch(m: int, n: int, k: int, sms: int = 132, rows: str | None = None) -> t
         block_k = min(512, 4096 // block_n)
     else:
         block_n = 64 if -(-n // 64) >= 2 * sms else 32
-        block_k = 256 if block_n == 32 else 128
+        # K steps of 128 for short K (SmolLM2's 576: 3.25-3.79 us against 3.51-4.14 with 256), 256 for long
+        # ones; wide column blocks keep 128 up to a longer K (Qwen2.5-1.5B's gate_up, K=1536: 17.2 against
+        # 19.1 us) but not at 4096 (Llama-3.1-8B's gate_up: 59.5 against 66.2 us). H200 sweep, 2026-12-04.
+        block_k = 256 if k > (2048 if block_n == 64 else 1024) else 128
     return block_n, min(block_k, max(64, 1 << (k - 1).bit_length())), 4, 4, dot
 
 
