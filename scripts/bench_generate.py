@@ -122,7 +122,8 @@ def main():
         outputs[name] = outs
         n_tok = sum(len(o) for o in outs)
         rows.append((name, batch or "auto", len(outs), sec, len(outs) / sec, n_tok / sec, n_tok / len(outs)))
-    print(f"\n{cfg.target.name}, {dtype}, {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"\n{cfg.target.name}, {dtype}, {device} ({where}), "
           f"{'greedy' if args.temperature <= 0 else f'T={args.temperature}'}, max {args.max_new_tokens} new tokens, "
           f"torch {torch.__version__}")
     print("| loop | batch | answers | seconds | answers/s | tokens/s | tokens/answer |")

@@ -196,7 +196,8 @@ def run_sweep(b, decoder, static, draft, tok, convs, main: bool) -> dict:
     matches = [match_lengths(static, draft, ids + plain, b.sweep_max_steps) for ids, plain in turns]
     estimates = {}
     for steps in range(1, b.sweep_max_steps + 1):
-        lens = [a for (ids, plain), m in zip(turns, matches) for a in chain_accept_lengths(m, len(ids), len(plain), steps)]
+        lens = [a for (ids, plain), m in zip(turns, matches)
+                for a in chain_accept_lengths(m, len(ids), len(plain), steps)]
         estimates[steps] = sum(lens) / max(1, len(lens))
     rows = []
     for steps, topk, tokens in settings:
@@ -276,7 +277,8 @@ def summarize(rows: list[dict], steps: int) -> dict:
             "spec_tokens_per_s": sum(r["new_tokens"] for r in rs) / max(1e-9, sum(r["spec_seconds"] for r in rs)),
         }
         if "plain_seconds" in rs[0]:
-            g["plain_tokens_per_s"] = sum(r["plain_tokens"] for r in rs) / max(1e-9, sum(r["plain_seconds"] for r in rs))
+            plain_s = sum(r["plain_seconds"] for r in rs)
+            g["plain_tokens_per_s"] = sum(r["plain_tokens"] for r in rs) / max(1e-9, plain_s)
             g["speedup"] = g["spec_tokens_per_s"] / g["plain_tokens_per_s"]
             g["outputs_differing"] = sum(1 for r in rs if not r["identical"])
         out[name] = g

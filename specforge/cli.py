@@ -23,7 +23,8 @@ def main(argv=None):
     p.add_argument("--mode", choices=["online", "offline"], default=None)
     p.add_argument("--hidden", default=None, help="offline: the dump-hidden folder (train.hidden)")
     p.add_argument("--data", default=None,
-                   help="training data: JSONL, parquet/arrow files, a folder, a glob or a dataset name (data.train_path)")
+                   help="training data: JSONL, parquet/arrow files, a folder, a glob or a dataset name "
+                        "(data.train_path)")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from a checkpoints/step_* folder, or the newest one (train.resume)")
     p.add_argument("--deterministic", action="store_true", default=None,
@@ -33,7 +34,8 @@ def main(argv=None):
     p = sub.add_parser("dump-hidden", help="run the target once and store its features for offline training")
     _common(p)
     p.add_argument("--data", default=None,
-                   help="training data: JSONL, parquet/arrow files, a folder, a glob or a dataset name (data.train_path)")
+                   help="training data: JSONL, parquet/arrow files, a folder, a glob or a dataset name "
+                        "(data.train_path)")
     p.add_argument("--out", default=None, help="dump folder (dump.out)")
     p = sub.add_parser("prepare-data", help="answer the training prompts with the target itself")
     _common(p)

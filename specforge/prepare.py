@@ -46,7 +46,8 @@ def prepare_data(cfg: Config, model=None, tok=None, write: bool = True, dist: Op
         t0 = time.perf_counter()
         synth = synthesized_prompts(cfg, model, tok, pad, write, dist)
         if write:
-            print(f"prepare-data: {len(synth)} synthesized prompts ready in {time.perf_counter() - t0:.1f} s", flush=True)
+            took = time.perf_counter() - t0
+            print(f"prepare-data: {len(synth)} synthesized prompts ready in {took:.1f} s", flush=True)
         convs += synth
         origin.append(f"{len(synth)} written by the target")
     if write:

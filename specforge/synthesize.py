@@ -149,7 +149,8 @@ def _second_turns(model, tokenizer, pc: PrepareConfig, convs, stop, pad_id: int,
     reqs = []
     for i, (c, a) in enumerate(zip(convs, answers)):
         history = c.messages + [{"role": "assistant",
-                                 "content": tokenizer.decode(a.tokens, skip_special_tokens=True).strip() or "(no answer)"}]
+                                 "content": (tokenizer.decode(a.tokens, skip_special_tokens=True).strip()
+                                             or "(no answer)")}]
         reqs.append(Request(user_prefix(tokenizer, history), pc.synth_temperature, request_key("synth", 1, i)))
     for c, g in zip(convs, _run(model, reqs, pc, pc.synth_max_tokens, stop, pad_id, "synthesizing: follow-ups")):
         text = _usable(tokenizer, g, pc)

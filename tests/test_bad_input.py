@@ -257,7 +257,8 @@ def test_draft_for_another_target_is_refused(tmp_path, saved_draft):
                                          "config.json \\(the outputs of those layers\\), but the target has 4 layers"):
         load_draft(deep, embed, num_target_layers=4)
 
-    two = _edited(folder, tmp_path / "two-aux", tensors=lambda t: t.update({"fc.weight": t["fc.weight"][:, :128].contiguous()}))
+    two = _edited(folder, tmp_path / "two-aux",
+                  tensors=lambda t: t.update({"fc.weight": t["fc.weight"][:, :128].contiguous()}))
     with pytest.raises(SystemExit, match=f"{two}: fc.weight has input width 128 = 2 x hidden_size=64; an EAGLE-3 "
                                          "draft reads 3 aux layers"):
         load_draft(two, embed)

@@ -28,7 +28,8 @@ def _dense_ttt(q, keys, values):
     g = hq // keys[0].shape[1]
     k = torch.cat(keys, 2).repeat_interleave(g, 1)
     v = torch.cat(values, 2).repeat_interleave(g, 1)
-    mask = torch.cat([torch.ones(t, t, dtype=torch.bool).tril()] + [torch.eye(t, dtype=torch.bool)] * (len(keys) - 1), 1)
+    diag = [torch.eye(t, dtype=torch.bool)] * (len(keys) - 1)
+    mask = torch.cat([torch.ones(t, t, dtype=torch.bool).tril()] + diag, 1)
     s = (q @ k.transpose(-1, -2)) * d ** -0.5
     return torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v
 

@@ -5,8 +5,9 @@ through the whole speculative decoder."""
 
 import pytest
 import torch
-from transformers import (Llama4ForCausalLM, Llama4TextConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
+from transformers import (Llama4ForCausalLM, Llama4TextConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+                          Qwen3MoeForCausalLM)
 
 from specforge.eagle3.decoder import SpecDecoder
 from specforge.static_target import StaticTarget

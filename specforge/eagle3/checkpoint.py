@@ -100,7 +100,8 @@ def fit_target(cfg: LlamaConfig, folder: Path, vocab: Optional[int] = None, hidd
 
 
 def load_draft(folder: str | Path, embed_tokens: Optional[nn.Embedding] = None,
-               dtype: torch.dtype = torch.float32, device="cpu", num_target_layers: Optional[int] = None) -> Eagle3Draft:
+               dtype: torch.dtype = torch.float32, device="cpu",
+               num_target_layers: Optional[int] = None) -> Eagle3Draft:
     """Any EAGLE-3 draft in either layout (ours, or as SpecForge, AngelSlim, the EAGLE repository or the
     speculators library publish them). With the target's embedding (and layer count), a draft made for another
     target is refused with the folder and the field that differs, and a draft naming no aux layers reads the
@@ -145,7 +146,8 @@ def load_draft(folder: str | Path, embed_tokens: Optional[nn.Embedding] = None,
         raise SystemExit(f"{folder}: tensor shapes do not match config.json ({detail})") from None
     missing = [m for m in missing if not m.startswith("rotary_emb") and m not in maps]
     if missing or unexpected:
-        raise SystemExit(f"{folder}: tensors do not match an EAGLE-3 draft (missing {missing}, unexpected {unexpected})")
+        raise SystemExit(f"{folder}: tensors do not match an EAGLE-3 draft (missing {missing}, "
+                         f"unexpected {unexpected})")
     mapped = draft.draft_to_target(torch.arange(cfg.draft_vocab_size))
     if mapped.min() < 0 or mapped.max() >= cfg.vocab_size:
         raise SystemExit(f"{folder}: d2t maps draft tokens to target ids outside [0, {cfg.vocab_size})")
