@@ -83,7 +83,7 @@ class DataConfig:
     # Processes that tokenise (datasets.map); None = one per available core (at most 16), one for small data.
     num_proc: Optional[int] = None
     cache_dir: Optional[str] = None  # tokenised data and converted files; None = <specforge cache>/data
-    eval_every: int = 10  # without eval_path, every n-th training conversation is held out
+    eval_every: int = 10  # without eval_path, every n-th prompt is held out, with all its answers (id, id#1, ..)
     max_length: int = 512
     too_long: str = "truncate"  # truncate | drop: conversations longer than max_length (the count is printed)
     # raise | skip: a bad line (malformed JSON, unknown role, no or empty assistant turn) stops the run with

@@ -15,7 +15,7 @@ from .config import Config
 from .data.conversations import DataError, bundled_path, read_jsonl, write_jsonl
 from .data.regenerate import regenerate
 from .data.shards import load_manifest
-from .data.sources import ShardSource, is_held_out
+from .data.sources import ShardSource, is_held_out, prompt_groups
 from .data.tables import Table, open_table, read_prompts
 from .data.template import ensure_chat_template, prompt_ids, tokenize_table
 from .data.vocab import build_vocab, count_tokens, coverage, load_vocab, save_vocab
@@ -165,8 +165,9 @@ def load_samples(cfg: Config, model, tok, dist: Optional[Dist] = None):
         samples = tokenize_table(tok, table, cfg.data)
         if held is not None:
             return samples, tokenize_table(tok, held, cfg.data, "held-out conversations")
-    return ([s for i, s in enumerate(samples) if not is_held_out(cfg, i)],
-            [s for i, s in enumerate(samples) if is_held_out(cfg, i)])
+    groups = prompt_groups([s.id for s in samples])
+    return ([s for s, g in zip(samples, groups) if not is_held_out(cfg, g)],
+            [s for s, g in zip(samples, groups) if is_held_out(cfg, g)])
 
 
 @contextmanager

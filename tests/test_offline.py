@@ -208,3 +208,50 @@ def test_online_and_offline_hold_out_the_same_after_drops(tmp_path, tiny_target_
     torch.testing.assert_close(torch.tensor(off["train_losses"]), torch.tensor(on["train_losses"]),
                                rtol=1e-5, atol=1e-5)
     assert abs(on["eval"]["loss_0"] - off["eval"]["loss_0"]) < 1e-4
+
+
+def test_held_out_split_keeps_each_prompts_answers_together(tmp_path, tiny_target_folder):
+    """prepare.samples=2 writes each prompt's answers as `id`, `id#1`: the held-out split takes every
+    eval_every-th prompt with both its answers (holding out every 4th sample instead would take only the
+    sampled `#1` answers and train on their greedy twins), and offline training reads the same split from
+    the dump's manifest."""
+    from specforge.data.shards import load_manifest
+    from specforge.data.sources import ShardSource, prompt_groups
+    from specforge.prepare import load_samples
+    from specforge.targets import load_target
+
+    from .test_train import write_conversations
+
+    plain = write_conversations(tmp_path / "plain.jsonl", n=16).read_text().splitlines()
+    data = tmp_path / "d.jsonl"
+    with data.open("w") as f:
+        for i, line in enumerate(plain):
+            conv = json.loads(line)
+            conv["id"] = f"q{i // 2}" + ("#1" if i % 2 else "")
+            conv["messages"][1]["content"] += f" Note {i}."  # every sample's tokens distinct
+            f.write(json.dumps(conv) + "\n")
+    assert prompt_groups(["q0", "q0#1", "q1", "", "", "q1#1"]) == [0, 0, 1, 2, 3, 1]
+    cfg = _cfg(tiny_target_folder, data, tmp_path / "online", "data.eval_every=4")
+    target, tok = load_target(cfg.target, torch.device("cpu"))
+    train_s, held = load_samples(cfg, target, tok)
+    assert sorted(s.id for s in held) == ["q3", "q3#1", "q7", "q7#1"]  # prompts 3 and 7, both answers each
+    assert len(train_s) == 12 and not {s.id.split("#")[0] for s in train_s} & {"q3", "q7"}
+    dump = tmp_path / "dump"
+    dump_hidden(_cfg(tiny_target_folder, data, tmp_path / "x", f"dump.out={dump}", "dump.dtype=float32",
+                     "dump.shard_tokens=200", "data.eval_every=4"))
+    manifest = load_manifest(dump)
+    assert manifest.groups == [i // 2 for i in range(16)]
+    src = ShardSource(cfg, dump, manifest, window=100, pad_id=0)
+    assert sum(src.counts) == 12
+    held_ids = sorted(tuple(s.input_ids.tolist()) for s in held)
+    off_held = sorted(tuple(s.input_ids.tolist()) for s in src._samples(range(len(manifest.shards)), True))
+    assert off_held == held_ids
+    # A dump made before groups were recorded holds out by sample, as training then did.
+    manifest.groups = None
+    old = ShardSource(cfg, dump, manifest, window=100, pad_id=0)
+    by_id = {tuple(s.input_ids.tolist()): s.id for s in train_s + held}
+    old_held = sorted(by_id[tuple(s.input_ids.tolist())] for s in old._samples(range(len(manifest.shards)), True))
+    assert old_held == ["q1#1", "q3#1", "q5#1", "q7#1"]  # every 4th sample: only sampled answers
+    manifest.groups = [0] * 3
+    with pytest.raises(SystemExit, match="the manifest's groups list 3 samples, its shards 16"):
+        ShardSource(cfg, dump, manifest, window=100, pad_id=0)

@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file
@@ -40,6 +41,9 @@ class Manifest:
     shard_tokens: int
     shards: list[dict] = field(default_factory=list)
     complete: bool = False
+    # Each sample's prompt (sources.prompt_groups of the conversation ids), so that offline training holds
+    # out the prompts online training does; None in dumps made before it was recorded.
+    groups: Optional[list[int]] = None
 
     @property
     def tokens(self) -> int:
@@ -63,7 +67,7 @@ def load_manifest(folder: str | Path) -> Manifest | None:
     try:
         raw = json.loads(path.read_text())
         return Manifest(identity=DumpIdentity(**raw["identity"]), shard_tokens=raw["shard_tokens"],
-                        shards=raw["shards"], complete=raw["complete"])
+                        shards=raw["shards"], complete=raw["complete"], groups=raw.get("groups"))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise SystemExit(f"{path}: not a specforge dump manifest ({e})") from None
 

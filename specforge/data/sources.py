@@ -15,10 +15,24 @@ from .batching import collate, collate_packed, epoch_batches, epoch_packed_batch
 from .shards import read_shard, read_tokens
 
 
-def is_held_out(cfg: Config, index: int) -> bool:
-    """Without data.eval_path, every eval_every-th conversation is held out for evaluation."""
+def prompt_groups(ids: list[str]) -> list[int]:
+    """Each sample's prompt: the ordinal, in order of first appearance, of its id before any '#' (the answers
+    of one prompt are `id`, `id#1`, ...: prepare.samples). A sample without an id is a prompt of its own, so
+    data without '#' ids gets 0, 1, 2, ... (one prompt per sample)."""
+    seen: dict[str, int] = {}
+    out = []
+    for i, sid in enumerate(ids):
+        key = sid.split("#")[0] if sid else f"\0{i}"
+        out.append(seen.setdefault(key, len(seen)))
+    return out
+
+
+def is_held_out(cfg: Config, group: int) -> bool:
+    """Without data.eval_path, every eval_every-th prompt (`prompt_groups`) is held out for evaluation, with
+    all its answers: holding out every eval_every-th sample instead would, with 2 answers a prompt and an
+    even eval_every, hold out only the sampled answers and train on their greedy twins."""
     k = cfg.data.eval_every
-    return cfg.data.eval_path is None and k > 0 and index % k == k - 1
+    return cfg.data.eval_path is None and k > 0 and group % k == k - 1
 
 
 def batch_plan(lengths: list[int], batch_size: int, seed: int, epoch: int, pack_length: Optional[int]):
@@ -73,7 +87,12 @@ class ShardSource:
         self.starts = [0]
         for s in manifest.shards:
             self.starts.append(self.starts[-1] + s["samples"])
-        self.counts = [sum(1 for i in range(a, b) if not is_held_out(cfg, i))
+        # Dumps made before prompt groups were recorded hold out by sample, as training then did.
+        self.groups = manifest.groups if manifest.groups is not None else list(range(self.starts[-1]))
+        if len(self.groups) != self.starts[-1]:
+            raise SystemExit(f"{folder}: the manifest's groups list {len(self.groups)} samples, its shards "
+                             f"{self.starts[-1]}; the dump is damaged: rerun dump-hidden into an empty folder")
+        self.counts = [sum(1 for i in range(a, b) if not is_held_out(cfg, self.groups[i]))
                        for a, b in zip(self.starts[:-1], self.starts[1:])]
         self.pack_length = cfg.data.max_length if cfg.train.pack else None
         self._tokens = None
@@ -86,7 +105,7 @@ class ShardSource:
         packing lengths and the draft vocab."""
         if self._tokens is None:
             self._tokens = [[s for j, s in enumerate(read_tokens(self.folder, e))
-                             if not is_held_out(self.cfg, self.starts[i] + j)]
+                             if not is_held_out(self.cfg, self.groups[self.starts[i] + j])]
                             for i, e in enumerate(self.manifest.shards)]
         return self._tokens
 
@@ -113,7 +132,7 @@ class ShardSource:
         out = []
         for i in shards:
             for j, s in enumerate(read_shard(self.folder, self.manifest.shards[i], self.manifest.identity.dtype)):
-                if is_held_out(self.cfg, self.starts[i] + j) == held_out:
+                if is_held_out(self.cfg, self.groups[self.starts[i] + j]) == held_out:
                     out.append(s)
         return out
 
