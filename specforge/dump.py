@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from .config import Config
 from .data.batching import collate
-from .data.shards import (DumpIdentity, Manifest, check_identity, load_manifest, samples_sha256, shard_bounds,
-                          write_shard)
+from .data.shards import (DumpIdentity, Manifest, check_identity, load_manifest, samples_sha256, save_groups,
+                          shard_bounds, write_shard)
 from .data.sources import prompt_groups
 from .data.template import Sample, ensure_chat_template, tokenize_table
 from .prepare import training_table
@@ -58,6 +58,7 @@ def write_dump(target, samples: list[Sample], ids: list[int], identity: DumpIden
         manifest = Manifest(identity=identity, shard_tokens=shard_tokens)
     if manifest.groups is None:  # new, or begun before groups were recorded (same samples: identity checked)
         manifest.groups = prompt_groups([s.id for s in samples])
+        save_groups(out, manifest.groups)  # before any manifest that says "grouped"
     for stale in out.glob("*.tmp"):  # a shard or manifest half-written by a killed run
         stale.unlink()
     bounds = shard_bounds([len(s.input_ids) for s in samples], shard_tokens)

@@ -241,6 +241,8 @@ def test_held_out_split_keeps_each_prompts_answers_together(tmp_path, tiny_targe
                      "dump.shard_tokens=200", "data.eval_every=4"))
     manifest = load_manifest(dump)
     assert manifest.groups == [i // 2 for i in range(16)]
+    raw = json.loads((dump / "manifest.json").read_text())  # rewritten after every shard: groups kept apart
+    assert raw["grouped"] is True and "groups" not in raw
     src = ShardSource(cfg, dump, manifest, window=100, pad_id=0)
     assert sum(src.counts) == 12
     held_ids = sorted(tuple(s.input_ids.tolist()) for s in held)
@@ -253,5 +255,8 @@ def test_held_out_split_keeps_each_prompts_answers_together(tmp_path, tiny_targe
     old_held = sorted(by_id[tuple(s.input_ids.tolist())] for s in old._samples(range(len(manifest.shards)), True))
     assert old_held == ["q1#1", "q3#1", "q5#1", "q7#1"]  # every 4th sample: only sampled answers
     manifest.groups = [0] * 3
-    with pytest.raises(SystemExit, match="the manifest's groups list 3 samples, its shards 16"):
+    with pytest.raises(SystemExit, match="its groups.json lists 3 samples, its shards hold 16"):
         ShardSource(cfg, dump, manifest, window=100, pad_id=0)
+    (dump / "groups.json").unlink()
+    with pytest.raises(SystemExit, match="groups.json: the dump's prompt groups are missing or damaged"):
+        load_manifest(dump)

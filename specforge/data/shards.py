@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from .template import Sample
 
 MANIFEST = "manifest.json"
+GROUPS = "groups.json"  # each sample's prompt group, written once beside the manifest (it can be long)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
@@ -42,7 +43,8 @@ class Manifest:
     shards: list[dict] = field(default_factory=list)
     complete: bool = False
     # Each sample's prompt (sources.prompt_groups of the conversation ids), so that offline training holds
-    # out the prompts online training does; None in dumps made before it was recorded.
+    # out the prompts online training does; None in dumps made before it was recorded. Kept in GROUPS, not in
+    # the manifest, which is rewritten after every shard.
     groups: Optional[list[int]] = None
 
     @property
@@ -54,10 +56,22 @@ class Manifest:
         return sum(s["bytes"] for s in self.shards)
 
     def save(self, folder: Path) -> None:
-        tmp = folder / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps({**asdict(self), "num_tokens": self.tokens, "num_bytes": self.bytes}, indent=2))
-        fsync_file(tmp)
-        os.replace(tmp, folder / MANIFEST)
+        """The manifest; `save_groups` writes the groups, once."""
+        body = {k: v for k, v in asdict(self).items() if k != "groups"}
+        _write_synced(folder / MANIFEST, json.dumps({**body, "grouped": self.groups is not None,
+                                                     "num_tokens": self.tokens, "num_bytes": self.bytes}, indent=2))
+
+
+def save_groups(folder: Path, groups: list[int]) -> None:
+    _write_synced(folder / GROUPS, json.dumps(groups))
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """A temporary name, flushed to disk, then renamed: a killed run leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    fsync_file(tmp)
+    os.replace(tmp, path)
 
 
 def load_manifest(folder: str | Path) -> Manifest | None:
@@ -66,10 +80,18 @@ def load_manifest(folder: str | Path) -> Manifest | None:
         return None
     try:
         raw = json.loads(path.read_text())
-        return Manifest(identity=DumpIdentity(**raw["identity"]), shard_tokens=raw["shard_tokens"],
-                        shards=raw["shards"], complete=raw["complete"], groups=raw.get("groups"))
+        manifest = Manifest(identity=DumpIdentity(**raw["identity"]), shard_tokens=raw["shard_tokens"],
+                            shards=raw["shards"], complete=raw["complete"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise SystemExit(f"{path}: not a specforge dump manifest ({e})") from None
+    if raw.get("grouped"):
+        groups = Path(folder) / GROUPS
+        try:
+            manifest.groups = json.loads(groups.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"{groups}: the dump's prompt groups are missing or damaged ({e}); rerun "
+                             f"dump-hidden into an empty folder") from None
+    return manifest
 
 
 def check_identity(have: DumpIdentity, want: DumpIdentity, folder) -> None:

@@ -90,7 +90,7 @@ class ShardSource:
         # Dumps made before prompt groups were recorded hold out by sample, as training then did.
         self.groups = manifest.groups if manifest.groups is not None else list(range(self.starts[-1]))
         if len(self.groups) != self.starts[-1]:
-            raise SystemExit(f"{folder}: the manifest's groups list {len(self.groups)} samples, its shards "
+            raise SystemExit(f"{folder}: its groups.json lists {len(self.groups)} samples, its shards hold "
                              f"{self.starts[-1]}; the dump is damaged: rerun dump-hidden into an empty folder")
         self.counts = [sum(1 for i in range(a, b) if not is_held_out(cfg, self.groups[i]))
                        for a, b in zip(self.starts[:-1], self.starts[1:])]
