@@ -34,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from specforge.data.regenerate import prompt_id
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = {"chain": ["--spec-steps", "5"], "tree": ["--spec-steps", "5", "--topk", "4", "--num-draft-tokens", "16"]}
 
@@ -63,7 +65,7 @@ def split(data: Path, out: Path, sizes: list[int], eval_prompts: int, seed: int)
                 cid = str(json.loads(line)["id"])
             except (json.JSONDecodeError, KeyError) as e:
                 raise SystemExit(f"{data}:{n}: not a conversation with an 'id' field ({e})")
-            groups.setdefault(cid.split("#")[0], []).append(line if line.endswith("\n") else line + "\n")
+            groups.setdefault(prompt_id(cid), []).append(line if line.endswith("\n") else line + "\n")
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
     if len(keys) <= eval_prompts:

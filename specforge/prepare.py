@@ -165,9 +165,8 @@ def load_samples(cfg: Config, model, tok, dist: Optional[Dist] = None):
         samples = tokenize_table(tok, table, cfg.data)
         if held is not None:
             return samples, tokenize_table(tok, held, cfg.data, "held-out conversations")
-    groups = prompt_groups([s.id for s in samples])
-    return ([s for s, g in zip(samples, groups) if not is_held_out(cfg, g)],
-            [s for s, g in zip(samples, groups) if is_held_out(cfg, g)])
+    held = [is_held_out(cfg, g) for g in prompt_groups([s.id for s in samples])]
+    return [s for s, h in zip(samples, held) if not h], [s for s, h in zip(samples, held) if h]
 
 
 @contextmanager

@@ -21,6 +21,12 @@ def sample_id(conv_id: str, sample: int) -> str:
     return conv_id if sample == 0 else f"{conv_id}#{sample}"
 
 
+def prompt_id(conv_id: str) -> str:
+    """The prompt a conversation answers: `sample_id`'s inverse (the held-out split keeps a prompt's answers
+    together by it)."""
+    return conv_id.split("#")[0]
+
+
 def regenerate(conversations: list[Conversation], answer: Answer, samples: int = 1) -> list[Conversation]:
     """Replace (or fill in) every assistant turn with the target's own answer, turn by turn: `samples`
     conversations per prompt (adjacent in the output, sample 0 first), each with its own answers."""

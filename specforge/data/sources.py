@@ -12,6 +12,7 @@ import torch
 
 from ..config import Config
 from .batching import collate, collate_packed, epoch_batches, epoch_packed_batches
+from .regenerate import prompt_id
 from .shards import read_shard, read_tokens
 
 
@@ -22,7 +23,7 @@ def prompt_groups(ids: list[str]) -> list[int]:
     seen: dict[str, int] = {}
     out = []
     for i, sid in enumerate(ids):
-        key = sid.split("#")[0] if sid else f"\0{i}"
+        key = prompt_id(sid) if sid else f"\0{i}"
         out.append(seen.setdefault(key, len(seen)))
     return out
 
@@ -88,12 +89,12 @@ class ShardSource:
         for s in manifest.shards:
             self.starts.append(self.starts[-1] + s["samples"])
         # Dumps made before prompt groups were recorded hold out by sample, as training then did.
-        self.groups = manifest.groups if manifest.groups is not None else list(range(self.starts[-1]))
-        if len(self.groups) != self.starts[-1]:
-            raise SystemExit(f"{folder}: its groups.json lists {len(self.groups)} samples, its shards hold "
+        groups = manifest.groups if manifest.groups is not None else list(range(self.starts[-1]))
+        if len(groups) != self.starts[-1]:
+            raise SystemExit(f"{folder}: its groups.json lists {len(groups)} samples, its shards hold "
                              f"{self.starts[-1]}; the dump is damaged: rerun dump-hidden into an empty folder")
-        self.counts = [sum(1 for i in range(a, b) if not is_held_out(cfg, self.groups[i]))
-                       for a, b in zip(self.starts[:-1], self.starts[1:])]
+        self.held = [is_held_out(cfg, g) for g in groups]  # per sample, in dump order
+        self.counts = [self.held[a:b].count(False) for a, b in zip(self.starts[:-1], self.starts[1:])]
         self.pack_length = cfg.data.max_length if cfg.train.pack else None
         self._tokens = None
         self.lengths = None
@@ -105,7 +106,7 @@ class ShardSource:
         packing lengths and the draft vocab."""
         if self._tokens is None:
             self._tokens = [[s for j, s in enumerate(read_tokens(self.folder, e))
-                             if not is_held_out(self.cfg, self.groups[self.starts[i] + j])]
+                             if not self.held[self.starts[i] + j]]
                             for i, e in enumerate(self.manifest.shards)]
         return self._tokens
 
@@ -132,7 +133,7 @@ class ShardSource:
         out = []
         for i in shards:
             for j, s in enumerate(read_shard(self.folder, self.manifest.shards[i], self.manifest.identity.dtype)):
-                if is_held_out(self.cfg, self.groups[self.starts[i] + j]) == held_out:
+                if self.held[self.starts[i] + j] == held_out:
                     out.append(s)
         return out
 
