@@ -7,14 +7,18 @@ override selects a variant, so one call can compare kernels side by side on the 
   python scripts/bench_train.py --shape llama3.1-8b --seq 2048 --batch 1
   python scripts/bench_train.py --shape llama3.1-8b --variant ref train.attention=reference train.fused_loss=false \\
                                 --variant fused train.attention=auto train.fused_loss=true
+  python scripts/bench_train.py --shape smollm2-135m --seq 512 --batch 16 --sync-debug   # the GPU recipe's step
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
+import json
 import os
 import time
+import warnings
 
 import torch
 
@@ -104,6 +108,9 @@ def _run_variant(cfg, name, shape, target, samples, args):
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     tps = tokens / elapsed
+    if args.sync_debug:
+        print(f"{shape} {name}: {host_syncs(cfg, draft, features, head, draft_ids, samples, params, opt, dev, args)}",
+              flush=True)
     flops = train_flops(text_config(target.config), draft.config, tokens, args.seq, cfg.train.ttt_length,
                         draft.config.draft_vocab_size)
     mfu = flops / elapsed / peak_flops()
@@ -120,6 +127,30 @@ def _run_variant(cfg, name, shape, target, samples, args):
     return row, losses
 
 
+def host_syncs(cfg, draft, features, head, draft_ids, samples, params, opt, dev, args) -> str:
+    """One more step with CUDA's sync debug mode on: each operation that makes the host wait for the GPU (a
+    host read, a boolean index, nonzero) warns once per call. Every such wait drains the GPU's queue, so the
+    host's launch work for what follows cannot overlap the GPU's work; for a small target, whose step is
+    bound by launches, they decide how much of the step the two overlap."""
+    batch = collate(samples[:args.batch]).to(dev)
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            loss, _ = run_batch(cfg, draft, features, head, draft_ids, batch, dev)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = collections.Counter(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught
+                                if "synchroniz" in str(w.message))
+    top = ", ".join(f"{k} x{v}" for k, v in where.most_common(8))
+    return f"host syncs in one step (forward, backward, clip, AdamW): {sum(where.values())} ({top})"
+
+
 def main():
     # cuBLAS reads its workspace setting once: set it before any GPU work so a deterministic variant can run.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -132,6 +163,10 @@ def main():
     ap.add_argument("--layers", type=int, default=None,
                     help="reduced depth (every layer's shape real); aux layers become [1, N//2, N-1]")
     ap.add_argument("--repeat", action="store_true", help="run each variant twice: are the losses bitwise equal?")
+    ap.add_argument("--losses", default=None, help="write each variant's step losses to this JSON file (to compare "
+                    "two versions of the code bit for bit)")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="after the timed steps, count the step's host syncs and where they happen")
     ap.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                     help="a named set of train.* overrides; repeatable (default: the config's defaults)")
     args = ap.parse_args()
@@ -142,6 +177,7 @@ def main():
     print("| target shape | variant | tokens/s | MFU | peak GiB | target fwd | draft fwd+loss | backward | optimizer |"
           + (" repeat: losses bitwise equal |" if args.repeat else ""))
     print("|---|---|---|---|---|---|---|---|---|" + ("---|" if args.repeat else ""))
+    written = {}
     for shape in args.shape or ["llama3.1-8b"]:
         target = random_target(shape, torch.device("cuda"), num_layers=args.layers)
         g = torch.Generator().manual_seed(0)
@@ -164,6 +200,11 @@ def main():
                 same = torch.equal(losses, again)
                 row += f" {'yes' if same else 'no, max diff %.2e' % (losses - again).abs().max()} |"
             print(row, flush=True)
+            written[f"{shape} {name}"] = [float.hex(x) for x in losses.double().tolist()]
+            if args.losses:
+                with open(args.losses + ".tmp", "w") as f:
+                    json.dump(written, f, indent=1)
+                os.replace(args.losses + ".tmp", args.losses)
         del target
         gc.collect()
         torch.cuda.empty_cache()
