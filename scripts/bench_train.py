@@ -89,7 +89,7 @@ def _run_variant(cfg, name, shape, target, samples, args):
             torch.cuda.synchronize()
             t0, tokens, spent = time.perf_counter(), 0, dict.fromkeys(phases, 0.0)
         rows = samples[(i * args.batch) % len(samples):][:args.batch]
-        batch = collate(rows).to(dev)
+        batch = collate(rows)  # on the host: run_batch moves it (and the index of its scored positions)
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
         ev[0].record()
         loss, _ = run_batch(cfg, draft, features, head, draft_ids, batch, dev, mark=ev[1].record)
@@ -132,7 +132,7 @@ def host_syncs(cfg, draft, features, head, draft_ids, samples, params, opt, dev,
     host read, a boolean index, nonzero) warns once per call. Every such wait drains the GPU's queue, so the
     host's launch work for what follows cannot overlap the GPU's work; for a small target, whose step is
     bound by launches, they decide how much of the step the two overlap."""
-    batch = collate(samples[:args.batch]).to(dev)
+    batch = collate(samples[:args.batch])
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -242,6 +242,46 @@ def test_ttt_loss_fused_on_gpu_under_autocast():
         assert _rel(g1[name], g0[name]) < 2e-2, name
 
 
+def test_host_made_index_on_gpu_equals_the_masks_bit_for_bit():
+    """Training on a GPU hands ttt_loss the scored positions as index pairs made on the host and copied
+    through pinned memory (train.to_device); under bf16 autocast with flex attention and the fused loss, the
+    loss, statistics and gradients must equal those of the mask path (nonzero on the device) bit for bit."""
+    from specforge.config import load_config
+    from specforge.data.batching import Batch
+    from specforge.eagle3.train import to_device
+    from specforge.eagle3.ttt import SoftLabels, ttt_loss
+
+    from .conftest import tiny_draft, tiny_target
+
+    target = tiny_target().cuda()
+    draft = tiny_draft(target).cuda()
+    g = torch.Generator().manual_seed(5)
+    b, t = 3, 128
+    ids = torch.randint(0, 256, (b, t), generator=g)
+    loss_mask = torch.rand(b, t, generator=g) > 0.4
+    batch = Batch(ids, torch.ones(b, t, dtype=torch.long), loss_mask)
+    cfg = load_config(overrides=["train.ttt_length=7"])
+    on_gpu, index = to_device(batch, cfg, torch.device("cuda"))
+    aux = torch.randn(b, t, 192, device="cuda")
+    full = torch.randn(b, t, 256, device="cuda") * 3
+    draft_ids = torch.arange(64, device="cuda") + draft.d2t
+    labels = SoftLabels(full[..., draft_ids].contiguous(), torch.logsumexp(full, -1), full.argmax(-1))
+    out = []
+    for idx in (None, index):
+        draft.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            total, stats = ttt_loss(draft, on_gpu.input_ids, on_gpu.loss_mask, aux, labels, 7, 0.8, True,
+                                    fused=True, loss_chunk=33, index=idx)
+        total.backward()
+        out.append((total.detach(), stats, {n: p.grad.clone() for n, p in draft.named_parameters()}))
+    (t0, s0, g0), (t1, s1, g1) = out
+    assert torch.equal(t0, t1)
+    for a, c in zip(s0, s1):
+        assert all(torch.equal(x, y) for x, y in zip((a.loss, a.correct, a.accept, a.count),
+                                                      (c.loss, c.correct, c.accept, c.count)))
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # train.compile: the draft layer's halves compiled around the attention.
 

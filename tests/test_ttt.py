@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from specforge.eagle3.ttt import SoftLabels, shift_left, ttt_loss, ttt_unroll
+from specforge.eagle3.ttt import (SoftLabels, next_token_mask, scored_index, shift_left, soft_labels, ttt_loss,
+                                  ttt_unroll)
 
 from .conftest import causal_attention, unroll_inputs
 
@@ -118,3 +119,43 @@ def test_padding_the_time_axis_changes_nothing(tiny_target_folder):
     for a, b in zip(stats, stats_p):
         assert int(a.correct) == int(b.correct) and int(a.count) == int(b.count)
         torch.testing.assert_close(b.accept, a.accept, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_host_made_index_equals_the_masks_bit_for_bit(packed, fused):
+    """Training hands `soft_labels` and `ttt_loss` the scored positions as index pairs made on the host
+    (`scored_index`), so that the GPU is never asked to count them; the labels, loss, statistics and
+    gradients must be those of the mask path exactly (same positions, same order)."""
+    b, t, steps = 2, 16, 4
+    draft, ids, aux = unroll_inputs(b, t, seed=3)
+    g = torch.Generator().manual_seed(3)
+    loss_mask = torch.rand(b, t, generator=g) > 0.3
+    doc_ids = position_ids = None
+    if packed:  # two conversations in row 0, one in row 1, two padding slots at the end of row 1
+        doc_ids = torch.tensor([[0] * 7 + [1] * 9, [0] * 14 + [-1] * 2])
+        position_ids = torch.tensor([list(range(7)) + list(range(9)), list(range(14)) + [0, 0]])
+        loss_mask &= doc_ids >= 0
+    final = torch.randn(b, t, draft.config.hidden_size, dtype=torch.float64, generator=g)
+    head = torch.randn(256, draft.config.hidden_size, dtype=torch.float64, generator=g)
+    draft_ids = torch.arange(64) + draft.d2t
+    index = scored_index(loss_mask, doc_ids, steps)
+    by_mask = soft_labels(final, head, draft_ids, next_token_mask(loss_mask, doc_ids), chunk=5)
+    by_index = soft_labels(final, head, draft_ids, index.needed, chunk=5)
+    for name in ("logits", "lse", "argmax"):
+        assert torch.equal(getattr(by_mask, name), getattr(by_index, name))
+
+    def run(idx):
+        draft.zero_grad(set_to_none=True)
+        total, stats = ttt_loss(draft, ids, loss_mask, aux, by_mask, steps, 0.8, fused=fused, loss_chunk=7,
+                                doc_ids=doc_ids, position_ids=position_ids, index=idx)
+        total.backward()
+        return total.detach(), stats, {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}
+
+    (t0, s0, g0), (t1, s1, g1) = run(None), run(index)
+    assert torch.equal(t0, t1) and g0.keys() == g1.keys() and len(g0) > 3
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+    for a, c in zip(s0, s1):
+        assert all(torch.equal(x, y) for x, y in zip((a.loss, a.correct, a.accept, a.count),
+                                                      (c.loss, c.correct, c.accept, c.count)))
+    assert sum(int(a.count) for a in s0) > 10

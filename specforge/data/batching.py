@@ -28,8 +28,8 @@ class Batch:
         return Batch(**{f.name: None if getattr(self, f.name) is None else fn(f.name, getattr(self, f.name))
                         for f in fields(self)})
 
-    def to(self, device):
-        return self.map(lambda _, x: x.to(device))
+    def to(self, device, non_blocking: bool = False):
+        return self.map(lambda _, x: x.to(device, non_blocking=non_blocking))
 
     def pad_to_multiple(self, multiple: int) -> "Batch":
         """Right-pad the time axis to a multiple (padding is masked out everywhere): compiled kernels then

@@ -31,7 +31,7 @@ from ..targets import (FeatureCapture, TargetHead, aux_layer_ids, config_sha256,
 from .checkpoint import load_draft, save_draft, step_folders
 from .draft import Eagle3Draft, draft_config, init_draft_weights, param_count
 from .layouts import LAYOUTS, SGLANG, SPECULATORS
-from .ttt import StepStats, next_token_mask, soft_labels, step_weights, ttt_loss
+from .ttt import StepStats, scored_index, soft_labels, step_weights, ttt_loss
 
 
 def build_draft(cfg: Config, head: TargetHead, aux_ids: list[int], d2t, t2d) -> Eagle3Draft:
@@ -161,17 +161,34 @@ class OfflineFeatures:
 FLEX_PAD = 128  # flex attention's block size
 
 
+def to_device(batch, cfg: Config, device):
+    """The batch on `device` with its `Scored` index, made from its masks on the host. From the host to a GPU
+    the copies go through pinned memory without waiting, so they queue behind the GPU's work instead of
+    draining it, and nothing later in the step waits for the GPU to count positions (see `Scored`). A batch
+    already on the GPU is read back to the host once for its masks."""
+    def host(x):
+        return None if x is None else x.cpu()
+
+    index = scored_index(host(batch.loss_mask), host(batch.doc_ids), cfg.train.ttt_length)
+    if device.type != "cuda":
+        return batch.to(device), index.to(device)
+    pinned = batch.map(lambda _, x: x if x.is_cuda else x.pin_memory())
+    return pinned.to(device, non_blocking=True), index.map(torch.Tensor.pin_memory).to(device, non_blocking=True)
+
+
 def run_batch(cfg: Config, draft, features, head: TargetHead, draft_ids, batch, device, mark=None,
               dist: Optional[Dist] = None):
-    """Loss and per-step statistics of one batch (this rank's rows of it). `mark()`, if given, is called
-    between the target's part (features, soft labels) and the draft's (scripts/bench_train.py times the two
-    apart). Under data parallelism each step's loss is divided by its count of scored positions over all
-    dp ranks: the ranks' losses and gradients then add up to those of one process on the whole batch."""
+    """Loss and per-step statistics of one batch (this rank's rows of it), on the host or on `device`
+    already (`to_device` moves it). `mark()`, if given, is called between the target's part (features, soft
+    labels) and the draft's (scripts/bench_train.py times the two apart). Under data parallelism each step's
+    loss is divided by its count of scored positions over all dp ranks: the ranks' losses and gradients then
+    add up to those of one process on the whole batch."""
     if device.type == "cuda" and cfg.train.attention != "reference":
         batch = batch.pad_to_multiple(FLEX_PAD)  # flex attention compiles per length: keep the lengths few
+    batch, index = to_device(batch, cfg, device)
     aux, final = features(batch)
     # Labels only where the next token is trained on (the TTT loss never looks elsewhere).
-    labels = soft_labels(final, head.lm_head_weight, draft_ids, next_token_mask(batch.loss_mask, batch.doc_ids))
+    labels = soft_labels(final, head.lm_head_weight, draft_ids, index.needed)
     denominators = None
     if dist is not None and dist.dp > 1:
         denominators = all_reduce_sum(step_weights(batch.loss_mask, labels, draft.t2d, cfg.train.ttt_length,
@@ -184,7 +201,7 @@ def run_batch(cfg: Config, draft, features, head: TargetHead, draft_ids, batch, 
                      cfg.train.step_weight, cfg.train.mask_out_of_vocab, fused=cfg.train.fused_loss,
                      loss_chunk=cfg.train.loss_chunk, loss_recompute=cfg.train.loss_recompute,
                      attention=cfg.train.attention, denominators=denominators, doc_ids=batch.doc_ids,
-                     position_ids=batch.position_ids, tv_weight=cfg.train.tv_weight)
+                     position_ids=batch.position_ids, tv_weight=cfg.train.tv_weight, index=index)
 
 
 def global_stats(loss: torch.Tensor, stats: list, dist: Optional[Dist]):
@@ -221,7 +238,7 @@ def evaluate(cfg, draft, features, head, draft_ids, source, device, dist: Option
     draft.eval()
     stats = []
     for b in source.eval_batches():
-        loss, st = run_batch(cfg, draft, features, head, draft_ids, dp_rows(b, dist).to(device), device, dist=dist)
+        loss, st = run_batch(cfg, draft, features, head, draft_ids, dp_rows(b, dist), device, dist=dist)
         stats.append(global_stats(loss, st, dist)[1])
     reshard(draft)
     draft.train()
@@ -368,7 +385,7 @@ def _train(cfg: Config) -> Path:
     while pos["step"] < stop:
         for batch in source.train_batches(pos["epoch"], skip=pos["batch"]):
             tokens_since += batch.num_tokens
-            batch = dp_rows(batch, dist).to(device)
+            batch = dp_rows(batch, dist)  # run_batch moves it to the device
             loss, stats = run_batch(cfg, draft, features, head, draft_ids, batch, device, dist=dist)
             backward(loss, dist)
             grad_norm = replicated(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip))  # global norm

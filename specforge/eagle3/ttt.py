@@ -18,11 +18,42 @@ from ..kernels.ttt_attention import ttt_attention
 from .draft import Eagle3Draft
 
 
+Index = tuple[torch.Tensor, torch.Tensor]  # (batch rows, positions), as `mask.nonzero(as_tuple=True)` gives
+
+
+@dataclass
+class Scored:
+    """Where a batch is scored, as index pairs made from its masks where they live (the host, in training):
+    `needed`, the positions whose target distribution the loss reads (`next_token_mask`), and per TTT step k
+    the positions it scores (`step_mask`). With them on the device, neither `soft_labels` nor `ttt_loss` asks
+    the GPU how many positions a mask holds (a boolean index or `nonzero` waits for all queued GPU work, and
+    the host then cannot queue the next kernels while the GPU runs)."""
+
+    needed: Index
+    steps: list[Index]
+
+    def map(self, fn) -> "Scored":
+        """`fn` applied to every index tensor."""
+        return Scored(tuple(fn(i) for i in self.needed), [tuple(fn(i) for i in ix) for ix in self.steps])
+
+    def to(self, device, non_blocking: bool = False) -> "Scored":
+        return self.map(lambda i: i.to(device, non_blocking=non_blocking))
+
+
+def scored_index(loss_mask: torch.Tensor, doc_ids: torch.Tensor | None, steps: int) -> Scored:
+    """The index pairs of `next_token_mask(loss_mask)` and of each step's `step_mask`, in the order
+    `nonzero` gives (row-major), so indexing with them equals indexing with the masks, bit for bit."""
+    pred = next_token_mask(loss_mask, doc_ids)
+    return Scored(pred.nonzero(as_tuple=True),
+                  [step_mask(pred, k, doc_ids).nonzero(as_tuple=True) for k in range(steps)])
+
+
 @torch.no_grad()
 def soft_labels(final_hidden: torch.Tensor, lm_head_weight: torch.Tensor, draft_ids: torch.Tensor,
-                needed: torch.Tensor | None = None, chunk: int = 1024) -> SoftLabels:
-    """Target logits from its final (normed) hidden state at the `needed` positions (all if None; zeros
-    elsewhere), chunked over tokens so full-vocab logits of at most `chunk` positions exist at a time."""
+                needed: torch.Tensor | Index | None = None, chunk: int = 1024) -> SoftLabels:
+    """Target logits from its final (normed) hidden state at the `needed` positions (a mask, or its index
+    pairs from `scored_index`; all if None; zeros elsewhere), chunked over tokens so full-vocab logits of at most
+    `chunk` positions exist at a time."""
     b, t, h = final_hidden.shape
     if needed is None:
         needed = torch.ones(b, t, dtype=torch.bool, device=final_hidden.device)
@@ -129,7 +160,7 @@ def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tenso
              fused: bool = True, loss_chunk: int | None = None, loss_recompute: bool = False,
              attention: str = "auto", denominators: torch.Tensor | None = None,
              doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-             tv_weight: float = 0.0):
+             tv_weight: float = 0.0, index: Scored | None = None):
     """Weighted TTT loss and per-step statistics.
 
     Position t at step k is scored when token t+2+k is an assistant token (loss_mask). Accuracy counts
@@ -144,17 +175,18 @@ def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tenso
     `step_weights`; data parallel passes the sum over all ranks). Packed rows pass `doc_ids` and
     `position_ids` (see `ttt_unroll`); a position is then scored only against its own conversation.
     `tv_weight` > 0: each row's loss adds that times its total variation from the target (one minus its
-    expected acceptance; `soft_ce_reference`), which only the unfused path computes, so it takes that path."""
+    expected acceptance; `soft_ce_reference`), which only the unfused path computes, so it takes that path.
+    `index`: the batch's `scored_index(loss_mask, doc_ids, steps)` on this device; without it each step finds its
+    positions with `nonzero` (the same positions, one host wait per step)."""
     # The target at position p predicts token p+1: score p when token p+1 is in the loss mask.
-    pred_mask = next_token_mask(loss_mask, doc_ids)
+    pred_mask = next_token_mask(loss_mask, doc_ids) if index is None else None
     in_vocab = draft.t2d[labels.argmax]
     total = 0.0
     stats: list[StepStats] = []
     for k, hidden in ttt_unroll(draft, input_ids, aux_hidden, steps, attention, doc_ids, position_ids):
         # Only scored positions go through norm + lm_head: the [tokens, draft_vocab] logits are the
         # largest tensors of the step, and padding and prompt tokens need none.
-        valid = step_mask(pred_mask, k, doc_ids)
-        rows = valid.nonzero(as_tuple=True)
+        rows = index.steps[k] if index is not None else step_mask(pred_mask, k, doc_ids).nonzero(as_tuple=True)
         b_idx, t_idx = rows[0], rows[1] + k + 1  # the target position whose distribution is matched
         weight = in_vocab[b_idx, t_idx] if mask_out_of_vocab else None
         denom = None if denominators is None else denominators[k]
