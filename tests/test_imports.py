@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "specforge"
 
 # Lowest first. A module belongs to the layer that names it, else to the one that names a package above it.
 LAYERS = [
-    ("base", ["specforge", "specforge.log", "specforge.config", "specforge.graphs"]),
+    ("base", ["specforge", "specforge.log", "specforge.config", "specforge.graphs", "specforge.files"]),
     ("kernels", ["specforge.kernels"]),
     ("building blocks", ["specforge.layers"]),
     ("data", ["specforge.data"]),
