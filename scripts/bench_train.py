@@ -27,6 +27,7 @@ from specforge.data.batching import collate
 from specforge.data.template import Sample
 from specforge.data.vocab import build_vocab, count_tokens
 from specforge.eagle3.train import OnlineFeatures, build_draft, run_batch, set_deterministic
+from specforge.files import write_text
 from specforge.kernels.batch_invariant import batch_invariant
 from specforge.model_shapes import random_target
 from specforge.targets import TargetHead, aux_layer_ids, text_config
@@ -202,9 +203,7 @@ def main():
             print(row, flush=True)
             written[f"{shape} {name}"] = [float.hex(x) for x in losses.double().tolist()]
             if args.losses:
-                with open(args.losses + ".tmp", "w") as f:
-                    json.dump(written, f, indent=1)
-                os.replace(args.losses + ".tmp", args.losses)
+                write_text(args.losses, json.dumps(written, indent=1))
         del target
         gc.collect()
         torch.cuda.empty_cache()

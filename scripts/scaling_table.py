@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from specforge.data.regenerate import prompt_id
+from specforge.files import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHES = {"chain": ["--spec-steps", "5"], "tree": ["--spec-steps", "5", "--topk", "4", "--num-draft-tokens", "16"]}
@@ -45,13 +46,6 @@ class Run:
     name: str
     size: int
     overrides: list[str] = field(default_factory=list)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def split(data: Path, out: Path, sizes: list[int], eval_prompts: int, seed: int) -> tuple[Path, dict[int, Path]]:
@@ -74,7 +68,7 @@ def split(data: Path, out: Path, sizes: list[int], eval_prompts: int, seed: int)
     total = sum(len(groups[k]) for k in rest)
     eval_path = out / "data" / "eval.jsonl"
     if not eval_path.exists():
-        write_atomic(eval_path, "".join(line for k in held for line in groups[k]))
+        write_text(eval_path, "".join(line for k in held for line in groups[k]))
     paths = {}
     for size in sizes:
         size = min(size, total)
@@ -86,7 +80,7 @@ def split(data: Path, out: Path, sizes: list[int], eval_prompts: int, seed: int)
                     break
                 lines += groups[k]
                 count += len(groups[k])
-            write_atomic(path, "".join(lines))
+            write_text(path, "".join(lines))
         paths[size] = path
     return eval_path, paths
 
@@ -124,7 +118,7 @@ def do_run(run: Run, args, train_path: Path, eval_path: Path, env: dict) -> None
     took = run_stage(train, d / "train.log", d / "metrics.json", env)
     if took is not None:
         times["train_s"] = round(took, 1)
-        write_atomic(d / "times.json", json.dumps(times))
+        write_text(d / "times.json", json.dumps(times))
     if not (d / "metrics.json").exists():
         return
     print(f"  {run.name}: trained", flush=True)
@@ -135,7 +129,7 @@ def do_run(run: Run, args, train_path: Path, eval_path: Path, env: dict) -> None
         took = run_stage(bench, d / f"bench_{kind}.log", d / f"bench_{kind}" / "results.json", env)
         if took is not None:
             times[f"bench_{kind}_s"] = round(took, 1)
-            write_atomic(d / "times.json", json.dumps(times))
+            write_text(d / "times.json", json.dumps(times))
     print(f"  {run.name}: done", flush=True)
 
 
@@ -238,8 +232,8 @@ def main() -> None:
                 f.result()
     rows = [row(r, args, counts) for r in runs]
     table = markdown(rows, args.bench)
-    write_atomic(args.out / "table.md", table + "\n")
-    write_atomic(args.out / "table.json", json.dumps(rows, indent=2))
+    write_text(args.out / "table.md", table + "\n")
+    write_text(args.out / "table.json", json.dumps(rows, indent=2))
     print(table)
 
 

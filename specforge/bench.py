@@ -23,6 +23,7 @@ from .data.template import ensure_chat_template, prompt_ids
 from .eagle3.checkpoint import load_draft
 from .eagle3.acceptance import chain_accept_lengths, match_lengths
 from .eagle3.decoder import SpecDecoder
+from .files import write_text
 from .kernels.batch_invariant import batch_invariant
 from .parallel.mesh import Dist, init_distributed, is_main, launched, shutdown
 from .parallel.tensor_parallel import load_target_tp
@@ -251,10 +252,8 @@ def write_sweep(results: dict, out: Path, draft_dir) -> None:
     out.mkdir(parents=True, exist_ok=True)
     flags = serve_flags(draft_dir, results["best"], results["best_chain"])
     text = sweep_table(results) + "\n\nfastest:\n" + "\n".join(flags)
-    tmp = out / "sweep.json.tmp"
-    tmp.write_text(json.dumps({**results, "serve_flags": flags}, indent=2))
-    tmp.replace(out / "sweep.json")
-    (out / "sweep.md").write_text(text + "\n")
+    write_text(out / "sweep.json", json.dumps({**results, "serve_flags": flags}, indent=2))
+    write_text(out / "sweep.md", text + "\n")
     print(text)
     print(f"bench: wrote {out}/sweep.json, sweep.md")
 
@@ -312,13 +311,11 @@ def markdown_table(results: dict) -> str:
 
 def write_reports(results: dict, rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps({**results, "turns": rows}, indent=2))
-    tmp.replace(out / "results.json")
+    write_text(out / "results.json", json.dumps({**results, "turns": rows}, indent=2))
     s = results["settings"]
     header = (f"# bench: {s['target']}, S={s['spec_steps']}, topk={s['topk']}, T={s['num_draft_tokens']}, "
               f"temperature={s['temperature']}, {s['device']} {s['dtype']}\n\n")
-    (out / "results.md").write_text(header + markdown_table(results) + "\n")
+    write_text(out / "results.md", header + markdown_table(results) + "\n")
     plot(results, out / "plot.png")
 
 

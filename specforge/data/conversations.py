@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator, Optional
 
+from ..files import replacing
 from ..log import say
 
 ROLE_ALIASES = {
@@ -195,10 +196,6 @@ def needs_answers(conv: Conversation) -> bool:
 
 def write_jsonl(path: str | Path, conversations) -> None:
     """Written to a temporary name, then renamed: a killed run never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with replacing(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for c in conversations:
             f.write(json.dumps({"id": c.id, "category": c.category, "messages": c.messages}, ensure_ascii=False) + "\n")
-    tmp.replace(path)

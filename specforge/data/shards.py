@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
+from ..files import replacing, write_text
 from .template import Sample
 
 MANIFEST = "manifest.json"
@@ -58,20 +59,13 @@ class Manifest:
     def save(self, folder: Path) -> None:
         """The manifest; `save_groups` writes the groups, once."""
         body = {k: v for k, v in asdict(self).items() if k != "groups"}
-        _write_synced(folder / MANIFEST, json.dumps({**body, "grouped": self.groups is not None,
-                                                     "num_tokens": self.tokens, "num_bytes": self.bytes}, indent=2))
+        write_text(folder / MANIFEST, json.dumps({**body, "grouped": self.groups is not None,
+                                                  "num_tokens": self.tokens, "num_bytes": self.bytes}, indent=2),
+                   sync=True)
 
 
 def save_groups(folder: Path, groups: list[int]) -> None:
-    _write_synced(folder / GROUPS, json.dumps(groups))
-
-
-def _write_synced(path: Path, text: str) -> None:
-    """A temporary name, flushed to disk, then renamed: a killed run leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    fsync_file(tmp)
-    os.replace(tmp, path)
+    write_text(folder / GROUPS, json.dumps(groups), sync=True)
 
 
 def load_manifest(folder: str | Path) -> Manifest | None:
@@ -130,12 +124,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fsync_file(path: Path) -> None:
-    """Push a written file to the disk (before a rename makes it visible)."""
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def encode(x: torch.Tensor, dtype: str) -> dict:
     """Hidden states [N, D] as stored: bf16/fp32 as is; fp8 e4m3 with one float32 scale per token."""
     if dtype == "float8":
@@ -182,8 +170,7 @@ def write_shard(folder: Path, index: int, samples: list[Sample], dtype: str) -> 
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data section starts 8-byte aligned
     digest = hashlib.sha256()
-    tmp = folder / (name + ".tmp")
-    with open(tmp, "wb") as f:
+    with replacing(folder / name) as tmp, open(tmp, "wb") as f:
         for block in (len(head).to_bytes(8, "little"), head):
             f.write(block)
             digest.update(block)
@@ -193,8 +180,7 @@ def write_shard(folder: Path, index: int, samples: list[Sample], dtype: str) -> 
                 f.write(block)  # both release the GIL on large blocks: the target keeps computing
                 digest.update(block)
         f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / name)
+        os.fsync(f.fileno())  # on the disk before the rename makes it visible
     return {"file": name, "samples": len(samples), "tokens": int(lengths.sum()),
             "bytes": 8 + len(head) + offset, "sha256": digest.hexdigest()}
 

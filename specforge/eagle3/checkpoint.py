@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import LlamaConfig
 
-from ..data.shards import fsync_file
+from ..files import fsync_file
 from ..targets import default_aux_layers
 from .draft import Eagle3Draft
 from .layouts import LAYOUTS, SGLANG, config_for, read_config, read_tensors, tensors_for

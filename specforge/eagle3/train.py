@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ..config import EAGLE31_FLAGS, Config
 from ..data.sources import MemorySource, ShardSource
 from ..data.template import ensure_chat_template
+from ..files import write_text
 from ..kernels.batch_invariant import batch_invariant
 from ..log import say
 from ..parallel.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -476,10 +477,7 @@ def _train(cfg: Config) -> Path:
 
 
 def write_json(path: Path, obj) -> None:
-    """Temporary name, then rename: a killed run never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, default=str))
 
 
 class _NoWriter:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.shards import fsync_file
+from ..files import fsync_file
 from ..eagle3.checkpoint import load_train_state, prune_checkpoints, save_draft
 from .draft import full_state_dict, load_local_shards, local_shards
 from .mesh import Dist, barrier, is_main
