@@ -10,10 +10,14 @@ accuracy by those tags:
   distributions limit acceptance and more data buys little there; the draft's top-4 hit rate then says what
   a tree can still win;
 - if the draft also misses where the target is sure, its capacity or data limit it;
-- "not in draft vocab" counts misses no draft of this vocabulary can avoid.
+- "not in draft vocab" counts misses no draft of this vocabulary can avoid. `--vocab-counts` (the
+  `vocab.safetensors` that training or `specforge build-vocab` writes, whose token counts come from the
+  training data) with `--vocab-sizes` says how many of those a larger draft vocab, built from the same counts,
+  would hold: the most a larger vocab can buy at step 0.
 
   python scripts/miss_analysis.py --config configs/recipes/smollm2-gpu.yaml --draft outputs/smollm2-gpu/draft
   python scripts/miss_analysis.py --target smollm2-135m --draft DIR --prompts my_prompts.jsonl --limit 40
+  python scripts/miss_analysis.py --config C --draft DIR --vocab-counts OUT/vocab.safetensors --vocab-sizes 16384,32768
 
 Runs on the CPU (float32) or a GPU. Prints markdown tables; `--json FILE` writes the figures.
 """
@@ -73,7 +77,7 @@ def position_records(target, capture, head, draft, sample, steps: int, device) -
     want0 = tgt_arg[t0 + 1]
     rows = {"p1": top2.values[t0 + 1, 0], "margin": top2.values[t0 + 1, 0] - top2.values[t0 + 1, 1],
             "answer_pos": ans_pos[t0 + 2],  # t0 + 2 is an assistant token, so inside the row
-            "in_vocab": draft.t2d[want0]}
+            "in_vocab": draft.t2d[want0], "want": want0}
     # Streak from step 0 at each scored position: consecutive steps whose argmax matched (a chain's acceptance,
     # where each step is only scored while the one before it could be).
     streak = torch.zeros(t0.numel(), dtype=torch.long, device=device)
@@ -113,6 +117,25 @@ def table(rec: dict, key: str, edges: list, label: str, fmt: str) -> tuple[str, 
     return "\n".join(lines), out
 
 
+def vocab_table(rec: dict, counts: torch.Tensor, sizes: list[int], current: int) -> tuple[str, list]:
+    """Step 0's target argmax outside a draft vocab of each size built from `counts` (`build_vocab`, as training
+    builds it): over all positions, where the target is at least 95% sure, and among the draft's misses."""
+    from specforge.data.vocab import build_vocab
+
+    sure, miss = rec["p1"] >= 0.95, ~rec["hit"]
+    lines = ["| draft vocab | outside, all positions | outside, target p1 >= 0.95 | share of step-0 misses outside |",
+             "|---|---|---|---|"]
+    out = []
+    for n in sorted({current, *sizes}):
+        inside = build_vocab(counts, n)[1][rec["want"]]
+        row = {"size": n, "all": 1 - float(inside.double().mean()), "sure": 1 - float(inside[sure].double().mean()),
+               "misses": float((~inside & miss).sum()) / max(1, int(miss.sum()))}
+        out.append(row)
+        lines.append(f"| {n:,}{' (this draft)' if n == current else ''} | {row['all']:.3f} | {row['sure']:.3f} | "
+                     f"{row['misses']:.3f} |")
+    return "\n".join(lines), out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default=None)
@@ -123,6 +146,8 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--vocab-counts", default=None, help="vocab.safetensors with the training data's token counts")
+    ap.add_argument("--vocab-sizes", default="16384,32768", help="draft vocab sizes to check with --vocab-counts")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg = load_config(args.target, args.config, args.overrides)
@@ -166,6 +191,16 @@ def main():
         text, rows = table(rec, key, edges, label, fmt)
         print(text + "\n")
         result[key] = rows
+    if args.vocab_counts:
+        from safetensors.torch import load_file
+
+        counts = load_file(args.vocab_counts)["counts"]
+        if counts.numel() != draft.t2d.numel():
+            raise SystemExit(f"{args.vocab_counts}: counts for {counts.numel()} tokens, the target has "
+                             f"{draft.t2d.numel()}")
+        sizes = [int(x) for x in args.vocab_sizes.split(",") if x]
+        text, result["vocab"] = vocab_table(rec, counts, sizes, int(draft.config.draft_vocab_size))
+        print(f"Step 0's target argmax against draft vocabs built from {args.vocab_counts}:\n{text}\n")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

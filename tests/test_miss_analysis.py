@@ -45,3 +45,33 @@ def test_hits_match_ttt_accuracy():
     assert (rec["hit4"] >= rec["hit"]).all() and (rec["streak"] >= rec["hit"].long()).all()
     assert ((rec["p1"] > 0) & (rec["p1"] <= 1) & (rec["margin"] >= 0)).all()
     assert 0 < int(stats[0].correct) < int(stats[0].count)  # a check that can fail both ways
+
+
+def test_vocab_table_counts_by_hand():
+    # The draft's vocab is ids 0..11 (tiny_draft); counts falling with the id rebuild that same vocab at size 12,
+    # so the table's row for the draft must equal the records' own in_vocab, and a vocab of every id has no miss.
+    target = tiny_target(seed=2, initializer_range=0.3, vocab_size=16)
+    draft = tiny_draft(target, draft_vocab=12).eval()
+    torch.manual_seed(1)
+    ids = torch.randint(0, 16, (60,))
+    mask = torch.zeros(60, dtype=torch.bool)
+    mask[4:] = True
+    cap, head = FeatureCapture(target, [2, 4, 5]), TargetHead.from_model(target)
+    rec = miss.position_records(target, cap, head, draft, Sample(ids, mask), 2, torch.device("cpu"))
+    counts = torch.arange(16, 0, -1)
+    text, rows = miss.vocab_table(rec, counts, [8, 16], 12)
+    by = {r["size"]: r for r in rows}
+    assert sorted(by) == [8, 12, 16]
+    want, hit, p1 = rec["want"].tolist(), rec["hit"].tolist(), rec["p1"].tolist()
+    for n in (8, 12):
+        out = [w >= n for w in want]  # the n most counted ids are 0..n-1
+        assert abs(by[n]["all"] - sum(out) / len(out)) < 1e-9
+        sure = [o for o, p in zip(out, p1) if p >= 0.95]
+        if sure:
+            assert abs(by[n]["sure"] - sum(sure) / len(sure)) < 1e-9
+        misses = [o for o, h in zip(out, hit) if not h]
+        assert abs(by[n]["misses"] - sum(misses) / max(1, len(misses))) < 1e-9
+    assert abs(by[12]["all"] - (1 - rec["in_vocab"].double().mean().item())) < 1e-12
+    assert by[16]["all"] == 0 and by[16]["misses"] == 0
+    assert 0 < by[8]["all"]  # some wanted ids fall outside the smallest vocab: the check can fail both ways
+    assert "(this draft)" in text
