@@ -103,6 +103,8 @@ def main():
                     "instead of the skinny-linear kernel")
     ap.add_argument("--skinny-rows", choices=skinny_linear.ROW_MODES, default=None,
                     help="skinny_linear.ROWS (default: the module's): how the kernel reduces a verify's rows")
+    ap.add_argument("--draft-modules", action="store_true", help="the draft's projections as its modules "
+                    "(cuBLAS, q/k/v and gate/up apart), not decoding's fused skinny-linear layout")
     ap.add_argument("--profile", action="store_true", help="kernels per step and the costliest, from the profiler")
     ap.add_argument("--deterministic", action="store_true", help="the batch-invariant kernels (bench.deterministic)")
     ap.add_argument("--matmul", choices=["decode", "train"], default="decode",
@@ -119,7 +121,8 @@ def main():
 def decoder(args, target, draft, ids, topk=1, tokens=None):
     return SpecDecoder(target, draft, ids, max_len=args.max_len, spec_steps=args.spec_steps, topk=topk,
                        num_draft_tokens=tokens, cuda_graphs=not args.eager,
-                       compile=not (args.no_compile or args.deterministic), plain_block=args.plain_block)
+                       compile=not (args.no_compile or args.deterministic), plain_block=args.plain_block,
+                       draft_layout=not args.draft_modules)
 
 
 def round_call(dec: SpecDecoder, n: int):
@@ -220,7 +223,8 @@ def step_costs(args) -> dict:
     tree_round = rows[f"round, tree S={s} topk {k} T={t_nodes} (one replay)"]
     mode = ("eager" if args.eager else "CUDA graphs") + ("" if args.no_compile or args.deterministic else
                                                           ", torch.compile") + \
-        (f", deterministic switch on ({args.matmul} matmul setting)" if args.deterministic else "")
+        (f", deterministic switch on ({args.matmul} matmul setting)" if args.deterministic else "") + \
+        (", draft projections as modules" if args.draft_modules else "")
     print(f"\n## {name}: {torch.cuda.get_device_name()}, bf16, context {n}, {mode}")
     print(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bw / 1e12:.2f} TB/s, weight-read floor {floor:.3f} ms")
     print("| step | ms | vs decode step |")

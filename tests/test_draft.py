@@ -49,10 +49,10 @@ def reference_draft_logits(sd, embed_w, ids_next, aux, cfg):
     return rms(h, sd["norm.weight"]) @ sd["lm_head.weight"].T
 
 
-def _step0_logits(draft, ids_next, aux):
+def _step0_logits(draft, ids_next, aux, w=None):
     pos = torch.arange(ids_next.shape[1])[None]
-    h = draft.layer(draft.embed(ids_next), draft.project(aux), pos, causal_attention)
-    return draft.logits(h)
+    h = draft.layer(draft.embed(ids_next), draft.project(aux, w), pos, causal_attention, w)
+    return draft.logits(h, w)
 
 
 @pytest.mark.parametrize("flags", [{}, {"fc_norm": True, "norm_output": True}], ids=["eagle3", "eagle3.1"])
@@ -71,6 +71,15 @@ def test_draft_forward_matches_reference(flags):
     assert ("fc_norm.2.weight" in sd) == bool(flags)
     ref = reference_draft_logits(sd, target.model.embed_tokens.weight, ids, aux, draft.config)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    # Decoding's layout (q/k/v and gate/up fused, every projection through skinny_linear, which is F.linear
+    # here) computes the same step; it is a copy, so changing a parameter later leaves it as it was.
+    w = draft.decode_weights()
+    torch.testing.assert_close(_step0_logits(draft, ids, aux, w), ref, rtol=1e-10, atol=1e-10)
+    assert w.qkv.shape == (sum(w.widths), 128) and w.gate_up.shape[0] == 2 * draft.config.intermediate_size
+    before = w.qkv.clone()
+    with torch.no_grad():
+        draft.midlayer.self_attn.q_proj.weight.add_(1.0)
+    assert torch.equal(w.qkv, before)
     # What a step hands to the next: the layer's output, or with norm_output its post-`norm` value.
     h = torch.randn(1, 5, 64, dtype=torch.float64) * 7
     rms = sd["norm.weight"] * h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + draft.config.rms_norm_eps)

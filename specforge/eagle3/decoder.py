@@ -64,7 +64,8 @@ class SpecDecoder:
     def __init__(self, target_model, draft: Eagle3Draft, aux_layer_ids: list[int], max_len: int = 2048,
                  spec_steps: int = 5, topk: int = 1, num_draft_tokens: Optional[int] = None,
                  temperature: float = 0.0, seed: int = 0, cuda_graphs: bool = False, device_rounds: bool = True,
-                 compile: bool = False, plain_block: int = 4, span_step: int = 128, prompt_step: int = 64):
+                 compile: bool = False, plain_block: int = 4, span_step: int = 128, prompt_step: int = 64,
+                 draft_layout: bool = True):
         self.spec_steps, self.topk, self.temperature, self.seed = spec_steps, topk, temperature, seed
         self.num_draft_tokens = num_draft_tokens or spec_steps + 1
         max_nodes = 1 + sum(topk ** d if d == 1 else topk * topk for d in range(1, spec_steps + 1))
@@ -120,11 +121,14 @@ class SpecDecoder:
         self._prompt_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self.prompt_compiled = False  # the prompt graphs replay the compiled forwards (with `compile`)
         # The forwards every path calls; compiled with dynamic token counts (one graph for 1 token, one for more).
-        self._target_fwd, self._draft_fwd, self._logits = self.target, self._draft_rows, draft.logits
+        # The draft's projections in decoding's layout (q/k/v and gate/up fused, each through skinny_linear;
+        # `draft_layout=False`: as modules, cuBLAS, to measure what the layout buys).
+        self._dw = draft.decode_weights() if draft_layout else None
+        self._target_fwd, self._draft_fwd, self._logits = self.target, self._draft_rows, self._draft_logits
         if compile:
             self.target.compile()  # sets dynamo's recompile limit high enough for the decoders of a sweep
             self._draft_fwd = torch.compile(self._draft_rows, dynamic=True)
-            self._logits = torch.compile(draft.logits, dynamic=True)
+            self._logits = torch.compile(self._draft_logits, dynamic=True)
 
     # ---- the forwards, each over its static cache; replayed from CUDA graphs where enabled ----
 
@@ -172,7 +176,10 @@ class SpecDecoder:
             return grouped_attention(q, self.dk[:, :, :span], self.dv[:, :, :span],
                                      cache_mask(mask, q.shape[1] // k.shape[1], span))
 
-        return self.draft.layer(self.draft.embed(tokens[None]), hidden, positions[None], attend)
+        return self.draft.layer(self.draft.embed(tokens[None]), hidden, positions[None], attend, self._dw)
+
+    def _draft_logits(self, hidden):
+        return self.draft.logits(hidden, self._dw)
 
     def _draft(self, tokens, hidden, positions, slots, mask):
         return self._draft_fwd(tokens, hidden, positions, slots, mask)
@@ -266,7 +273,7 @@ class SpecDecoder:
         """The draft's step 0 over a (padded) prompt at positions and slots 0..P-1; its output at row `last`."""
         idx = self._arange[:tokens.numel()]
         draft = self._draft_fwd if self.prompt_compiled else self._draft_rows
-        h = draft(tokens, self.draft.project(aux[None]), idx, idx, self._causal(idx.numel()))
+        h = draft(tokens, self.draft.project(aux[None], self._dw), idx, idx, self._causal(idx.numel()))
         return h[0].index_select(0, last)[0]
 
     def _prefill(self, prompt: list[int]):
@@ -428,7 +435,8 @@ class SpecDecoder:
 
         def fn(aux, toks, start_t):  # positions are built on the device (inside the graph)
             pos = start_t + steps
-            return self._draft(toks, self.draft.project(aux[None]), pos, pos, self._mask(start_t, causal))[0, -1]
+            h = self.draft.project(aux[None], self._dw)
+            return self._draft(toks, h, pos, pos, self._mask(start_t, causal))[0, -1]
 
         return self._run(("draft_prefill", rows, self._span), fn, aux, tokens_after,
                          torch.tensor([start], device=self.device))
@@ -442,7 +450,7 @@ class SpecDecoder:
         w = pend_tok.numel()
         pos = n_t - count + self._arange[:w]
         mask = self._mask(pos[0], self._tril[:w, :w])
-        h = self._draft(pend_tok, self.draft.project(pend_aux[None]), pos, pos, mask)[0]
+        h = self._draft(pend_tok, self.draft.project(pend_aux[None], self._dw), pos, pos, mask)[0]
         last = count - 1
         return pend_tok.index_select(0, last), h.index_select(0, last)[0]
 
@@ -577,7 +585,7 @@ class SpecDecoder:
         frontier = [-1]  # pool indices to expand; -1 = root
         hidden = root_hidden[None]  # [len(frontier), H]
         for depth in range(1, steps + 1):
-            logits = self.draft.logits(hidden).float()  # [F, Vd]
+            logits = self._draft_logits(hidden).float()  # [F, Vd]
             if sampled_chain:
                 q = torch.softmax(logits[0].cpu() / self.temperature, dim=-1)
                 choice = torch.multinomial(q, 1, generator=gen)

@@ -5,7 +5,7 @@ This is the only definition of the draft forward. Training (TTT, `ttt.py`) and d
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -14,6 +14,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedding
 
 from ..config import DraftConfig
+from ..kernels import batch_invariant, skinny_linear
 from ..layers import RMSNorm, apply_rope, rope_cos_sin
 
 # attend(q [B, heads, T, D], k, v [B, kv_heads, T, D]) -> [B, heads, T, D]
@@ -66,15 +67,33 @@ class DraftAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
 
     def qkv(self, x, cos, sin):
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return self.heads(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin)
+
+    def heads(self, q, k, v, cos, sin):
+        """Projected q, k, v [B, T, heads * D] to [B, heads, T, D], q and k rotated."""
+        b, t, _ = q.shape
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def out(self, o):
+    @staticmethod
+    def merge(o):
+        """[B, heads, T, D] -> [B, T, heads * D], what o_proj reads."""
         b, _, t, _ = o.shape
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+        return o.transpose(1, 2).reshape(b, t, -1)
+
+    def out(self, o):
+        return self.o_proj(self.merge(o))
+
+
+class DecodeWeights(NamedTuple):
+    """The draft's projections laid out for decoding (`Eagle3Draft.decode_weights`): q/k/v as one weight and
+    gate/up as one (copies; the parameters stay as they are), so a draft step launches five matmuls instead of
+    eight, each through `skinny_linear` (a few rows spread over every SM, as the target's projections are)."""
+    qkv: torch.Tensor
+    widths: tuple[int, int, int]
+    gate_up: torch.Tensor
 
 
 class DraftLayer(nn.Module):
@@ -140,13 +159,13 @@ class Eagle3Draft(nn.Module):
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(token_ids).to(self.fc.weight.dtype)
 
-    def project(self, aux: torch.Tensor) -> torch.Tensor:
+    def project(self, aux: torch.Tensor, w: Optional[DecodeWeights] = None) -> torch.Tensor:
         """Step 0's hidden state from the target's features [.., 3H]: fc (the features in the draft's dtype),
-        after a norm per aux chunk with fc_norm (EAGLE 3.1)."""
+        after a norm per aux chunk with fc_norm (EAGLE 3.1). `w`: decoding's layout (`decode_weights`)."""
         aux = aux.to(self.fc.weight.dtype)
         if self.fc_norm is not None:
             aux = torch.cat([norm(chunk) for norm, chunk in zip(self.fc_norm, aux.chunk(3, dim=-1))], dim=-1)
-        return self.fc(aux)
+        return skinny_linear.linear(aux, self.fc.weight) if _fast(w) else self.fc(aux)
 
     def carry(self, hidden: torch.Tensor) -> torch.Tensor:
         """What a step's output hands to the next step (TTT and decoding alike): the layer's output itself,
@@ -157,9 +176,12 @@ class Eagle3Draft(nn.Module):
         return rope_cos_sin(self.rotary_emb, like, position_ids)
 
     def layer(self, embeds: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
-              attend: AttendFn) -> torch.Tensor:
+              attend: AttendFn, w: Optional[DecodeWeights] = None) -> torch.Tensor:
         """One draft step. `hidden` is fc(features) at step 0 and the previous step's output after.
-        Returns the new hidden state (pre-norm), which feeds the next step."""
+        Returns the new hidden state (pre-norm), which feeds the next step. `w`: decoding's layout of the
+        projections (`decode_weights`; the same values, fewer launches); training passes none."""
+        if _fast(w):
+            return self._after_attention(hidden, attend(*self._before_attention(embeds, hidden, position_ids, w)), w)
         if self.checkpointing and torch.is_grad_enabled():
             # Recompute the two halves in backward instead of keeping their activations (the MLP's
             # [T, intermediate] tensors are the largest). The attention is the caller's and keeps state
@@ -171,16 +193,32 @@ class Eagle3Draft(nn.Module):
 
     # The layer in two halves around the attention, which belongs to the caller. `compile_halves` compiles
     # each half (norms, rope, projections, MLP fuse into few kernels) and leaves the attention as it is.
-    def _before_attention(self, embeds, hidden, position_ids):
+    def _before_attention(self, embeds, hidden, position_ids, w: Optional[DecodeWeights] = None):
         m = self.midlayer
         cos, sin = self.rope(hidden, position_ids)
         x = torch.cat([m.input_layernorm(embeds), m.hidden_norm(hidden)], dim=-1)
-        return m.self_attn.qkv(x, cos, sin)
+        if w is None:
+            return m.self_attn.qkv(x, cos, sin)
+        return m.self_attn.heads(*skinny_linear.linear(x, w.qkv).split(w.widths, dim=-1), cos, sin)
 
-    def _after_attention(self, hidden, o):
+    def _after_attention(self, hidden, o, w: Optional[DecodeWeights] = None):
         m = self.midlayer
-        h = hidden + m.self_attn.out(o)
-        return h + m.mlp(m.post_attention_layernorm(h))
+        if w is None:
+            h = hidden + m.self_attn.out(o)
+            return h + m.mlp(m.post_attention_layernorm(h))
+        h = hidden + skinny_linear.linear(m.self_attn.merge(o), m.self_attn.o_proj.weight)
+        gate, up = skinny_linear.linear(m.post_attention_layernorm(h), w.gate_up).chunk(2, dim=-1)
+        return h + skinny_linear.linear(m.mlp.act_fn(gate) * up, m.mlp.down_proj.weight)
+
+    def decode_weights(self) -> DecodeWeights:
+        """Decoding's layout of the projections (see `DecodeWeights`). A copy: build it after training, once
+        per decoder."""
+        a, f = self.midlayer.self_attn, self.midlayer.mlp
+        with torch.no_grad():
+            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).contiguous()
+            gate_up = torch.cat([f.gate_proj.weight, f.up_proj.weight]).contiguous()
+        widths = (a.q_proj.weight.shape[0], a.k_proj.weight.shape[0], a.v_proj.weight.shape[0])
+        return DecodeWeights(qkv, widths, gate_up)
 
     def compile_halves(self) -> None:
         """torch.compile the two halves of `layer` (training: `train.compile`). Instance attributes, so the
@@ -188,9 +226,17 @@ class Eagle3Draft(nn.Module):
         self._before_attention = torch.compile(self._before_attention)
         self._after_attention = torch.compile(self._after_attention)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, w: Optional[DecodeWeights] = None) -> torch.Tensor:
         """Logits over the draft vocab."""
+        if _fast(w):
+            return skinny_linear.linear(self.norm(hidden), self.lm_head.weight)
         return self.lm_head(self.norm(hidden))
+
+
+def _fast(w: Optional[DecodeWeights]) -> bool:
+    """Whether a forward takes decoding's layout: given one, and not under the deterministic switch, whose
+    decoding keeps the layout (and the bits) it has always had."""
+    return w is not None and not batch_invariant.active()
 
 
 def init_draft_weights(draft: Eagle3Draft, seed: Optional[int] = None, std: float = 0.02) -> None:
