@@ -22,18 +22,23 @@ def test_answer_position_restarts_per_turn():
     assert miss.answer_position(mask).tolist() == [-1, -1, 0, 1, 2, -1, 0, 1, -1]
 
 
-def test_hits_match_ttt_accuracy():
-    # A small vocab, so that a random draft guesses some tokens right and some wrong.
+def _records(seed: int, length: int, spans, steps: int):
+    """A tiny target with a 16-token vocab and a draft of its first 12 ids (so that a random draft guesses some
+    tokens right and some wrong), random ids with loss spans, and the script's records of them."""
     target = tiny_target(seed=2, initializer_range=0.3, vocab_size=16)
     draft = tiny_draft(target, draft_vocab=12).eval()
-    torch.manual_seed(0)
-    ids = torch.randint(0, 16, (80,))
-    mask = torch.zeros(80, dtype=torch.bool)
-    mask[6:40] = True
-    mask[47:] = True
-    sample = Sample(ids, mask)
+    torch.manual_seed(seed)
+    ids = torch.randint(0, 16, (length,))
+    mask = torch.zeros(length, dtype=torch.bool)
+    for a, b in spans:
+        mask[a:b] = True
     cap, head = FeatureCapture(target, [2, 4, 5]), TargetHead.from_model(target)
-    rec = miss.position_records(target, cap, head, draft, sample, 3, torch.device("cpu"))
+    rec = miss.position_records(target, cap, head, draft, Sample(ids, mask), steps, torch.device("cpu"))
+    return draft, ids, mask, cap, head, rec
+
+
+def test_hits_match_ttt_accuracy():
+    draft, ids, mask, cap, head, rec = _records(0, 80, [(6, 40), (47, 80)], 3)
     f = cap.run(ids[None], torch.ones(1, 80, dtype=torch.long))
     draft_ids = torch.arange(12) + draft.d2t
     labels = soft_labels(f.final, head.lm_head_weight, draft_ids, next_token_mask(mask[None]))
@@ -50,14 +55,7 @@ def test_hits_match_ttt_accuracy():
 def test_vocab_table_counts_by_hand():
     # The draft's vocab is ids 0..11 (tiny_draft); counts falling with the id rebuild that same vocab at size 12,
     # so the table's row for the draft must equal the records' own in_vocab, and a vocab of every id has no miss.
-    target = tiny_target(seed=2, initializer_range=0.3, vocab_size=16)
-    draft = tiny_draft(target, draft_vocab=12).eval()
-    torch.manual_seed(1)
-    ids = torch.randint(0, 16, (60,))
-    mask = torch.zeros(60, dtype=torch.bool)
-    mask[4:] = True
-    cap, head = FeatureCapture(target, [2, 4, 5]), TargetHead.from_model(target)
-    rec = miss.position_records(target, cap, head, draft, Sample(ids, mask), 2, torch.device("cpu"))
+    rec = _records(1, 60, [(4, 60)], 2)[-1]
     counts = torch.arange(16, 0, -1)
     text, rows = miss.vocab_table(rec, counts, [8, 16], 12)
     by = {r["size"]: r for r in rows}
