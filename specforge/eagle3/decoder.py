@@ -86,8 +86,8 @@ class SpecDecoder:
         cfg = draft.config
         self.draft_slots = max_len + spec_steps * topk + 1
         shape = (1, cfg.num_key_value_heads, self.draft_slots, cfg.head_dim)
-        self.dk = torch.zeros(shape, dtype=w.dtype, device=w.device)
-        self.dv = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        self.dkv = torch.zeros((2, *shape), dtype=w.dtype, device=w.device)  # keys and values: one write stores both
+        self.dk, self.dv = self.dkv[0], self.dkv[1]
         self.device = w.device
         self.draft_ids = torch.arange(draft.d2t.numel(), device=self.device) + draft.d2t
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
@@ -170,8 +170,7 @@ class SpecDecoder:
         `slots` [R] of the draft cache and attending under `mask` (a SlotMask of R rows, or [1, R, L] over the
         first L slots); returns [1, R, H]."""
         def attend(q, k, v):
-            self.dk.index_copy_(2, slots, k)
-            self.dv.index_copy_(2, slots, v)
+            self.dkv.index_copy_(3, slots, torch.stack([k, v]))
             span = min(mask.span, self.draft_slots) if isinstance(mask, SlotMask) else mask.shape[-1]
             return grouped_attention(q, self.dk[:, :, :span], self.dv[:, :, :span],
                                      cache_mask(mask, q.shape[1] // k.shape[1], span))
