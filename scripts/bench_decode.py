@@ -5,7 +5,9 @@ graph) against its weight-read floor, the verify steps of S+1 (chain) and T (tre
 whole round (draft prefill, drafting, verification, acceptance, cache moves: what one replay runs per round),
 and plain greedy decoding per token in blocks of `--plain-block`. With the theory of eagle3.md, speedup ~
 acceptance_length / (1 + S*c + v + prefill), c = draft step / target step, v = verify / decode - 1; the measured
-round gives the same bound without the sum: acceptance_length * (plain ms per token) / (round ms).
+round gives the same bound without the sum: acceptance_length * (plain ms per token) / (round ms). The "turn"
+rows time whole greedy turns per round, host reads included, with the next round launched before the last one's
+summary is read and without (what the host costs between rounds).
 
   python scripts/bench_decode.py --shape llama3.1-8b            # random weights of the real shape
   python scripts/bench_decode.py --shape llama4-scout --layers 8  # Scout's layers, fewer of them
@@ -137,6 +139,20 @@ def round_call(dec: SpecDecoder, n: int):
     return lambda: dec._run(("round", span), fn, *state, clone=False)
 
 
+def turn_ms(dec: SpecDecoder, ahead: bool, n: int, tokens: int = 128) -> float:
+    """Milliseconds per round of whole greedy turns (host reads and bookkeeping included, the prompt's prefill
+    spread over the rounds), from a prompt of n random tokens; the fastest of three turns (the first captures).
+    With random weights a round keeps about one token: this times the rounds, not what they buy."""
+    dec.rounds_ahead = ahead
+    prompt = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(2)).tolist()
+    best = float("inf")
+    for _ in range(3):
+        torch.cuda.synchronize()
+        _, stats = dec.generate(prompt, tokens)
+        best = min(best, stats.seconds * 1e3 / len(stats.accept_lengths))
+    return best
+
+
 def fill_context(dec: SpecDecoder, n: int) -> None:
     """Real cache contents for the timed steps: the target's and the draft's prefill over n random tokens."""
     prompt = torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(1)).tolist()
@@ -213,6 +229,10 @@ def step_costs(args) -> dict:
     rows[f"plain decoding, per token (blocks of {dec.plain_block})"] = time_ms(plain(dec)) / dec.plain_block
     rows[f"round, chain S={s} (one replay)"] = time_ms(round_call(dec, n))
     rows[f"round, tree S={s} topk {k} T={t_nodes} (one replay)"] = time_ms(round_call(tree, n))
+    if not args.eager:
+        for d, kind in ((dec, f"chain S={s}"), (tree, f"tree S={s} topk {k} T={t_nodes}")):
+            for ahead, how in ((False, "each round read first"), (True, "one round ahead")):
+                rows[f"turn, {kind}, per round ({how})"] = turn_ms(d, ahead, n)
     floor = weight_bytes / bw * 1e3
     dec_ms = rows["target decode step (1 token)"]
     plain_ms = rows[f"plain decoding, per token (blocks of {dec.plain_block})"]

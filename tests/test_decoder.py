@@ -112,16 +112,54 @@ def test_device_tree_is_the_host_tree(target, trained_draft, eagle31_draft, step
     assert len(seen) == len(device_lengths)
 
 
-def test_rollback_leaves_caches_as_a_fresh_run(target, trained_draft):
+@pytest.mark.parametrize("topk, tokens", [(1, None), (3, 10)])
+def test_rounds_ahead_give_the_rounds_read_one_by_one(target, trained_draft, topk, tokens):
+    """With one span for every cache length, the next round starts before the last one's summary is read: the
+    same tokens and accept lengths as reading each round first, and plain greedy's tokens; a turn that ends on
+    an end of sequence has run one round more than it reads (the launch ahead happened)."""
+    runs = {}
+    for ahead in (False, True):
+        dec = SpecDecoder(target, trained_draft, AUX, max_len=160, spec_steps=4, topk=topk, num_draft_tokens=tokens,
+                          span_step=1024, rounds_ahead=ahead)
+        calls = []
+        for name in ("_chain_round", "_tree_round"):
+            fn = getattr(dec, name)
+            setattr(dec, name, lambda *a, fn=fn: (calls.append(1), fn(*a))[1])
+        got = []
+        for p in PROMPTS:
+            plain, _ = dec.generate_plain(p, 60)
+            eos = plain[len(plain) // 2]  # ends the turn halfway through
+            for eos_id in (None, eos):
+                before = len(calls)
+                out, stats = dec.generate(p, 60, eos_id=eos_id)
+                want = plain if eos_id is None else plain[:plain.index(eos) + 1]
+                assert out == want
+                got.append((out, stats.accept_lengths, len(calls) - before - len(stats.accept_lengths)))
+        runs[ahead] = got
+    assert [g[:2] for g in runs[True]] == [g[:2] for g in runs[False]]
+    assert all(g[2] == 0 for g in runs[False])
+    # Budget-ended turns waste nothing; a turn ended by its end of sequence ran at most one round unread.
+    assert [g[2] for g in runs[True][0::2]] == [0] * len(PROMPTS)
+    assert set(g[2] for g in runs[True][1::2]) <= {0, 1} and sum(g[2] for g in runs[True][1::2]) > 0
+
+
+@pytest.mark.parametrize("span_step, end_early", [(128, False), (1024, True)])
+def test_rollback_leaves_caches_as_a_fresh_run(target, trained_draft, span_step, end_early):
+    """(1024, True): one span for every length, so rounds run one ahead; the turn ends on an end of sequence,
+    after which the round launched ahead has written past the kept length."""
     # float64, so that "equal" can be checked to rounding whatever the number of tokens per forward.
     target = copy.deepcopy(target).double()
     trained_draft = copy.deepcopy(trained_draft).double()
     trained_draft.set_embed_tokens(target.model.embed_tokens)
-    dec = SpecDecoder(target, trained_draft, AUX, max_len=160, spec_steps=4, topk=2, num_draft_tokens=8)
+    dec = SpecDecoder(target, trained_draft, AUX, max_len=160, spec_steps=4, topk=2, num_draft_tokens=8,
+                      span_step=span_step)
     runs = [(p, *dec.generate(p, 50)) for p in PROMPTS]
     # A prompt whose rounds both accepted and rejected draft tokens.
     prompt, out, stats = next(r for r in runs if min(r[2].accept_lengths) < max(r[2].accept_lengths))
-    dec.generate(prompt, 50)
+    if end_early:
+        out, _ = dec.generate(prompt, 50, eos_id=out[len(out) // 2])
+    else:
+        dec.generate(prompt, 50)
     n = dec.cache_len
     seq = (prompt + out)[:n]
     fresh = StaticTarget(target, AUX, 200)

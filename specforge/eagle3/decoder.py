@@ -65,7 +65,7 @@ class SpecDecoder:
                  spec_steps: int = 5, topk: int = 1, num_draft_tokens: Optional[int] = None,
                  temperature: float = 0.0, seed: int = 0, cuda_graphs: bool = False, device_rounds: bool = True,
                  compile: bool = False, plain_block: int = 4, span_step: int = 128, prompt_step: int = 64,
-                 draft_layout: bool = True):
+                 draft_layout: bool = True, rounds_ahead: bool = True):
         self.spec_steps, self.topk, self.temperature, self.seed = spec_steps, topk, temperature, seed
         self.num_draft_tokens = num_draft_tokens or spec_steps + 1
         max_nodes = 1 + sum(topk ** d if d == 1 else topk * topk for d in range(1, spec_steps + 1))
@@ -100,6 +100,10 @@ class SpecDecoder:
         # path (`_propose` / `_verify`) serves sampling, and is the reference the device rounds are tested against.
         self.device_rounds = device_rounds and temperature <= 0
         self.plain_block = max(1, plain_block)
+        # Greedy device rounds: launch the next round before reading this one's summary where one graph serves
+        # every cache length (`_generate_on_device`).
+        self.rounds_ahead = rounds_ahead
+        self._stash_bufs: dict = {}
         # Rows of the accepted path a round hands to the next one (the root and the accepted draft tokens).
         self.path_rows = min(spec_steps + 1, self.num_draft_tokens)
         # Slot indices, and the causal masks of a round's rows (corners of one lower triangle): persistent,
@@ -343,9 +347,37 @@ class SpecDecoder:
         stats.accept_lengths.append(len(out) - before)
         return n + len(accepted)
 
+    def _stash(self, summary: torch.Tensor, k: int):
+        """Copy a round's summary aside (slot k % 2) before the next replay overwrites it: on a GPU into pinned
+        host memory without waiting, with an event that says when it is there. Returns what `_read` takes."""
+        if summary.device.type != "cuda":
+            return summary.clone(), None
+        key = (k % 2, summary.numel(), summary.dtype)
+        if key not in self._stash_bufs:
+            self._stash_bufs[key] = (torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True),
+                                     torch.cuda.Event())
+        host, event = self._stash_bufs[key]
+        host.copy_(summary, non_blocking=True)
+        event.record()
+        return host, event
+
+    @staticmethod
+    def _read(stashed) -> list[int]:
+        host, event = stashed
+        if event is not None:
+            event.synchronize()
+        return host.tolist()
+
     def _generate_on_device(self, prompt: list[int], max_new_tokens: int, eos_id: Optional[int]):
         """Greedy rounds whose state stays on the device: per round one call of `_round` (one graph replay
-        on a GPU) and one host read of its summary [accepted a, bonus, path tokens]."""
+        on a GPU) and one host read of its summary [accepted a, bonus, path tokens].
+
+        One round ahead: where the round's graph does not depend on the cache length (one span serves every
+        length: the whole-cache attention), the next round is launched before this one's summary is read, so the
+        device runs it while the host reads and books the last one, instead of waiting for the host. It is
+        launched only where it surely stays inside the cache and the token budget; a turn that ends on an end of
+        sequence wastes that one round. Its writes lie past the kept length in both caches (rolled back
+        implicitly, as a round's rejected tokens are), and the tokens are those of reading each round first."""
         t0 = time.perf_counter()
         logits, aux = self._prefill(prompt)
         m = len(prompt)
@@ -359,14 +391,27 @@ class SpecDecoder:
         pend_aux[0] = aux[m - 1]
         pend_tok = torch.zeros(w, dtype=torch.long, device=self.device)
         pend_tok[0] = out[0]
-        state = (torch.tensor([m], device=self.device), pend_aux, pend_tok, torch.ones(1, dtype=torch.long,
-                                                                                        device=self.device))
+        state = [torch.tensor([m], device=self.device), pend_aux, pend_tok, torch.ones(1, dtype=torch.long,
+                                                                                       device=self.device)]
         n, count = m, 1
         round_fn = self._chain_round if self.topk == 1 else self._tree_round
-        while out[-1] != eos_id and len(out) < max_new_tokens and n + self.num_draft_tokens + 1 < self.max_len:
-            span = self._fit(self.round_slots(n))
-            *state, summary = self._run(("round", span), round_fn, *state, clone=False)
-            summary = summary.tolist()  # the one host read of the round
+        last = self.max_len - self.num_draft_tokens - 2  # the longest cache a round starts at (`fits`)
+        ahead = self.rounds_ahead and self._fit(self.round_slots(0)) == self._fit(self.round_slots(last))
+        inflight, launched = [], 0  # stashed summaries of rounds launched and not yet read, oldest first
+
+        def fits(upto: int) -> bool:  # a round that starts at cache length <= upto stays inside the cache
+            return upto + self.num_draft_tokens + 1 < self.max_len
+
+        while out[-1] != eos_id and len(out) < max_new_tokens and fits(n):
+            while len(inflight) < (2 if ahead else 1):
+                bound = n + w * len(inflight)  # the most this round's start can be (each round keeps <= w tokens)
+                if inflight and not (fits(bound) and len(out) + w * len(inflight) < max_new_tokens):
+                    break
+                span = self._fit(self.round_slots(bound))
+                *state, summary = self._run(("round", span), round_fn, *state, clone=False)
+                inflight.append(self._stash(summary, launched))
+                launched += 1
+            summary = self._read(inflight.pop(0))  # the one host read of the round
             a = summary[0]
             accepted = summary[2:2 + a] + [summary[1]]
             n = self._take(accepted, out, stats, eos_id, max_new_tokens, n)
