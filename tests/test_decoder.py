@@ -286,3 +286,18 @@ def test_one_unroll_estimates_every_chain_length(target, trained_draft, eagle31_
             assert chain_accept_lengths(matches, len(p), len(plain), steps) == stats.accept_lengths
             checked += max(stats.accept_lengths) > 1
     assert checked  # some chains accepted draft tokens
+
+
+@pytest.mark.parametrize("topk, tokens", [(1, None), (3, 8)])
+def test_compiled_decoder_equals_eager(target, eagle31_draft, topk, tokens):
+    """torch.compile'd forwards (the GPU default; inductor's CPU backend here): the draft's carry and head fused
+    into its compiled functions give the eager decoder's accept lengths, and plain greedy's tokens."""
+    got = {}
+    for compile in (False, True):
+        dec = SpecDecoder(target, eagle31_draft, AUX, max_len=160, spec_steps=4, topk=topk, num_draft_tokens=tokens,
+                          compile=compile, span_step=1024)
+        got[compile] = [dec.generate(p, 50) for p in PROMPTS]
+        for p, (out, _) in zip(PROMPTS, got[compile]):
+            assert out == dec.generate_plain(p, 50)[0]
+    lengths = [[s.accept_lengths for _, s in got[c]] for c in (False, True)]
+    assert lengths[0] == lengths[1] and max(max(x) for x in lengths[1]) > 1

@@ -129,10 +129,13 @@ class SpecDecoder:
         # `draft_layout=False`: as modules, cuBLAS, to measure what the layout buys).
         self._dw = draft.decode_weights() if draft_layout else None
         self._target_fwd, self._draft_fwd, self._logits = self.target, self._draft_rows, self._draft_logits
+        self._next, self._top = self._draft_next, self._draft_top
         if compile:
             self.target.compile()  # sets dynamo's recompile limit high enough for the decoders of a sweep
             self._draft_fwd = torch.compile(self._draft_rows, dynamic=True)
             self._logits = torch.compile(self._draft_logits, dynamic=True)
+            self._next = torch.compile(self._draft_next, dynamic=True)
+            self._top = torch.compile(self._draft_top, dynamic=True)
 
     # ---- the forwards, each over its static cache; replayed from CUDA graphs where enabled ----
 
@@ -169,10 +172,15 @@ class SpecDecoder:
         fn = lambda t, p, s, pre, loc: self._target_fwd(t[None], p[None], s, self._mask(pre, loc))  # noqa: E731
         return self._run(("target", len(tokens), self._span), fn, tokens, positions, slots, prefix, local)
 
-    def _draft_rows(self, tokens, hidden, positions, slots, mask):
-        """The draft layer over rows `tokens` [R] (hidden [1, R, H] in), writing their keys and values at
-        `slots` [R] of the draft cache and attending under `mask` (a SlotMask of R rows, or [1, R, L] over the
-        first L slots); returns [1, R, H]."""
+    def _draft_rows(self, tokens, hidden, positions, slots, mask, features: bool = False):
+        """The draft layer over rows `tokens` [R], writing their keys and values at `slots` [R] of the draft
+        cache and attending under `mask` (a SlotMask of R rows, or [1, R, L] over the first L slots); returns
+        [1, R, H]. `hidden` [1, R, H]: the previous step's outputs, handed on through `draft.carry`; or with
+        `features` the target's features [1, R, 3H], through `draft.project` (step 0). Both inside this
+        function, so that their norms (EAGLE 3.1's fc_norm and norm_output) fuse into the compiled layer
+        rather than run as some eight eager launches per norm inside a round's graph."""
+        hidden = self.draft.project(hidden, self._dw) if features else self.draft.carry(hidden)
+
         def attend(q, k, v):
             self.dkv.index_copy_(3, slots, torch.stack([k, v]))
             span = min(mask.span, self.draft_slots) if isinstance(mask, SlotMask) else mask.shape[-1]
@@ -184,8 +192,20 @@ class SpecDecoder:
     def _draft_logits(self, hidden):
         return self.draft.logits(hidden, self._dw)
 
-    def _draft(self, tokens, hidden, positions, slots, mask):
-        return self._draft_fwd(tokens, hidden, positions, slots, mask)
+    # The head and what follows it in one compiled function each (norm, lm_head, then argmax and the vocab map, or
+    # log-softmax and top k), instead of eager launches after a compiled head inside a round's graph.
+    def _draft_next(self, hidden):
+        """Greedy: the next token (a target id) after each row of hidden [R, H]."""
+        return self.draft_ids[self.draft.logits(hidden, self._dw).argmax(-1)]
+
+    def _draft_top(self, hidden, k: int):
+        """The k likeliest next tokens of each row of hidden [R, H]: target ids [R, k] and float32
+        log-probabilities [R, k]."""
+        top = torch.log_softmax(self.draft.logits(hidden, self._dw).float(), dim=-1).topk(k, dim=-1)
+        return self.draft_ids[top.indices], top.values
+
+    def _draft(self, tokens, hidden, positions, slots, mask, features: bool = False):
+        return self._draft_fwd(tokens, hidden, positions, slots, mask, features)
 
     # ---- plain decoding ----
 
@@ -276,7 +296,7 @@ class SpecDecoder:
         """The draft's step 0 over a (padded) prompt at positions and slots 0..P-1; its output at row `last`."""
         idx = self._arange[:tokens.numel()]
         draft = self._draft_fwd if self.prompt_compiled else self._draft_rows
-        h = draft(tokens, self.draft.project(aux[None], self._dw), idx, idx, self._causal(idx.numel()))
+        h = draft(tokens, aux[None], idx, idx, self._causal(idx.numel()), True)
         return h[0].index_select(0, last)[0]
 
     def _prefill(self, prompt: list[int]):
@@ -479,8 +499,7 @@ class SpecDecoder:
 
         def fn(aux, toks, start_t):  # positions are built on the device (inside the graph)
             pos = start_t + steps
-            h = self.draft.project(aux[None], self._dw)
-            return self._draft(toks, h, pos, pos, self._mask(start_t, causal))[0, -1]
+            return self._draft(toks, aux[None], pos, pos, self._mask(start_t, causal), True)[0, -1]
 
         return self._run(("draft_prefill", rows, self._span), fn, aux, tokens_after,
                          torch.tensor([start], device=self.device))
@@ -494,7 +513,7 @@ class SpecDecoder:
         w = pend_tok.numel()
         pos = n_t - count + self._arange[:w]
         mask = self._mask(pos[0], self._tril[:w, :w])
-        h = self._draft(pend_tok, self.draft.project(pend_aux[None], self._dw), pos, pos, mask)[0]
+        h = self._draft(pend_tok, pend_aux[None], pos, pos, mask, True)[0]
         last = count - 1
         return pend_tok.index_select(0, last), h.index_select(0, last)[0]
 
@@ -519,15 +538,15 @@ class SpecDecoder:
     def _propose_chain(self, root: torch.Tensor, root_hidden: torch.Tensor, n_t: torch.Tensor) -> torch.Tensor:
         """[root, d_1 .. d_S] as a device tensor. Draft token d_k sits at position n-1+k, cache slot n+k-1;
         it sees the prefix and the chain before it (exactly the TTT step-k pattern)."""
-        tok = self.draft_ids[self._logits(root_hidden[None]).argmax(-1)]
+        tok = self._next(root_hidden[None])
         tokens = [root, tok]
         hidden = root_hidden[None, None]
         for depth in range(1, self.spec_steps):
             pos = n_t - 1 + depth
             slot = n_t + depth - 1  # it sees the chain's slots n .. slot
-            hidden = self._draft(tok, self.draft.carry(hidden), pos, slot,
+            hidden = self._draft(tok, hidden, pos, slot,
                                  self._mask(n_t, self._tril[depth - 1:depth, :depth]))
-            tok = self.draft_ids[self._logits(hidden[0]).argmax(-1)]
+            tok = self._next(hidden[0])
             tokens.append(tok)
         return torch.cat(tokens)
 
@@ -555,8 +574,8 @@ class SpecDecoder:
         region = steps * k
 
         def candidates(hidden, base):  # the top k children of each row, scored by cumulative log-probability
-            top = torch.log_softmax(self._logits(hidden).float(), dim=-1).topk(k, dim=-1)
-            return self.draft_ids[top.indices].flatten(), (base[:, None] + top.values.double()).flatten()
+            ids, logp = self._top(hidden, k)
+            return ids.flatten(), (base[:, None] + logp.double()).flatten()
 
         tok, score = candidates(root_hidden[None], torch.zeros(1, dtype=torch.float64, device=self.device))
         pool_tok, pool_score = [tok], [score]
@@ -572,7 +591,7 @@ class SpecDecoder:
             # Each node sees its ancestors' slots and its own. (Elementwise, not a scalar index_put: what
             # a CUDA graph captures must not copy from the host.)
             ancestors = ancestors[parent_row] | (region_slots[None, :] == ((depth - 1) * k + rows)[:, None])
-            out = self._draft(tok[order], self.draft.carry(hidden[parent_row][None]), (n_t - 1 + depth).expand(k),
+            out = self._draft(tok[order], hidden[parent_row][None], (n_t - 1 + depth).expand(k),
                               n_t + (depth - 1) * k + rows, self._mask(n_t, ancestors))[0]
             frontier_pool = offset + order
             offset += score.numel()
@@ -666,7 +685,7 @@ class SpecDecoder:
             pos = torch.full((len(frontier),), n - 1 + depth, device=self.device)
             out = self._run(("draft_step", len(frontier), self._span),
                             lambda t, h, p, s, pre, loc: self._draft(t, h, p, s, self._mask(pre, loc))[0],
-                            toks, self.draft.carry(torch.stack(parent_hidden)[None]), pos, slots,
+                            toks, torch.stack(parent_hidden)[None], pos, slots,
                             torch.tensor([n], device=self.device), local.to(self.device))
             for row, node in enumerate(frontier):
                 node_hidden[node] = out[row]
