@@ -13,6 +13,7 @@ summary is read and without (what the host costs between rounds).
   python scripts/bench_decode.py --shape llama4-scout --layers 8  # Scout's layers, fewer of them
   python scripts/bench_decode.py --target smollm2-135m --draft outputs/smollm2-135m/draft
   python scripts/bench_decode.py --shape smollm2-135m --check docs/step_costs.json   # fail if slower than recorded
+  python scripts/bench_decode.py --shape smollm2-135m --config configs/recipes/smollm2-gpu.yaml  # the recipe's draft
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def build(args):
     if args.shape:
         target = random_target(args.shape, dev, torch.bfloat16, num_layers=args.layers)
         depth = [f"target.aux_layer_ids=[1,{args.layers // 2},{args.layers - 1}]"] if args.layers else []
-        cfg = load_config(args.shape, overrides=depth)
+        cfg = load_config(args.shape, config_file=args.config, overrides=depth)
         ids = aux_layer_ids(cfg.target, target)
         embed = decoder_parts(target)[0]
         dcfg = draft_config(target.config, cfg.target.draft, embed.weight.shape[0], ids)
@@ -89,6 +90,8 @@ def main():
     ap.add_argument("--layers", type=int, default=None, help="with --shape: fewer layers (llama4-scout fits one GPU)")
     ap.add_argument("--target", default=None)
     ap.add_argument("--draft", default=None, help="with --target: a trained draft (default: random, preset sizes)")
+    ap.add_argument("--config", default=None, help="with --shape: a recipe whose draft settings the random draft "
+                    "takes (its vocab, EAGLE 3.1's norms), e.g. configs/recipes/smollm2-gpu.yaml")
     ap.add_argument("--spec-steps", type=int, default=5)
     ap.add_argument("--tree", default="4,16", help="topk,num_draft_tokens for the tree rows")
     ap.add_argument("--context", type=int, default=512)
@@ -244,7 +247,8 @@ def step_costs(args) -> dict:
     mode = ("eager" if args.eager else "CUDA graphs") + ("" if args.no_compile or args.deterministic else
                                                           ", torch.compile") + \
         (f", deterministic switch on ({args.matmul} matmul setting)" if args.deterministic else "") + \
-        (", draft projections as modules" if args.draft_modules else "")
+        (", draft projections as modules" if args.draft_modules else "") + \
+        (f", draft settings of {args.config}" if args.config and args.shape else "")
     print(f"\n## {name}: {torch.cuda.get_device_name()}, bf16, context {n}, {mode}")
     print(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bw / 1e12:.2f} TB/s, weight-read floor {floor:.3f} ms")
     print("| step | ms | vs decode step |")
