@@ -129,13 +129,14 @@ class SpecDecoder:
         # `draft_layout=False`: as modules, cuBLAS, to measure what the layout buys).
         self._dw = draft.decode_weights() if draft_layout else None
         self._target_fwd, self._draft_fwd, self._logits = self.target, self._draft_rows, self._draft_logits
-        self._next, self._top = self._draft_next, self._draft_top
+        self._next, self._top, self._accept = self._draft_next, self._draft_top, self._accept_chain
         if compile:
             self.target.compile()  # sets dynamo's recompile limit high enough for the decoders of a sweep
             self._draft_fwd = torch.compile(self._draft_rows, dynamic=True)
             self._logits = torch.compile(self._draft_logits, dynamic=True)
             self._next = torch.compile(self._draft_next, dynamic=True)
             self._top = torch.compile(self._draft_top, dynamic=True)
+            self._accept = torch.compile(self._accept_chain, dynamic=True)
 
     # ---- the forwards, each over its static cache; replayed from CUDA graphs where enabled ----
 
@@ -527,13 +528,21 @@ class SpecDecoder:
         rows = self._arange[:s + 1]
         pos = n_t + rows
         logits, aux = self._target_fwd(chain[None], pos[None], pos, self._mask(n_t, self._tril[:s + 1, :s + 1]))
-        choice = logits[0].argmax(-1)
+        n_next, after, count, summary = self._accept(chain, logits[0], n_t)
+        return n_next, aux[0], after, count, summary
+
+    def _accept_chain(self, chain, logits, n_t):
+        """Greedy acceptance of chain [root, d_1 .. d_S] against the target's logits over it [S+1, V]: the next
+        round's n and pending tokens and count, and the summary [accepted a, bonus, d_1 .. d_S]. One compiled
+        function (a few fused kernels inside the round's graph, where its ops one by one were a dozen)."""
+        rows = self._arange[:chain.numel()]
+        choice = logits.argmax(-1)
         accepted = (chain[1:] == choice[:-1]).long().cumprod(0).sum()
         bonus = choice.index_select(0, accepted[None])  # no host read: this runs inside a graph
         # The token after each accepted position: the next draft token, and the bonus after the last.
         after = torch.where(rows == accepted, bonus, torch.cat([chain[1:], bonus]))
         summary = torch.cat([accepted[None], bonus, chain[1:]])
-        return n_t + accepted + 1, aux[0], after, (accepted + 1)[None], summary
+        return n_t + accepted + 1, after, (accepted + 1)[None], summary
 
     def _propose_chain(self, root: torch.Tensor, root_hidden: torch.Tensor, n_t: torch.Tensor) -> torch.Tensor:
         """[root, d_1 .. d_S] as a device tensor. Draft token d_k sits at position n-1+k, cache slot n+k-1;
@@ -541,9 +550,9 @@ class SpecDecoder:
         tok = self._next(root_hidden[None])
         tokens = [root, tok]
         hidden = root_hidden[None, None]
+        at = n_t + self._arange[:self.spec_steps]  # views of one sum, not two launches per step
         for depth in range(1, self.spec_steps):
-            pos = n_t - 1 + depth
-            slot = n_t + depth - 1  # it sees the chain's slots n .. slot
+            pos = slot = at[depth - 1:depth]  # position n-1+depth, slot n+depth-1: it sees the chain's slots n .. slot
             hidden = self._draft(tok, hidden, pos, slot,
                                  self._mask(n_t, self._tril[depth - 1:depth, :depth]))
             tok = self._next(hidden[0])
