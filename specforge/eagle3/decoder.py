@@ -130,6 +130,9 @@ class SpecDecoder:
         self._dw = draft.decode_weights() if draft_layout else None
         self._target_fwd, self._draft_fwd, self._logits = self.target, self._draft_rows, self._draft_logits
         self._next, self._top, self._accept = self._draft_next, self._draft_top, self._accept_chain
+        self._tree_next, self._frontier = self._tree_next_state, self._tree_frontier
+        self._children, self._keep = self._tree_children, self._tree_keep
+        self._ancestors, self._tree_acc = self._tree_ancestors, self._tree_accept
         if compile:
             self.target.compile()  # sets dynamo's recompile limit high enough for the decoders of a sweep
             self._draft_fwd = torch.compile(self._draft_rows, dynamic=True)
@@ -137,6 +140,10 @@ class SpecDecoder:
             self._next = torch.compile(self._draft_next, dynamic=True)
             self._top = torch.compile(self._draft_top, dynamic=True)
             self._accept = torch.compile(self._accept_chain, dynamic=True)
+            for name, fn in (("_tree_next", self._tree_next_state), ("_frontier", self._tree_frontier),
+                             ("_children", self._tree_children), ("_keep", self._tree_keep),
+                             ("_ancestors", self._tree_ancestors), ("_tree_acc", self._tree_accept)):
+                setattr(self, name, torch.compile(fn, dynamic=True))
 
     # ---- the forwards, each over its static cache; replayed from CUDA graphs where enabled ----
 
@@ -567,49 +574,45 @@ class SpecDecoder:
         root, root_hidden = self._draft_pending(n_t, pend_aux, pend_tok, count)
         tokens, parents, depths = self._propose_on_device(root, root_hidden, n_t)
         summary, path_aux = self._verify_on_device(tokens, parents, depths, n_t)
+        n_next, after, count = self._tree_next(summary, n_t)
+        return n_next, path_aux, after, count, summary
+
+    # The tree round's bookkeeping between the draft's and the target's forwards, in compiled functions (`_tree_*`
+    # as written, compiled under `compile`): one by one, their small ops were some 170 launches per round.
+    def _tree_next_state(self, summary, n_t):
+        """The next round's n, pending tokens and count from the summary [accepted a, bonus, path tokens]."""
         accepted, bonus = summary[0], summary[1:2]
         rows = self._arange[:self.path_rows]
         after = torch.where(rows == accepted, bonus, torch.cat([summary[2:], bonus]))
-        return n_t + accepted + 1, path_aux, after, (accepted + 1)[None], summary
+        return n_t + accepted + 1, after, (accepted + 1)[None]
 
-    def _propose_on_device(self, root: torch.Tensor, root_hidden: torch.Tensor, n_t: torch.Tensor):
-        """`_propose` in fixed shapes. Every depth after the first expands exactly `topk` nodes (the frontier);
-        the candidate pool is laid out depth by depth, so "ties go to the lower pool index" (a stable sort)
-        is also "ties go to the shallower node". Scores add up in float64, as the host path's Python floats do.
-        Returns the tree's tokens [T], parents [T] (-1 at the root) and depths [T]."""
-        k, steps = self.topk, self.spec_steps
+    def _tree_frontier(self, score, tok, hidden, ancestors, n_t, depth: int):
+        """The best k candidates of this depth (stable: ties to the lower pool index) and what the draft needs to
+        expand them: their pool order, the ancestor marks over the draft's tree slots, tokens, parents' outputs,
+        positions and slots."""
+        k = self.topk
         rows = self._arange[:k]
-        # Draft slots n .. n+region-1 hold the expanded nodes: frontier row r of depth d at slot n + (d-1)*k + r.
-        region = steps * k
+        order = torch.sort(-score, stable=True).indices[:k]
+        parent_row = order // k if depth > 1 else torch.zeros_like(order)
+        # Each node sees its ancestors' slots and its own. (Elementwise, not a scalar index_put: what a CUDA
+        # graph captures must not copy from the host.)
+        region_slots = self._arange[:ancestors.shape[1]]
+        ancestors = ancestors[parent_row] | (region_slots[None, :] == ((depth - 1) * k + rows)[:, None])
+        return (order, ancestors, tok[order], hidden[parent_row], (n_t - 1 + depth).expand(k),
+                n_t + (depth - 1) * k + rows)
 
-        def candidates(hidden, base):  # the top k children of each row, scored by cumulative log-probability
-            ids, logp = self._top(hidden, k)
-            return ids.flatten(), (base[:, None] + logp.double()).flatten()
+    def _tree_children(self, out, score, order, offset: int, depth: int):
+        """The top k children of each expanded node (outputs `out` [k, H]), scored by cumulative log-probability
+        in float64: their tokens, scores, pool parents and depths [k*k]."""
+        k = self.topk
+        ids, logp = self._draft_top(out, k)
+        score = (score[order][:, None] + logp.double()).flatten()
+        parent = (offset + order)[:, None].expand(k, k).flatten()
+        return ids.flatten(), score, parent, torch.full((k * k,), depth + 1, device=out.device)
 
-        tok, score = candidates(root_hidden[None], torch.zeros(1, dtype=torch.float64, device=self.device))
-        pool_tok, pool_score = [tok], [score]
-        pool_parent = [torch.full((k,), -1, device=self.device)]
-        pool_depth = [torch.ones(k, dtype=torch.long, device=self.device)]
-        offset = 0  # pool index of this depth's first candidate
-        hidden = root_hidden[None].expand(k, -1)  # per candidate row's parent: the draft output it extends
-        ancestors = torch.zeros(k, region, dtype=torch.bool, device=self.device)
-        region_slots = self._arange[:region]
-        for depth in range(1, steps):
-            order = torch.sort(-score, stable=True).indices[:k]  # the frontier: best k of this depth
-            parent_row = order // k if depth > 1 else torch.zeros_like(order)
-            # Each node sees its ancestors' slots and its own. (Elementwise, not a scalar index_put: what
-            # a CUDA graph captures must not copy from the host.)
-            ancestors = ancestors[parent_row] | (region_slots[None, :] == ((depth - 1) * k + rows)[:, None])
-            out = self._draft(tok[order], hidden[parent_row][None], (n_t - 1 + depth).expand(k),
-                              n_t + (depth - 1) * k + rows, self._mask(n_t, ancestors))[0]
-            frontier_pool = offset + order
-            offset += score.numel()
-            tok, score = candidates(out, score[order])
-            pool_tok.append(tok)
-            pool_score.append(score)
-            pool_parent.append(frontier_pool[:, None].expand(k, k).flatten())
-            pool_depth.append(torch.full((k * k,), depth + 1, device=self.device))
-            hidden = out
+    def _tree_keep(self, root, pool_tok, pool_score, pool_parent, pool_depth):
+        """The num_draft_tokens - 1 best candidates of the pool (a child never outscores its parent; ties to the
+        shallower node) in pool order, under the root: tokens, parents (tree indices, -1 at the root), depths."""
         all_score, all_parent = torch.cat(pool_score), torch.cat(pool_parent)
         keep = torch.sort(-all_score, stable=True).indices[: self.num_draft_tokens - 1].sort().values
         # pool index -> tree index (kept nodes only)
@@ -617,32 +620,74 @@ class SpecDecoder:
         kept_parent = all_parent[keep]
         parents = torch.where(kept_parent < 0, 0, tree_index[kept_parent.clamp(min=0)])
         return (torch.cat([root, torch.cat(pool_tok)[keep]]),
-                torch.cat([torch.full((1,), -1, device=self.device), parents]),
-                torch.cat([torch.zeros(1, dtype=torch.long, device=self.device), torch.cat(pool_depth)[keep]]))
+                torch.cat([torch.full((1,), -1, device=root.device), parents]),
+                torch.cat([torch.zeros(1, dtype=torch.long, device=root.device), torch.cat(pool_depth)[keep]]))
 
-    def _verify_on_device(self, tokens, parents, depths, n_t):
-        """`_verify` in fixed shapes: target forward under the ancestor mask; a node is accepted when it and
-        every ancestor equal the target's choice after their parent; the deepest accepted node ends the path.
-        Moves the path's cache entries into place. Returns ([accepted draft tokens a, bonus, path tokens],
-        target features along the path), padded to the longest path."""
-        t = tokens.numel()
+    def _tree_ancestors(self, parents):
+        """[T, T] marks: node j is i or an ancestor of i."""
+        t = parents.numel()
         idx = self._arange[:t]
         up = parents.clamp(min=0)  # the root is its own parent
         ancestors, node = idx[:, None] == idx[None, :], idx
         for _ in range(self.spec_steps):
             node = up[node]
             ancestors = ancestors | (idx[None, :] == node[:, None])
-        logits, aux = self.target(tokens[None], (n_t + depths)[None], n_t + idx, self._mask(n_t, ancestors))
-        choice = logits[0].argmax(-1)
-        agrees = (tokens == choice[up]) | (idx == 0)
+        return ancestors
+
+    def _tree_accept(self, tokens, parents, depths, ancestors, logits):
+        """A node is accepted when it and every ancestor equal the target's choice after their parent; the
+        deepest accepted node ends the path. Returns the path (tree indices, padded to the longest path) and
+        the summary [accepted draft tokens a, bonus, path tokens]."""
+        t = tokens.numel()
+        idx = self._arange[:t]
+        choice = logits.argmax(-1)
+        agrees = (tokens == choice[parents.clamp(min=0)]) | (idx == 0)
         accepted = ~(ancestors & ~agrees[None]).any(-1)
         # Siblings hold distinct tokens, so at most one node per depth is accepted. (Indexed by a 1-element
         # tensor, never a 0-dim one, which Python indexing may read back to the host.)
         best = torch.where(accepted, depths, -1).argmax(0, keepdim=True)
         width = min(self.spec_steps + 1, t)
         path = torch.where(ancestors.index_select(0, best)[0], idx, t + idx).sort().values[:width].clamp(max=t - 1)
-        self.target.move_slots(n_t + path, n_t + self._arange[:width])
-        summary = torch.cat([depths.index_select(0, best), choice.index_select(0, best), tokens[path[1:]]])
+        return path, torch.cat([depths.index_select(0, best), choice.index_select(0, best), tokens[path[1:]]])
+
+    def _propose_on_device(self, root: torch.Tensor, root_hidden: torch.Tensor, n_t: torch.Tensor):
+        """`_propose` in fixed shapes. Every depth after the first expands exactly `topk` nodes (the frontier);
+        the candidate pool is laid out depth by depth, so "ties go to the lower pool index" (a stable sort)
+        is also "ties go to the shallower node". Scores add up in float64, as the host path's Python floats do.
+        Returns the tree's tokens [T], parents [T] (-1 at the root) and depths [T]."""
+        k, steps = self.topk, self.spec_steps
+        # Draft slots n .. n+region-1 hold the expanded nodes: frontier row r of depth d at slot n + (d-1)*k + r.
+        region = steps * k
+        ids, logp = self._top(root_hidden[None], k)
+        tok, score = ids.flatten(), logp.double().flatten()
+        pool_tok, pool_score = [tok], [score]
+        pool_parent = [torch.full((k,), -1, device=self.device)]
+        pool_depth = [torch.ones(k, dtype=torch.long, device=self.device)]
+        offset = 0  # pool index of this depth's first candidate
+        hidden = root_hidden[None].expand(k, -1)  # per candidate row's parent: the draft output it extends
+        ancestors = torch.zeros(k, region, dtype=torch.bool, device=self.device)
+        for depth in range(1, steps):
+            order, ancestors, toks, parents_out, pos, slots = self._frontier(score, tok, hidden, ancestors, n_t, depth)
+            out = self._draft(toks, parents_out[None], pos, slots, self._mask(n_t, ancestors))[0]
+            tok, score, parent, dep = self._children(out, score, order, offset, depth)
+            offset += k if depth == 1 else k * k
+            pool_tok.append(tok)
+            pool_score.append(score)
+            pool_parent.append(parent)
+            pool_depth.append(dep)
+            hidden = out
+        return self._keep(root, pool_tok, pool_score, pool_parent, pool_depth)
+
+    def _verify_on_device(self, tokens, parents, depths, n_t):
+        """`_verify` in fixed shapes: target forward under the ancestor mask; a node is accepted when it and
+        every ancestor equal the target's choice after their parent; the deepest accepted node ends the path.
+        Moves the path's cache entries into place. Returns ([accepted draft tokens a, bonus, path tokens],
+        target features along the path), padded to the longest path."""
+        idx = self._arange[:tokens.numel()]
+        ancestors = self._ancestors(parents)
+        logits, aux = self.target(tokens[None], (n_t + depths)[None], n_t + idx, self._mask(n_t, ancestors))
+        path, summary = self._tree_acc(tokens, parents, depths, ancestors, logits[0])
+        self.target.move_slots(n_t + path, n_t + self._arange[:path.numel()])
         return summary, aux[0][path]
 
     def _propose(self, root_token: int, root_hidden: torch.Tensor, n: int, gen) -> Tree:
