@@ -249,7 +249,6 @@ def sweep_table(results: dict) -> str:
 
 
 def write_sweep(results: dict, out: Path, draft_dir) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     flags = serve_flags(draft_dir, results["best"], results["best_chain"])
     text = sweep_table(results) + "\n\nfastest:\n" + "\n".join(flags)
     write_text(out / "sweep.json", json.dumps({**results, "serve_flags": flags}, indent=2))

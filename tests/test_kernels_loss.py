@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from specforge.eagle3.ttt import SoftLabels, ttt_loss
-from specforge.kernels.fused_loss import default_chunk, fused_soft_ce, soft_ce_reference
+from specforge.kernels.fused_loss import HeadGrad, default_chunk, fused_soft_ce, soft_ce_reference
 
 from .conftest import tiny_draft, tiny_target
 
@@ -74,6 +74,72 @@ def test_fused_float32_and_no_grad_and_empty():
         loss = fused_soft_ce(hidden, w1, labels, b_idx, t_idx, None, d2t, chunk=16, recompute=recompute)[0]
         (g,) = torch.autograd.grad(loss * 1.7, w1)
         torch.testing.assert_close(g, ref[5], rtol=1e-5, atol=1e-6)
+
+
+def _shared_calls(hidden, w, labels, b_idx, t_idx, d2t, coefs, sizes, head_grad=True, chunk=7):
+    """Calls of fused_soft_ce on consecutive slices of `hidden` (one per TTT step), loss = 1.7 * sum coef_k
+    loss_k backpropagated; with `head_grad` the calls share one HeadGrad, as ttt_loss makes them. Returns the
+    loss, the hidden's and the weight's gradients and the shapes of the tensors the graph saved."""
+    hidden = hidden.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    sink = HeadGrad(w) if head_grad else None
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(tuple(x.shape)) or x, lambda x: x):
+        total, start = 0.0, 0
+        for coef, n in zip(coefs, sizes):
+            sl = slice(start, start + n)
+            loss = fused_soft_ce(hidden[sl], w, labels, b_idx[sl], t_idx[sl], None, d2t, chunk=chunk,
+                                 head_grad=sink, coef=coef if head_grad else 1.0)[0]
+            total, start = total + coef * loss, start + n
+        if sink is not None:
+            total = sink.tie(total)
+    (total * 1.7).backward()
+    return total.detach(), hidden.grad, w.grad, saved
+
+
+def test_shared_head_gradient_equals_the_reference_float64():
+    """Steps sharing one HeadGrad (each adds coef_k times its lm_head gradient; the tie hands the sum, times
+    the outer 1.7, to the weight) give the plain autograd gradients, and the graph keeps no [Vd, H] buffer
+    per step."""
+    hidden, w, labels, b_idx, t_idx, d2t = make_case(n=50, seed=5)
+    coefs, sizes = [1.0, 0.8, 0.64, 0.512], [12, 0, 17, 21]  # an empty step too
+    ref_hidden = hidden.clone().requires_grad_(True)
+    ref_w = w.clone().requires_grad_(True)
+    total, start = 0.0, 0
+    for coef, n in zip(coefs, sizes):
+        sl = slice(start, start + n)
+        loss = soft_ce_reference(ref_hidden[sl], ref_w, labels, b_idx[sl], t_idx[sl], None, d2t)[0]
+        total, start = total + coef * loss, start + n
+    (total * 1.7).backward()
+    got = _shared_calls(hidden, w, labels, b_idx, t_idx, d2t, coefs, sizes)
+    own = _shared_calls(hidden, w, labels, b_idx, t_idx, d2t, coefs, sizes, head_grad=False)
+    for res in (got, own):
+        torch.testing.assert_close(res[0], total.detach(), rtol=1e-12, atol=0)
+        torch.testing.assert_close(res[1], ref_hidden.grad, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(res[2], ref_w.grad, rtol=1e-10, atol=1e-13)
+    assert got[0].item() == own[0].item()  # the tie adds an exact zero to the loss
+    assert own[3].count(tuple(w.shape)) == 4  # each step kept its own lm_head gradient (zeros when empty)
+    assert tuple(w.shape) not in got[3]  # shared: none kept per step
+
+
+def test_shared_head_gradient_no_rows_and_errors():
+    hidden, w, labels, b_idx, t_idx, d2t = make_case(n=20, seed=6)
+    got = _shared_calls(hidden, w, labels, b_idx, t_idx, d2t, [1.0, 0.8], [0, 0])  # nothing scored
+    assert float(got[0]) == 0 and float(got[2].abs().sum()) == 0 and got[2].shape == w.shape
+    w1 = w.clone().requires_grad_(True)
+    args = (hidden, w1, labels, b_idx, t_idx, None, d2t)
+    with pytest.raises(ValueError, match="recompute"):
+        fused_soft_ce(*args, recompute=True, head_grad=HeadGrad(w1))
+    with pytest.raises(ValueError, match="positive"):
+        fused_soft_ce(*args, head_grad=HeadGrad(w1), coef=0.0)
+    with pytest.raises(ValueError, match="none is given"):
+        fused_soft_ce(*args, coef=0.5)
+    with pytest.raises(ValueError, match="another weight"):
+        fused_soft_ce(*args, head_grad=HeadGrad(w.clone()))
+    with torch.no_grad():  # evaluation: the HeadGrad is left alone
+        sink = HeadGrad(w1)
+        loss = fused_soft_ce(*args, head_grad=sink, coef=0.8)[0]
+        assert sink.acc is None and loss.grad_fn is None
 
 
 def test_default_chunk():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -170,7 +169,7 @@ def write_shard(folder: Path, index: int, samples: list[Sample], dtype: str) -> 
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the data section starts 8-byte aligned
     digest = hashlib.sha256()
-    with replacing(folder / name) as tmp, open(tmp, "wb") as f:
+    with replacing(folder / name, sync=True) as tmp, open(tmp, "wb") as f:
         for block in (len(head).to_bytes(8, "little"), head):
             f.write(block)
             digest.update(block)
@@ -179,8 +178,6 @@ def write_shard(folder: Path, index: int, samples: list[Sample], dtype: str) -> 
                 block = memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else b""
                 f.write(block)  # both release the GIL on large blocks: the target keeps computing
                 digest.update(block)
-        f.flush()
-        os.fsync(f.fileno())  # on the disk before the rename makes it visible
     return {"file": name, "samples": len(samples), "tokens": int(lengths.sum()),
             "bytes": 8 + len(head) + offset, "sha256": digest.hexdigest()}
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.fused_loss import SoftLabels, fused_soft_ce, soft_ce_reference
+from ..kernels.fused_loss import HeadGrad, SoftLabels, fused_soft_ce, soft_ce_reference
 from ..kernels.ttt_attention import IMPLS as TTT_ATTENTION_IMPLS
 from ..kernels.ttt_attention import ttt_attention
 from .draft import Eagle3Draft
@@ -168,9 +168,10 @@ def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tenso
     positions when `mask_out_of_vocab`, since no draft distribution can put mass on them.
 
     `fused`: lm_head, loss and statistics go through `fused_soft_ce`, `loss_chunk` rows of logits at a time
-    (default: 256 MB), so no step's [tokens, draft_vocab] logits stay alive until backward (`loss_recompute`:
-    keep even less and recompute the logits in backward, slower); else through `soft_ce_reference` (plain
-    autograd). Both compute the same. `attention`: the TTT attention kernel (see `ttt_unroll`).
+    (default: 256 MB), so no step's [tokens, draft_vocab] logits stay alive until backward, and the steps sum
+    their lm_head gradients into one buffer (`HeadGrad`) as they run (`loss_recompute`: keep even less and
+    recompute the logits in backward, slower); else through `soft_ce_reference` (plain autograd). Both
+    compute the same. `attention`: the TTT attention kernel (see `ttt_unroll`).
     `denominators` [steps]: what each step's weighted loss sum is divided by (default: its own weight sum,
     `step_weights`; data parallel passes the sum over all ranks). Packed rows pass `doc_ids` and
     `position_ids` (see `ttt_unroll`); a position is then scored only against its own conversation.
@@ -181,6 +182,11 @@ def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tenso
     # The target at position p predicts token p+1: score p when token p+1 is in the loss mask.
     pred_mask = next_token_mask(loss_mask, doc_ids) if index is None else None
     in_vocab = draft.t2d[labels.argmax]
+    head = draft.lm_head.weight
+    fused = fused and not tv_weight
+    # One lm_head gradient for all the steps (instead of a float32 copy per step held until backward).
+    share = fused and not loss_recompute and step_weight > 0 and torch.is_grad_enabled() and head.requires_grad
+    head_grad = HeadGrad(head) if share else None
     total = 0.0
     stats: list[StepStats] = []
     for k, hidden in ttt_unroll(draft, input_ids, aux_hidden, steps, attention, doc_ids, position_ids):
@@ -191,14 +197,17 @@ def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tenso
         weight = in_vocab[b_idx, t_idx] if mask_out_of_vocab else None
         denom = None if denominators is None else denominators[k]
         normed = draft.norm(hidden[rows])
-        if fused and not tv_weight:
-            loss_k, correct, accept, count = fused_soft_ce(normed, draft.lm_head.weight, labels, b_idx, t_idx,
-                                                           weight, draft.d2t, chunk=loss_chunk,
-                                                           recompute=loss_recompute, denom=denom)
+        coef = step_weight ** k
+        if fused:
+            loss_k, correct, accept, count = fused_soft_ce(normed, head, labels, b_idx, t_idx, weight, draft.d2t,
+                                                           chunk=loss_chunk, recompute=loss_recompute,
+                                                           denom=denom, head_grad=head_grad,
+                                                           coef=coef if head_grad is not None else 1.0)
         else:
-            loss_k, correct, accept, count = soft_ce_reference(normed, draft.lm_head.weight, labels, b_idx,
-                                                               t_idx, weight, draft.d2t, denom=denom,
-                                                               tv_weight=tv_weight)
-        total = total + (step_weight ** k) * loss_k
+            loss_k, correct, accept, count = soft_ce_reference(normed, head, labels, b_idx, t_idx, weight,
+                                                               draft.d2t, denom=denom, tv_weight=tv_weight)
+        total = total + coef * loss_k
         stats.append(StepStats(loss_k.detach(), correct, accept, count))
+    if head_grad is not None and stats:
+        total = head_grad.tie(total)
     return total, stats

@@ -6,6 +6,9 @@ computes the same from the draft's normed hidden state, one chunk of rows at a t
 - recompute=False (default, fastest): right after a chunk's statistics its logits gradient is formed and
   multiplied out into grad_h[chunk] and a float32 grad_W accumulator; the forward keeps those two
   ([N, H] and [Vd, H]) and backward only scales them by the incoming gradient. Three matmuls, as unfused.
+  A float32 [Vd, H] per call is 524 MB at Vd = 32K, H = 4096, and TTT makes seven calls a batch: with a
+  `HeadGrad` the calls of one batch add their lm_head gradients (each times its step's weight in the loss)
+  into one buffer instead, and one extra node of the loss (`HeadGrad.tie`) hands it to the weight.
 - recompute=True (least memory): the forward keeps per row only the draft's and the target's log-sum-exp
   and the sum of the target probabilities; backward recomputes each chunk's logits. Four matmuls.
 On CUDA with float32 statistics two Triton kernels do a chunk's row-wise work (two reads of the logits and
@@ -53,6 +56,44 @@ def default_chunk(vocab: int, bytes_per_logit: int = 4, budget: int = CHUNK_BYTE
     return max(1, budget // (bytes_per_logit * vocab))
 
 
+class HeadGrad:
+    """The lm_head gradient of several `fused_soft_ce` calls that share the weight (the TTT steps of one batch),
+    summed as the calls run: call i adds coef_i times its gradient, where coef_i is its loss's weight in the
+    loss that is backpropagated, and that loss adds `tie(loss)`, a zero whose backward hands the weight the
+    sum times the gradient it receives. So the batch keeps one float32 [Vd, H] buffer until backward, not
+    one per call; any scale applied to the whole loss afterwards (data parallel's, accumulation's) reaches
+    the weight through the tie. Also casts the weight to the matmul dtype once for all the calls."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self.acc: Optional[torch.Tensor] = None  # float32 (float64 for float64 inputs); the first call writes it
+        self._cast: dict = {}
+
+    def cast(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self._cast:
+            self._cast[dtype] = self.weight.detach().to(dtype)
+        return self._cast[dtype]
+
+    def tie(self, loss: torch.Tensor) -> torch.Tensor:
+        """`loss` plus a zero whose gradient with respect to the weight is the summed gradient."""
+        return loss + _HeadGradTie.apply(self.weight, self, loss.dtype)
+
+
+class _HeadGradTie(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, sink, dtype):
+        ctx.sink, ctx.shape, ctx.w_dtype = sink, weight.shape, weight.dtype
+        sink._cast.clear()  # the calls are done: the cast copies are not needed in backward
+        return torch.zeros((), dtype=dtype, device=weight.device)
+
+    @staticmethod
+    def backward(ctx, g):
+        acc, ctx.sink.acc = ctx.sink.acc, None
+        if acc is None:  # no call scored a row: a zero gradient, as each call would have given
+            return torch.zeros(ctx.shape, dtype=ctx.w_dtype, device=g.device), None, None
+        return (acc * g.to(acc.dtype)).to(ctx.w_dtype), None, None
+
+
 def soft_ce_reference(normed_hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: SoftLabels,
                       b_idx: torch.Tensor, t_idx: torch.Tensor, weight: Optional[torch.Tensor] = None,
                       d2t: Optional[torch.Tensor] = None, denom: Optional[torch.Tensor] = None,
@@ -86,14 +127,16 @@ def soft_ce_reference(normed_hidden: torch.Tensor, lm_head_weight: torch.Tensor,
 def fused_soft_ce(normed_hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: SoftLabels,
                   b_idx: torch.Tensor, t_idx: torch.Tensor, weight: Optional[torch.Tensor] = None,
                   d2t: Optional[torch.Tensor] = None, chunk: Optional[int] = None,
-                  use_triton: Optional[bool] = None, recompute: bool = False, denom: Optional[torch.Tensor] = None):
+                  use_triton: Optional[bool] = None, recompute: bool = False, denom: Optional[torch.Tensor] = None,
+                  head_grad: Optional[HeadGrad] = None, coef: float = 1.0):
     """What `soft_ce_reference` returns, with at most `chunk` rows of logits alive at a time (default: 256 MB
     of logits as the path holds them: float32 on the PyTorch path, the matmul dtype on the Triton path). The
     matmuls run in the autocast dtype when autocast is on for the hidden state's device (as `F.linear`
     would), else in the inputs' common dtype; statistics in at least float32, the lm_head gradient summed
     over chunks in float32. `use_triton`: None = on CUDA when Triton is importable and statistics are
     float32. `recompute`: see the module docstring. `denom`: as in `soft_ce_reference`. The norm stays
-    outside: pass norm(hidden)."""
+    outside: pass norm(hidden). `head_grad` (without recompute): the lm_head gradient goes into it, `coef`
+    (> 0) times this loss's own, and none into `lm_head_weight` from this call (see `HeadGrad`)."""
     n, vocab = normed_hidden.shape[0], lm_head_weight.shape[0]
     dev = normed_hidden.device.type
     if torch.is_autocast_enabled(dev):
@@ -119,8 +162,23 @@ def fused_soft_ce(normed_hidden: torch.Tensor, lm_head_weight: torch.Tensor, lab
     early = not recompute and torch.is_grad_enabled() and (normed_hidden.requires_grad or
                                                            lm_head_weight.requires_grad)
     denom = weight.sum() if denom is None else denom.to(device=weight.device, dtype=adt)
-    loss, correct, accept = _FusedSoftCE.apply(normed_hidden.to(cdt), lm_head_weight, tgt2d, rows, weight,
-                                               lse_full, tgt_arg, d2t, denom, chunk, use_triton, early)
+    if head_grad is None and coef != 1.0:
+        raise ValueError(f"fused_soft_ce: coef={coef} is the weight of a call sharing head_grad; none is given")
+    if head_grad is not None:
+        if recompute:
+            raise ValueError("fused_soft_ce: head_grad sums gradients made in the forward; recompute makes them "
+                             "in backward")
+        if not coef > 0:
+            raise ValueError(f"fused_soft_ce: coef={coef}: a call sharing head_grad needs a positive weight")
+        if lm_head_weight is not head_grad.weight:
+            raise ValueError("fused_soft_ce: head_grad was made for another weight")
+        sink = head_grad if early else None  # under no_grad there is no gradient to sum
+        w_in = lm_head_weight.detach() if early else lm_head_weight
+    else:
+        sink, w_in = None, lm_head_weight
+    loss, correct, accept = _FusedSoftCE.apply(normed_hidden.to(cdt), w_in, tgt2d, rows, weight,
+                                               lse_full, tgt_arg, d2t, denom, chunk, use_triton, early, sink,
+                                               float(coef))
     return loss, correct, accept, torch.tensor(n)
 
 
@@ -130,24 +188,36 @@ class _FusedSoftCE(torch.autograd.Function):
     denominator (before the clamp to at least 1)."""
 
     @staticmethod
-    def forward(ctx, h, w_head, tgt2d, rows, weight, lse_full, tgt_arg, d2t, denom, chunk, use_triton, early):
+    def forward(ctx, h, w_head, tgt2d, rows, weight, lse_full, tgt_arg, d2t, denom, chunk, use_triton, early,
+                sink, coef):
         adt = weight.dtype
         n = h.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # With a sink (early mode only) the weight's gradient, coef times this loss's, is added to sink.acc; the
+        # hidden state's is kept coef times too (one logits gradient serves both) and divided back in backward.
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or sink is not None
         # Without recompute the gradients for a unit loss gradient are formed here, chunk by chunk, right after
         # the chunk's statistics; backward only scales them.
         early = early and (need_h or need_w)
         with torch.autocast(h.device.type, enabled=False):
-            w_c = w_head.to(h.dtype)
+            w_c = sink.cast(h.dtype) if sink is not None else w_head.to(h.dtype)
             lse_z = h.new_empty(n, dtype=adt)
             lse_t, sum_p, ce, acc = (torch.empty_like(lse_z) for _ in range(4))
             arg = torch.empty(n, dtype=torch.long, device=h.device)
             denom = denom.clamp(min=1)
             stats = _stats_triton if use_triton else _stats_torch
+            fresh = True  # the first chunk writes grad_w instead of adding to it
             if early:
-                scale = weight / denom
+                scale = weight / denom if sink is None else weight * (coef / denom)
                 grad_h = torch.empty_like(h) if need_h else None
-                grad_w = _new_grad_w(w_head, h) if need_w else None
+                grad_w = None
+                if need_w and sink is None:
+                    grad_w = _new_grad_w(w_head, h)
+                elif need_w and n:
+                    if sink.acc is None:
+                        sink.acc = _new_grad_w(w_head, h)
+                    else:
+                        fresh = False
+                    grad_w = sink.acc
             for s in range(0, n, chunk):
                 e = min(n, s + chunk)
                 z = h[s:e] @ w_c.t()
@@ -155,26 +225,29 @@ class _FusedSoftCE(torch.autograd.Function):
                       ce[s:e], acc[s:e])
                 if early:
                     _chunk_grads(z, h, w_c, s, e, tgt2d, rows, lse_z, lse_t, sum_p, scale, grad_h, grad_w,
-                                 use_triton, first=s == 0)
+                                 use_triton, first=fresh and s == 0)
                 del z
             loss = (ce * weight).sum() / denom
             correct = ((arg + d2t[arg]) == tgt_arg).sum()
             accept = acc.sum()
         if early:
-            ctx.save_for_backward(grad_h, grad_w)
+            ctx.save_for_backward(grad_h, grad_w if sink is None else None)
         else:
             ctx.save_for_backward(h, w_head, tgt2d, rows, weight, lse_z, lse_t, sum_p, denom)
         ctx.chunk, ctx.use_triton, ctx.early, ctx.w_dtype = chunk, use_triton, early, w_head.dtype
+        ctx.coef = coef if sink is not None else 1.0
         ctx.mark_non_differentiable(correct, accept)
         return loss, correct, accept
 
     @staticmethod
     def backward(ctx, g_loss, _g_correct, _g_accept):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        none = (None,) * 10
+        none = (None,) * 12
         if ctx.early:
             grad_h, grad_w = ctx.saved_tensors
             g = g_loss.to(torch.promote_types(g_loss.dtype, torch.float32))  # a bf16 step weight would round
+            if ctx.coef != 1.0:
+                g = g / ctx.coef
             return ((grad_h.to(g.dtype) * g).to(grad_h.dtype) if need_h else None,
                     (grad_w * g).to(ctx.w_dtype) if need_w else None,
                     *none)
