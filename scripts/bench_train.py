@@ -8,6 +8,7 @@ override selects a variant, so one call can compare kernels side by side on the 
   python scripts/bench_train.py --shape llama3.1-8b --variant ref train.attention=reference train.fused_loss=false \\
                                 --variant fused train.attention=auto train.fused_loss=true
   python scripts/bench_train.py --shape smollm2-135m --seq 512 --batch 16 --sync-debug   # the GPU recipe's step
+  python scripts/bench_train.py --shape llama3.1-8b --profile     # and the step's kernels by kind (matmul, ...)
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def _run_variant(cfg, name, shape, target, samples, args):
     if args.sync_debug:
         print(f"{shape} {name}: {host_syncs(cfg, draft, features, head, draft_ids, samples, params, opt, dev, args)}",
               flush=True)
+    if args.profile:
+        profile_step(f"{shape} {name}", cfg, draft, features, head, draft_ids, samples, params, opt, dev, args)
     flops = train_flops(text_config(target.config), draft.config, tokens, args.seq, cfg.train.ttt_length,
                         draft.config.draft_vocab_size)
     mfu = flops / elapsed / peak_flops()
@@ -152,6 +155,51 @@ def host_syncs(cfg, draft, features, head, draft_ids, samples, params, opt, dev,
     return f"host syncs in one step (forward, backward, clip, AdamW): {sum(where.values())} ({top})"
 
 
+# Kernel kinds by name, first match wins (cuBLAS/CUTLASS matmuls, the compiled flex attention, our loss kernels,
+# AdamW, copies; the rest is element-wise and reduction work, eager or compiled).
+KINDS = (("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
+         ("flex attention", ("flex", "triton_tem")),
+         ("fused loss", ("soft_ce",)),
+         ("optimizer", ("adam", "multi_tensor")),
+         ("copy", ("memcpy", "memset", "direct_copy", "copy_kernel")))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "element-wise / reduction")
+
+
+def profile_step(label, cfg, draft, features, head, draft_ids, samples, params, opt, dev, args, steps: int = 2):
+    """`steps` more training steps under the profiler: GPU time and kernel count by kind of kernel, and the
+    costliest kernels (what the draft's share of the step is made of, beyond the phase split)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            loss, _ = run_batch(cfg, draft, features, head, draft_ids, collate(samples[i:i + args.batch]), dev)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count > 0]
+    total = sum(e.device_time_total for e in kernels) / steps
+    by = collections.defaultdict(lambda: [0.0, 0])
+    for e in kernels:
+        by[kernel_kind(e.key)][0] += e.device_time_total / steps
+        by[kernel_kind(e.key)][1] += e.count / steps
+    print(f"\n### {label}: one step's kernels, {total / 1e3:.1f} ms of GPU time")
+    print("| kind | ms | share | kernels |\n|---|---|---|---|")
+    for kind, (us, n) in sorted(by.items(), key=lambda kv: -kv[1][0]):
+        print(f"| {kind} | {us / 1e3:.2f} | {us / total:.0%} | {n:.0f} |")
+    print("\ncostliest kernels:")
+    for e in sorted(kernels, key=lambda e: -e.device_time_total)[:15]:
+        ms = e.device_time_total / steps / 1e3
+        print(f"- {e.count / steps:.0f} x {e.key[:100]} ({kernel_kind(e.key)}): {ms:.2f} ms")
+    print(flush=True)
+
+
 def main():
     # cuBLAS reads its workspace setting once: set it before any GPU work so a deterministic variant can run.
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -168,6 +216,8 @@ def main():
                     "two versions of the code bit for bit)")
     ap.add_argument("--sync-debug", action="store_true",
                     help="after the timed steps, count the step's host syncs and where they happen")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed steps, GPU time and kernel count per kind of kernel, and the costliest")
     ap.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                     help="a named set of train.* overrides; repeatable (default: the config's defaults)")
     args = ap.parse_args()
