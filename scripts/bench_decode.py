@@ -108,6 +108,9 @@ def main():
                     "instead of the skinny-linear kernel")
     ap.add_argument("--skinny-rows", choices=skinny_linear.ROW_MODES, default=None,
                     help="skinny_linear.ROWS (default: the module's): how the kernel reduces a verify's rows")
+    ap.add_argument("--split-programs", type=int, default=None,
+                    help="skinny_linear.SPLIT_PROGRAMS (default: the module's): split K until a projection's launch "
+                         "has about this many programs (0: never)")
     ap.add_argument("--draft-modules", action="store_true", help="the draft's projections as its modules "
                     "(cuBLAS, q/k/v and gate/up apart), not decoding's fused skinny-linear layout")
     ap.add_argument("--profile", action="store_true", help="kernels per step and the costliest, from the profiler")
@@ -117,6 +120,8 @@ def main():
     args = ap.parse_args()
     if args.skinny_rows:
         skinny_linear.ROWS = args.skinny_rows
+    if args.split_programs is not None:
+        skinny_linear.SPLIT_PROGRAMS = args.split_programs
     with batch_invariant(args.deterministic, training=args.matmul == "train"):
         rows = step_costs(args)
     if args.check:

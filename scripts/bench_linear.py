@@ -9,6 +9,7 @@ settings; then per shape the sum over the four linears of all layers.
 
   python scripts/bench_linear.py --sweep                         # smollm2-135m and qwen2.5-coder-1.5b
   python scripts/bench_linear.py --shape llama3.1-8b --json lin.json
+  python scripts/bench_linear.py --split-programs 264               # K split until about 2 programs per SM
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from bench_cache_attention import time_us
 ROWS = (1, 6, 16)
 LOOP = [(bn, bk, 4, st, False) for bn in (4, 8, 16, 32) for bk in (256, 512) for st in (2, 4)]
 DOT = [(bn, bk, 4, 4, True) for bn in (16, 32, 64) for bk in (128, 256)]
+SPLIT = [(bn, bk, 4, 4, True, s) for bn in (16, 32) for bk in (64, 128, 256) for s in (2, 4, 8)]  # K slices
 
 
 def linears(shape: str) -> list[tuple[str, int, int, bool]]:
@@ -44,12 +46,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", action="append", help="model_shapes shape(s); default smollm2-135m and "
                     "qwen2.5-coder-1.5b")
-    ap.add_argument("--sweep", action="store_true", help="also time every launch setting of LOOP and DOT")
+    ap.add_argument("--sweep", action="store_true", help="also time every launch setting of LOOP, DOT and SPLIT")
+    ap.add_argument("--split-programs", type=int, default=sl.SPLIT_PROGRAMS,
+                    help="skinny_linear.SPLIT_PROGRAMS for the kernel's own launch (0: no split of K)")
     ap.add_argument("--rows", choices=sl.ROW_MODES, default=sl.ROWS,
                     help="skinny_linear.ROWS: how the kernel's own launch reduces the rows")
     ap.add_argument("--json", help="write every timing here")
     args = ap.parse_args(argv)
-    sl.ROWS = args.rows
+    sl.ROWS, sl.SPLIT_PROGRAMS = args.rows, args.split_programs
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     dev = torch.device("cuda")
@@ -73,7 +77,7 @@ def main(argv=None):
                     return lambda i: sl.skinny_linear_kernel(x, ws[i], bias, cfg)
 
                 us = {"cublas": time_us(lambda i: F.linear(x, ws[i], bias), copies)}
-                for cfg in [None] + (LOOP + DOT if args.sweep else []):
+                for cfg in [None] + (LOOP + DOT + SPLIT if args.sweep else []):
                     err = (sl.skinny_linear_kernel(x, ws[0], bias, cfg).double() - ref).abs().max().item()
                     if not err < 5e-2 * max(1.0, ref.abs().max().item()):
                         raise SystemExit(f"{shape} {name} rows={m} setting {cfg}: error {err:.3g}")
@@ -82,7 +86,7 @@ def main(argv=None):
                 best = min(tuned, key=tuned.get) if tuned else None
                 own = sl.launch(m, n, k)
                 tb = lambda t: nbytes / (t * 1e-6) / 1e12  # noqa: E731
-                used = "kernel" if k <= sl.MAX_K else "cuBLAS"
+                used = "kernel" if k <= sl.max_k() else "cuBLAS"
                 print(f"| {shape} | {name} | {n} x {k} | {m} | {us['cublas']:.2f} ({tb(us['cublas']):.2f}) | "
                       f"{us[None]:.2f} ({tb(us[None]):.2f}) {own} | {used} | "
                       f"{f'{us[best]:.2f} {best}' if best else '-'} |", flush=True)
@@ -90,7 +94,7 @@ def main(argv=None):
                              "kernel_us": us[None], "launch": own,
                              "sweep": [{"setting": c, "us": t} for c, t in tuned.items()]})
                 t = totals.setdefault((shape, m), [0.0, 0.0, 0.0])
-                for j, v in enumerate((us["cublas"], us[None] if k <= sl.MAX_K else us["cublas"],
+                for j, v in enumerate((us["cublas"], us[None] if k <= sl.max_k() else us["cublas"],
                                        min(us[None], us[best] if best else us[None], us["cublas"]))):
                     t[j] += v * layers / 1e3
     print("\nPer shape and row count: ms over the four linears of every layer\n")

@@ -8,6 +8,7 @@ import torch
 
 from specforge.kernels import batch_invariant
 from specforge.kernels import cache_attention as ca
+from specforge.kernels import counters
 from specforge.kernels.cache_attention import cache_attention, cache_attention_reference, dense_mask, launch_grid
 from specforge.kernels.invariant_attention import attention_reference
 from specforge.layers import SlotMask, cache_mask, grouped_attention
@@ -142,4 +143,4 @@ def test_merge_inside_the_launch_equals_merge_kernel(case, monkeypatch):
         for _ in range(3):
             assert torch.equal(cache_attention(q, k, v, prefix, local), got[fuse_max_d])
     torch.testing.assert_close(got[0], got[128], rtol=1e-5, atol=1e-6)
-    assert int(ca._counters[q.device].abs().sum()) == 0
+    assert int(counters._counters[q.device].abs().sum()) == 0

@@ -376,7 +376,8 @@ def test_skinny_linear_equals_float64_reference(n, k, dtype):
             # float32 sums: the only error left is the output's rounding (2^-8 relative for bf16)
             torch.testing.assert_close(got.double(), ref, rtol=8e-3, atol=1e-3)
             for cfg in [None, (8, 256, 4, 2, False), (32, 512, 4, 4, False), (16, 128, 4, 4, True),
-                        (64, 256, 4, 4, True)]:
+                        (64, 256, 4, 4, True), (32, 128, 4, 4, True, 4), (16, 256, 4, 4, True, 2),
+                        (8, 256, 4, 2, False, 3)]:  # the last three split K
                 torch.testing.assert_close(sl.skinny_linear_kernel(x, w, bias, cfg).double(), ref, rtol=8e-3,
                                            atol=1e-3)
 
@@ -399,6 +400,41 @@ def test_skinny_linear_rows_do_not_change_each_other(n, k, rows, monkeypatch):
             assert torch.equal(sl.linear(x[:m], w, bias), alone[:m]), f"{m} rows"
         other = torch.cat([x[:3], torch.randn(5, k, device="cuda", generator=g).to(torch.bfloat16)])
         assert torch.equal(sl.linear(other, w, bias)[:3], alone[:3])
+
+
+@pytest.mark.parametrize("n, k", [(576, 576), (576, 1536), (1536, 8960), (1000, 200)])
+def test_skinny_linear_split_k_rows_repeats_and_graphs(n, k, monkeypatch):
+    """With K split (SPLIT_PROGRAMS on; a K over MAX_K then served too): the float64 reference to bf16 rounding,
+    a row's bits alone or with others, the same bits run after run and in CUDA-graph replays, and every
+    arrival counter back at zero after each call."""
+    from specforge.kernels import counters
+    from specforge.kernels import skinny_linear as sl
+
+    monkeypatch.setattr(sl, "SPLIT_PROGRAMS", 264)
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).to(torch.bfloat16)
+    b = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16)
+    x = torch.randn(16, k, device="cuda", generator=g).to(torch.bfloat16)
+    assert sl.serves(x, w) and (k < 1024 or sl.launch(1, n, k)[5] > 1)
+    for bias in (None, b):
+        ref = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+        full = sl.linear(x, w, bias)
+        torch.testing.assert_close(full.double(), ref, rtol=8e-3, atol=1e-3)
+        for m in (1, 2, 6):
+            assert torch.equal(sl.linear(x[:m], w, bias), full[:m]), f"{m} rows"
+        for _ in range(3):
+            assert torch.equal(sl.linear(x, w, bias), full)
+        assert int(counters._counters[x.device].abs().sum()) == 0
+    static = x[:6].clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sl.linear(static, w, b)
+    for rows in (x[:6], x[6:12], x[:6]):
+        static.copy_(rows)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, sl.linear(rows, w, b))
+    assert int(counters._counters[x.device].abs().sum()) == 0
 
 
 def test_skinny_linear_leading_dims_strides_and_fallbacks():

@@ -33,6 +33,7 @@ import math
 
 import torch
 
+from .counters import counter_buffer
 from .invariant_attention import attention_reference
 
 try:
@@ -172,21 +173,6 @@ if triton is not None:
                 tl.store(o_ptr + (hk * G + g)[:, None] * s_oh + s[:, None] * s_os + dd[None, :],
                          out.to(o_ptr.dtype.element_ty), mask=live[:, None])
 
-    _counters: dict = {}
-    _made: list = []  # every counter buffer ever made: a captured graph keeps the address it saw
-
-    def _counter_buffer(device: torch.device, n: int) -> torch.Tensor:
-        """The zeroed arrival counters of `device` (each block's last program sets its own back to zero), made
-        outside CUDA-graph capture only: memory made while capturing would not be zeroed until a replay."""
-        buf = _counters.get(device)
-        if buf is None or buf.numel() < n:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("cache_attention: call it once outside CUDA-graph capture first (it makes its "
-                                   "zeroed counter buffer then)")
-            buf = _counters[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-            _made.append(buf)
-        return buf
-
     @torch.library.custom_op("specforge::cache_attention", mutates_args=())
     def _cache_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: torch.Tensor,
                             local: torch.Tensor, scale: float) -> torch.Tensor:
@@ -202,7 +188,7 @@ if triton is not None:
         out = torch.empty(1, hq, s, d, dtype=q.dtype, device=q.device)
         fused = d <= FUSE_MAX_D
         _split_kernel[(hk * nrb, nsplit)](
-            q, k, v, prefix, local, m, l_, acc, _counter_buffer(q.device, hk * nrb) if fused else m, out, scale, s,
+            q, k, v, prefix, local, m, l_, acc, counter_buffer(q.device, hk * nrb) if fused else m, out, scale, s,
             local.shape[1], length, g, nsplit, nrb, q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1),
             v.stride(2), local.stride(0), out.stride(1), out.stride(2),
             IEEE=q.dtype == torch.float32, D=d, ROWS=rows, SPLIT=SPLIT, BLOCK_N=min(BLOCK_N, SPLIT),

@@ -18,6 +18,14 @@ whatever the count (ROWS; timed on an H200 for SmolLM2-135M, scripts/bench_decod
   differently from decode steps and greedy speculative decoding drifts from plain decoding (99 of 160 bench
   turns differed). Kept to measure what exactness costs.
 
+Split K (`SPLIT_PROGRAMS`, off by default until timed): a narrow weight gives few column blocks (SmolLM2's o_proj
+and down projection: 18 programs on a 132-SM chip), so each program reads a long row of K alone. With a split,
+each column block's K is cut into slices, one program each; every program leaves its float32 partial sums
+and counts itself in on the block's arrival counter (`counters`), and the last to arrive adds the slices in
+slice order, so the result repeats run after run and, as the split depends only on the weight's shape, a
+row's bits do not depend on how many rows come with it. A split also lets the kernel take a K over MAX_K
+(MAX_K_SPLIT), which an MLP's down projection has (Qwen2.5-1.5B: 8,960).
+
 `linear(x, weight, bias)`: x [..., K], weight [N, K], bias [N] or None. The kernel runs on CUDA for bf16/fp16
 inputs of at most MAX_ROWS rows and K <= MAX_K with a contiguous weight, outside the deterministic switch
 (whose invariant matmul must see every matmul); everything else is `F.linear`, the reference the tests hold
@@ -32,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import batch_invariant
+from .counters import counter_buffer
 from .invariant_matmul import _sm_count
 
 try:
@@ -44,10 +53,26 @@ MAX_ROWS = 16  # tl.dot's least row tile; more rows are a matmul, which cuBLAS d
 MAX_K = 4096  # a longer K (an MLP's down projection) wants its sum split over programs, as cuBLAS does
 ROW_MODES = ("loop", "dot", "mixed")  # how rows can be reduced (module docstring)
 ROWS = "dot"  # the one `launch` uses (scripts/bench_decode.py --skinny-rows times the others)
+SPLIT_PROGRAMS = 0  # split K until a launch has about this many programs (0: never; see `split_k`)
+MAX_K_SPLIT = 16384  # the longest K the kernel takes when splits are on
 
 
-def launch(m: int, n: int, k: int, sms: int = 132, rows: str | None = None) -> tuple[int, int, int, int, bool]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages, DOT) for m rows of an [n, k] weight. Multiply-adds: column
+def split_k(n: int, k: int, block_n: int, block_k: int, programs: int | None = None) -> int:
+    """K slices per column block: the largest power of two that keeps the launch at most `programs` programs
+    (SPLIT_PROGRAMS by default; 0: 1) and every slice at least one K step long."""
+    programs = SPLIT_PROGRAMS if programs is None else programs
+    blocks, split = -(-n // block_n), 1
+    while blocks * split * 2 <= programs and k >= split * 2 * block_k:
+        split *= 2
+    return split
+
+
+def max_k() -> int:
+    return MAX_K_SPLIT if SPLIT_PROGRAMS else MAX_K
+
+
+def launch(m: int, n: int, k: int, sms: int = 132, rows: str | None = None) -> tuple[int, int, int, int, bool, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, DOT, SPLIT) for m rows of an [n, k] weight. Multiply-adds: column
     blocks as narrow as 4, until there are about 8 programs per SM (more weight rows in flight), and K steps of
     up to 512; tl.dot: 32 columns (64 where that still gives 2 programs per SM), K steps of 128 or 256. Chosen
     from a sweep on an H200 (scripts/bench_linear.py, docs/benchmarks.md). Only "mixed" looks at m."""
@@ -66,37 +91,41 @@ def launch(m: int, n: int, k: int, sms: int = 132, rows: str | None = None) -> t
         # ones; wide column blocks keep 128 up to a longer K (Qwen2.5-1.5B's gate_up, K=1536: 17.2 against
         # 19.1 us) but not at 4096 (Llama-3.1-8B's gate_up: 59.5 against 66.2 us). H200 sweep, 2026-12-04.
         block_k = 256 if k > (2048 if block_n == 64 else 1024) else 128
-    return block_n, min(block_k, max(64, 1 << (k - 1).bit_length())), 4, 4, dot
+    block_k = min(block_k, max(64, 1 << (k - 1).bit_length()))
+    return block_n, block_k, 4, 4, dot, split_k(n, k, block_n, block_k)
 
 
 def serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear` takes the kernel for these inputs (see the module docstring)."""
     return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
             and weight.dtype == x.dtype and weight.dim() == 2 and weight.is_contiguous()
-            and x.shape[-1] == weight.shape[1] and x.shape[-1] <= MAX_K and x.numel() <= MAX_ROWS * x.shape[-1]
+            and x.shape[-1] == weight.shape[1] and x.shape[-1] <= max_k() and x.numel() <= MAX_ROWS * x.shape[-1]
             and not batch_invariant.active())
 
 
 if triton is not None:
 
     @triton.jit(do_not_specialize=["M"])  # one binary for every row count: M == 1 must not compile apart
-    def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, s_xm, s_wn, s_ym,
-                       HAS_BIAS: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr,
+    def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KS, s_xm, s_wn, s_ym,
+                       HAS_BIAS: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Program (column block, K slice): columns rn, K from k_lo to k_hi (all of K without a split).
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         rn_safe = tl.where(n_ok, rn, 0)  # columns past N read row 0 (in bounds) and are never stored
         rm = tl.arange(0, 16)
+        k_lo = tl.program_id(1) * KS
+        k_hi = tl.minimum(k_lo + KS, K)
         acc = tl.zeros((16, BLOCK_N), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             w_ptrs = w_ptr + rn_safe[:, None].to(tl.int64) * s_wn + rk[None, :]
             if EVEN_K:
                 w = tl.load(w_ptrs)
             else:
-                w = tl.load(w_ptrs, mask=rk[None, :] < K, other=0.0)
+                w = tl.load(w_ptrs, mask=rk[None, :] < k_hi, other=0.0)
             if DOT:
-                x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
+                x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_hi),
                             other=0.0)
                 acc = tl.dot(x, tl.trans(w), acc)
             else:
@@ -105,25 +134,50 @@ if triton is not None:
                     if EVEN_K:
                         x = tl.load(x_ptr + m * s_xm + rk)
                     else:
-                        x = tl.load(x_ptr + m * s_xm + rk, mask=rk < K, other=0.0)
+                        x = tl.load(x_ptr + m * s_xm + rk, mask=rk < k_hi, other=0.0)
                     part = tl.sum(wf * x.to(tl.float32)[None, :], axis=1)
                     acc = tl.where(rm[:, None] == m, acc + part[None, :], acc)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rm[:, None] < M) & n_ok[None, :])
+        last = True
+        if SPLIT > 1:
+            # Leave this slice's sums, count in; the last slice of the block to arrive adds all of them in slice
+            # order (loads through L2, where the others' stores are) and sets the counter back.
+            tile = rm[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            block = part_ptr + tl.program_id(0) * (SPLIT * 16 * BLOCK_N)
+            tl.store(block + tl.program_id(1) * (16 * BLOCK_N) + tile, acc)
+            tl.debug_barrier()  # every thread's stores before the arrival below (which releases them)
+            last = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel") == SPLIT - 1
+            if last:
+                tl.store(count_ptr + tl.program_id(0), 0)
+                acc = tl.load(block + tile, cache_modifier=".cg")
+                for s in tl.static_range(1, SPLIT):
+                    acc += tl.load(block + s * (16 * BLOCK_N) + tile, cache_modifier=".cg")
+        if last:
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=(rm[:, None] < M) & n_ok[None, :])
 
     def skinny_linear_kernel(x2: torch.Tensor, weight: torch.Tensor, bias, cfg=None) -> torch.Tensor:
-        """The kernel on x2 [M, K] (M <= MAX_ROWS, last dim contiguous); `cfg` overrides `launch` (timing)."""
+        """The kernel on x2 [M, K] (M <= MAX_ROWS, last dim contiguous); `cfg` overrides `launch` (timing):
+        (BLOCK_N, BLOCK_K, num_warps, num_stages, DOT[, SPLIT])."""
         m, k = x2.shape
         n = weight.shape[0]
         y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
         if m == 0:
             return y
-        block_n, block_k, warps, stages, dot = cfg or launch(m, n, k, _sm_count(x2.device.index or 0))
-        _skinny_kernel[(triton.cdiv(n, block_n),)](
-            x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0),
-            y.stride(0), HAS_BIAS=bias is not None, DOT=dot, EVEN_K=k % block_k == 0,
+        block_n, block_k, warps, stages, dot, *rest = cfg or launch(m, n, k, _sm_count(x2.device.index or 0))
+        split = rest[0] if rest else 1
+        blocks = triton.cdiv(n, block_n)
+        ks = triton.cdiv(triton.cdiv(k, split), block_k) * block_k  # each slice a whole number of K steps
+        split = triton.cdiv(k, ks)  # no empty slices
+        if split > 1:
+            part = torch.empty(blocks * split * 16 * block_n, dtype=torch.float32, device=x2.device)
+            count = counter_buffer(x2.device, blocks)
+        else:
+            part = count = y  # not read
+        _skinny_kernel[(blocks, split)](
+            x2, weight, bias if bias is not None else weight, y, part, count, m, n, k, ks, x2.stride(0),
+            weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, DOT=dot, EVEN_K=k % block_k == 0, SPLIT=split,
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
         return y
 
