@@ -14,8 +14,8 @@ PYTHONPATH (no GPU needed). Run it from the tree to check, with that tree first 
 compiled decoder (chain S=4 and tree 3/10) on four prompts; writes each turn's tokens and accept lengths (and
 plain greedy's tokens) and prints dynamo's counts. Two trees that decode alike give equal files. The speculative
 tokens are not those of plain greedy here, on main too (they part after 2 to 34 tokens, at near-ties of bf16
-logits): the CPU's compiled kernels round some of a verify's rows differently from a decode step's (not traced
-further; on the GPU, tests/test_decoder_gpu.py holds the two paths to the same bits).
+logits; presumably the CPU's compiled kernels round some of a verify's rows differently from a decode step's,
+not traced further; on the GPU, tests/test_decoder_gpu.py holds the two paths to the same bits).
 `layer`: the kernels and extern calls of each compiled graph of the target's layer (inductor's output code).
 """
 
@@ -40,9 +40,11 @@ def emulate() -> None:
     if sl.triton is None:
         raise SystemExit("preflight: `import triton` fails, so the custom ops are not defined (see the docstring)")
 
+    max_k = getattr(sl, "max_k", lambda: sl.MAX_K)  # a tree whose kernel can split K serves a longer K
+
     def serves(x, weight):
         return (x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype and weight.dim() == 2
-                and weight.is_contiguous() and x.shape[-1] == weight.shape[1] and x.shape[-1] <= sl.MAX_K
+                and weight.is_contiguous() and x.shape[-1] == weight.shape[1] and x.shape[-1] <= max_k()
                 and x.numel() <= sl.MAX_ROWS * x.shape[-1] and not sl.batch_invariant.active())
 
     def kernel(x2, weight, bias, cfg=None, **kw):
