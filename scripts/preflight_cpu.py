@@ -14,8 +14,9 @@ PYTHONPATH (no GPU needed). Run it from the tree to check, with that tree first 
 compiled decoder (chain S=4 and tree 3/10) on four prompts; writes each turn's tokens and accept lengths (and
 plain greedy's tokens) and prints dynamo's counts. Two trees that decode alike give equal files. The speculative
 tokens are not those of plain greedy here, on main too (they part after 2 to 34 tokens, at near-ties of bf16
-logits; presumably the CPU's compiled kernels round some of a verify's rows differently from a decode step's,
-not traced further; on the GPU, tests/test_decoder_gpu.py holds the two paths to the same bits).
+logits): with the same emulated ops, the static target's verify of 4 tokens gives the logits of 4 decode steps
+bit for bit in eager mode, but not once inductor's CPU backend compiles it (its code for one token and for several
+rounds differently). On the GPU, tests/test_decoder_gpu.py holds the compiled paths to the same bits.
 `layer`: the kernels and extern calls of each compiled graph of the target's layer (inductor's output code).
 """
 
