@@ -113,12 +113,15 @@ def _run_variant(cfg, name, shape, target, samples, args):
     if args.sync_debug:
         print(f"{shape} {name}: {host_syncs(cfg, draft, features, head, draft_ids, samples, params, opt, dev, args)}",
               flush=True)
-    if args.profile:
-        profile_step(f"{shape} {name}", cfg, draft, features, head, draft_ids, samples, params, opt, dev, args)
     flops = train_flops(text_config(target.config), draft.config, tokens, args.seq, cfg.train.ttt_length,
                         draft.config.draft_vocab_size)
     mfu = flops / elapsed / peak_flops()
     peak = torch.cuda.max_memory_allocated() / 2**30
+    if args.profile:  # after the figures are taken, so that a failure here costs only the profile
+        try:
+            profile_step(f"{shape} {name}", cfg, draft, features, head, draft_ids, samples, params, opt, dev, args)
+        except Exception as e:
+            print(f"{shape} {name}: profile failed: {type(e).__name__}: {e}", flush=True)
     features.close()
     total = sum(spent.values())
     share = " | ".join(f"{spent[p] / total:.0%}" for p in phases)
@@ -185,6 +188,9 @@ def profile_step(label, cfg, draft, features, head, draft_ids, samples, params, 
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count > 0]
     total = sum(e.device_time_total for e in kernels) / steps
+    if not total:
+        print(f"\n### {label}: the profiler recorded no GPU kernels", flush=True)
+        return
     by = collections.defaultdict(lambda: [0.0, 0])
     for e in kernels:
         by[kernel_kind(e.key)][0] += e.device_time_total / steps
