@@ -134,6 +134,15 @@ def _run_variant(cfg, name, shape, target, samples, args):
     return row, losses
 
 
+def train_step(cfg, draft, features, head, draft_ids, batch, params, opt, dev) -> None:
+    """One untimed training step (forward, backward, clip, AdamW), as the timed loop runs it."""
+    loss, _ = run_batch(cfg, draft, features, head, draft_ids, batch, dev)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def host_syncs(cfg, draft, features, head, draft_ids, samples, params, opt, dev, args) -> str:
     """One more step with CUDA's sync debug mode on: each operation that makes the host wait for the GPU (a
     host read, a boolean index, nonzero) warns once per call. Every such wait drains the GPU's queue, so the
@@ -145,11 +154,7 @@ def host_syncs(cfg, draft, features, head, draft_ids, samples, params, opt, dev,
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            loss, _ = run_batch(cfg, draft, features, head, draft_ids, batch, dev)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(cfg, draft, features, head, draft_ids, batch, params, opt, dev)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     where = collections.Counter(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught
@@ -180,11 +185,7 @@ def profile_step(label, cfg, draft, features, head, draft_ids, samples, params, 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
-            loss, _ = run_batch(cfg, draft, features, head, draft_ids, collate(samples[i:i + args.batch]), dev)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(cfg, draft, features, head, draft_ids, collate(samples[i:i + args.batch]), params, opt, dev)
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count > 0]
     total = sum(e.device_time_total for e in kernels) / steps
@@ -193,8 +194,9 @@ def profile_step(label, cfg, draft, features, head, draft_ids, samples, params, 
         return
     by = collections.defaultdict(lambda: [0.0, 0])
     for e in kernels:
-        by[kernel_kind(e.key)][0] += e.device_time_total / steps
-        by[kernel_kind(e.key)][1] += e.count / steps
+        kind = by[kernel_kind(e.key)]
+        kind[0] += e.device_time_total / steps
+        kind[1] += e.count / steps
     print(f"\n### {label}: one step's kernels, {total / 1e3:.1f} ms of GPU time")
     print("| kind | ms | share | kernels |\n|---|---|---|---|")
     for kind, (us, n) in sorted(by.items(), key=lambda kv: -kv[1][0]):
