@@ -385,7 +385,7 @@ def run_ours(spec: dict, args) -> dict:
         attention = "flex" if dev.type == "cuda" else "reference"
     result.update(
         package=str(src), params=sum(p.numel() for p in params), attention=attention,
-        precision="fp32 weights, bf16 autocast" if dev.type == "cuda" else "fp32",
+        precision="fp32 weights, bf16 autocast" if dev.type == "cuda" or cfg.train.cpu_autocast else "fp32",
         loss_norm="per scored position",
         notes=[f"config overrides: {' '.join(args.ours)}"] if args.ours else [],
     )
@@ -797,7 +797,7 @@ def run_ours_features(spec: dict, args) -> dict:
     result.update(
         acc=[ev[f"acc_{k}"] for k in range(spec["ttt"])], package=str(src),
         params=sum(p.numel() for p in params), attention=attention,
-        precision="fp32 weights, bf16 autocast" if dev.type == "cuda" else "fp32",
+        precision="fp32 weights, bf16 autocast" if dev.type == "cuda" or cfg.train.cpu_autocast else "fp32",
         acc_source="specforge.eagle3.train.evaluate (run_batch -> ttt_loss statistics)",
         notes=[f"train.init_head_from_target={cfg.train.init_head_from_target}"]
         + ([f"config overrides: {' '.join(spec['ours'])}"] if spec["ours"] else []))

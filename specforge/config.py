@@ -179,6 +179,10 @@ class TrainConfig:
     # measured cost); the CPU always is deterministic.
     deterministic: bool = False
     attention: str = "auto"  # TTT attention: auto (flex on GPU, reference on CPU) | flex | reference
+    # The draft's step under bf16 autocast on the CPU too (on CUDA it always is). On CPUs with AMX or
+    # AVX512-BF16 its matmuls run several times faster than in float32; elsewhere slower. Pair it with
+    # target.dtype=bfloat16 for the target's forward.
+    cpu_autocast: bool = False
     fused_loss: bool = True  # chunked lm_head + soft cross-entropy (never all [tokens, draft_vocab] logits alive)
     loss_chunk: Optional[int] = None  # rows of logits per chunk of the fused loss; None = 256 MB worth
     loss_recompute: bool = False  # fused loss: recompute logits in backward (least memory, slower)

@@ -85,12 +85,24 @@ def test_shift_left():
     assert shift_left(x, 2).tolist() == [[2, 3, 4, 5, 0, 0]]
 
 
+def random_rows(lengths, scored_from: int, seed: int) -> list:
+    """Samples of random token ids (below 5000) of these lengths, trained on from position `scored_from`."""
+    from specforge.data.template import Sample
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[scored_from:] = True
+        rows.append(Sample(torch.randint(0, 5000, (n,), generator=g), mask))
+    return rows
+
+
 def test_padding_the_time_axis_changes_nothing(tiny_target_folder):
     """On the GPU batches are right-padded to a multiple of 128 for flex attention: the loss and every
     statistic must be those of the unpadded batch (padding is causal-future and masked)."""
     from specforge.config import load_config
     from specforge.data.batching import collate
-    from specforge.data.template import Sample
     from specforge.eagle3.train import OnlineFeatures, build_draft, run_batch
     from specforge.targets import TargetHead, load_target
 
@@ -98,12 +110,7 @@ def test_padding_the_time_axis_changes_nothing(tiny_target_folder):
                                                           "target.draft.draft_vocab_size=512"])
     target, _ = load_target(cfg.target, torch.device("cpu"), torch.float64)
     head = TargetHead.from_model(target)
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for n in (23, 17):
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[5:] = True
-        rows.append(Sample(torch.randint(0, 5000, (n,), generator=g), mask))
+    rows = random_rows((23, 17), scored_from=5, seed=0)
     d2t = torch.zeros(512, dtype=torch.long)
     t2d = torch.zeros(head.embed.weight.shape[0], dtype=torch.bool)
     t2d[:512] = True
@@ -119,6 +126,49 @@ def test_padding_the_time_axis_changes_nothing(tiny_target_folder):
     for a, b in zip(stats, stats_p):
         assert int(a.correct) == int(b.correct) and int(a.count) == int(b.count)
         torch.testing.assert_close(b.accept, a.accept, rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_autocast_runs_the_draft_step_in_bf16(tiny_target_folder):
+    """train.cpu_autocast: the CPU step under bf16 autocast, as on CUDA. Its loss and gradients must stay within
+    bf16 rounding of the float64 step, and differ from the float32 step's (the matmuls did run in bf16)."""
+    import copy
+
+    from specforge.config import load_config
+    from specforge.data.batching import collate
+    from specforge.eagle3.train import OnlineFeatures, build_draft, run_batch
+    from specforge.targets import TargetHead, load_target
+
+    def step(autocast: bool, dtype: torch.dtype):
+        cfg = load_config(str(tiny_target_folder), overrides=[
+            "device=cpu", "train.ttt_length=3", "target.draft.draft_vocab_size=512",
+            f"train.cpu_autocast={str(autocast).lower()}"])
+        target, _ = load_target(cfg.target, torch.device("cpu"), dtype)
+        head = TargetHead.from_model(target)
+        d = copy.deepcopy(draft).to(dtype)
+        loss, _ = run_batch(cfg, d, OnlineFeatures(target, [2, 4, 5]), head, torch.arange(512), batch,
+                            torch.device("cpu"))
+        loss.backward()
+        grads = [p.grad.double().flatten() for p in d.parameters() if p.grad is not None]
+        return loss.detach().double(), torch.cat(grads)
+
+    cfg = load_config(str(tiny_target_folder), overrides=["device=cpu", "target.draft.draft_vocab_size=512"])
+    target, _ = load_target(cfg.target, torch.device("cpu"), torch.float32)
+    d2t = torch.zeros(512, dtype=torch.long)
+    t2d = torch.zeros(target.config.vocab_size, dtype=torch.bool)
+    t2d[:512] = True
+    torch.manual_seed(0)
+    draft = build_draft(cfg, TargetHead.from_model(target), [2, 4, 5], d2t, t2d)
+    batch = collate(random_rows((40, 29), scored_from=6, seed=1))
+    ref_loss, ref_grad = step(False, torch.float64)
+    loss32, grad32 = step(False, torch.float32)
+    loss16, grad16 = step(True, torch.float32)
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    assert rel(loss32, ref_loss) < 1e-5 and rel(grad32, ref_grad) < 1e-4
+    assert 1e-5 < rel(loss16, ref_loss) < 2e-2  # bf16 rounding: present, and small
+    assert 1e-4 < rel(grad16, ref_grad) < 5e-2
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])

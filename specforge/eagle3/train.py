@@ -196,7 +196,8 @@ def run_batch(cfg: Config, draft, features, head: TargetHead, draft_ids, batch, 
                                                    cfg.train.mask_out_of_vocab, batch.doc_ids), dist.dp_group)
     if mark is not None:
         mark()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    autocast = device.type == "cuda" or (device.type == "cpu" and cfg.train.cpu_autocast)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         # Through the draft's forward, so that FSDP sees the step (see Eagle3Draft.forward).
         return draft(ttt_loss, batch.input_ids, batch.loss_mask, aux, labels, cfg.train.ttt_length,
                      cfg.train.step_weight, cfg.train.mask_out_of_vocab, fused=cfg.train.fused_loss,
