@@ -132,32 +132,32 @@ def test_cpu_autocast_runs_the_draft_step_in_bf16(tiny_target_folder):
     """train.cpu_autocast: the CPU step under bf16 autocast, as on CUDA. Its loss and gradients must stay within
     bf16 rounding of the float64 step, and differ from the float32 step's (the matmuls did run in bf16)."""
     import copy
+    import dataclasses
 
     from specforge.config import load_config
     from specforge.data.batching import collate
     from specforge.eagle3.train import OnlineFeatures, build_draft, run_batch
     from specforge.targets import TargetHead, load_target
 
+    cfg = load_config(str(tiny_target_folder), overrides=["device=cpu", "train.ttt_length=3",
+                                                          "target.draft.draft_vocab_size=512"])
+    targets = {dt: load_target(cfg.target, torch.device("cpu"), dt)[0] for dt in (torch.float32, torch.float64)}
+
     def step(autocast: bool, dtype: torch.dtype):
-        cfg = load_config(str(tiny_target_folder), overrides=[
-            "device=cpu", "train.ttt_length=3", "target.draft.draft_vocab_size=512",
-            f"train.cpu_autocast={str(autocast).lower()}"])
-        target, _ = load_target(cfg.target, torch.device("cpu"), dtype)
-        head = TargetHead.from_model(target)
+        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cpu_autocast=autocast))
+        target = targets[dtype]
         d = copy.deepcopy(draft).to(dtype)
-        loss, _ = run_batch(cfg, d, OnlineFeatures(target, [2, 4, 5]), head, torch.arange(512), batch,
-                            torch.device("cpu"))
+        loss, _ = run_batch(run_cfg, d, OnlineFeatures(target, [2, 4, 5]), TargetHead.from_model(target),
+                            torch.arange(512), batch, torch.device("cpu"))
         loss.backward()
         grads = [p.grad.double().flatten() for p in d.parameters() if p.grad is not None]
         return loss.detach().double(), torch.cat(grads)
 
-    cfg = load_config(str(tiny_target_folder), overrides=["device=cpu", "target.draft.draft_vocab_size=512"])
-    target, _ = load_target(cfg.target, torch.device("cpu"), torch.float32)
     d2t = torch.zeros(512, dtype=torch.long)
-    t2d = torch.zeros(target.config.vocab_size, dtype=torch.bool)
+    t2d = torch.zeros(targets[torch.float32].config.vocab_size, dtype=torch.bool)
     t2d[:512] = True
     torch.manual_seed(0)
-    draft = build_draft(cfg, TargetHead.from_model(target), [2, 4, 5], d2t, t2d)
+    draft = build_draft(cfg, TargetHead.from_model(targets[torch.float32]), [2, 4, 5], d2t, t2d)
     batch = collate(random_rows((40, 29), scored_from=6, seed=1))
     ref_loss, ref_grad = step(False, torch.float64)
     loss32, grad32 = step(False, torch.float32)
