@@ -192,7 +192,10 @@ class SpecDecoder:
         def attend(q, k, v):
             self.dkv.index_copy_(3, slots, torch.stack([k, v]))
             span = min(mask.span, self.draft_slots) if isinstance(mask, SlotMask) else mask.shape[-1]
-            return grouped_attention(q, self.dk[:, :, :span], self.dv[:, :, :span],
+            # Views of dkv taken here, not the dk/dv attributes: torch.compile would take those as inputs aliasing
+            # dkv, and its handling of aliased inputs under dynamic shapes fails in torch 2.11's inductor.
+            kv = self.dkv[:, :, :, :span]
+            return grouped_attention(q, kv[0], kv[1],
                                      cache_mask(mask, q.shape[1] // k.shape[1], span))
 
         return self.draft.layer(self.draft.embed(tokens[None]), hidden, positions[None], attend, self._dw)
