@@ -148,10 +148,9 @@ class StaticTarget(nn.Module):
         self.spans_full = all(k == "full" for k, _ in self.spans)
         self.max_len = max_len
         w = embed.weight
-        # Keys and values of a layer side by side ([2, B, Hkv, L, D] per layer), so that one write stores both:
-        # the compiled layer makes it one kernel with the keys' rotation, where two buffers took two.
-        shape = (len(layers), 2, batch, self.num_kv_heads, max_len, self.head_dim)
-        self.register_buffer("kv_cache", torch.zeros(shape, dtype=w.dtype, device=w.device), persistent=False)
+        shape = (len(layers), batch, self.num_kv_heads, max_len, self.head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=w.dtype, device=w.device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=w.dtype, device=w.device), persistent=False)
         # The position of the token in each row's slot (read only by windowed and chunked layers); per row, as
         # the rows of a left-padded batch count positions from their own first token.
         self.register_buffer("slot_positions", torch.zeros(batch, max_len, dtype=torch.long, device=w.device),
@@ -194,15 +193,6 @@ class StaticTarget(nn.Module):
             out[(kind, n)] = cache_mask(m, groups)
         return out, span
 
-    @property
-    def k_cache(self) -> torch.Tensor:
-        """[layers, B, Hkv, L, D], a view of `kv_cache`."""
-        return self.kv_cache[:, 0]
-
-    @property
-    def v_cache(self) -> torch.Tensor:
-        return self.kv_cache[:, 1]
-
     def compile(self) -> None:
         """torch.compile the layer and the head (regional: every layer of a kind reuses one compiled graph, so
         compiling takes seconds, not minutes); token counts are dynamic (one graph for 1 token, one for more).
@@ -236,8 +226,8 @@ class StaticTarget(nn.Module):
         aux, delta = {}, None
         for i, layer in enumerate(self.layers):
             h, h_in, delta = (self._layer if eager else self._layer_fn)(
-                layer, h, delta, cos, sin, q_scale, slots, masks[self.spans[i]], self.kv_cache[i][..., :span, :],
-                self.qkv[i], self.gate_up[i])
+                layer, h, delta, cos, sin, q_scale, slots, masks[self.spans[i]], self.k_cache[i][:, :, :span],
+                self.v_cache[i][:, :, :span], self.qkv[i], self.gate_up[i])
             if i in self.aux_layer_ids:
                 aux[i] = h_in
         if logit_rows is not None:
@@ -248,9 +238,8 @@ class StaticTarget(nn.Module):
     def _head(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h + delta))
 
-    def _layer(self, layer, h, delta, cos, sin, q_scale, slots, mask, kv, qkv, gate_up):
-        """One decoder layer over the static cache (`kv`: this layer's keys and values, first L slots,
-        [2, B, Hkv, L, D]);
+    def _layer(self, layer, h, delta, cos, sin, q_scale, slots, mask, k_cache, v_cache, qkv, gate_up):
+        """One decoder layer over the static cache (`k_cache`, `v_cache`: this layer's first L slots, [B, Hkv, L, D]);
         `qkv`, `gate_up`: the fused weights of `fuse_linears`, or None. The residual add of the previous layer's
         feed-forward output `delta` (None for the first layer) happens here, where the compiled layer fuses it
         with this layer's input norm, instead of as a kernel of its own at the end of that layer. Returns
@@ -279,8 +268,9 @@ class StaticTarget(nn.Module):
                 q, k = a.q_norm(q), a.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        kv.index_copy_(3, slots, torch.stack([k, v]))
-        o = grouped_attention(q, kv[0], kv[1], mask)
+        k_cache.index_copy_(2, slots, k)
+        v_cache.index_copy_(2, slots, v)
+        o = grouped_attention(q, k_cache, v_cache, mask)
         h = h + self._proj(a.o_proj, o.transpose(1, 2).reshape(b, s, -1))
         return h, h_in, self._feed_forward(self._ff(layer), layer.post_attention_layernorm(h), gate_up)
 
@@ -307,5 +297,6 @@ class StaticTarget(nn.Module):
     def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Keep the accepted path: copy cache entries at slots `src` to slots `dst` (rollback of the rest is
         implicit: slots past the new length are masked out and overwritten later)."""
-        self.kv_cache.index_copy_(4, dst, self.kv_cache.index_select(4, src))
+        self.k_cache.index_copy_(3, dst, self.k_cache.index_select(3, src))
+        self.v_cache.index_copy_(3, dst, self.v_cache.index_select(3, src))
         self.slot_positions.index_copy_(1, dst, self.slot_positions.index_select(1, src))

@@ -86,8 +86,8 @@ class SpecDecoder:
         cfg = draft.config
         self.draft_slots = max_len + spec_steps * topk + 1
         shape = (1, cfg.num_key_value_heads, self.draft_slots, cfg.head_dim)
-        self.dkv = torch.zeros((2, *shape), dtype=w.dtype, device=w.device)  # keys and values: one write stores both
-        self.dk, self.dv = self.dkv[0], self.dkv[1]
+        self.dk = torch.zeros(shape, dtype=w.dtype, device=w.device)
+        self.dv = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.device = w.device
         self.draft_ids = torch.arange(draft.d2t.numel(), device=self.device) + draft.d2t
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
@@ -190,12 +190,10 @@ class SpecDecoder:
         hidden = self.draft.project(hidden, self._dw) if features else self.draft.carry(hidden)
 
         def attend(q, k, v):
-            self.dkv.index_copy_(3, slots, torch.stack([k, v]))
+            self.dk.index_copy_(2, slots, k)
+            self.dv.index_copy_(2, slots, v)
             span = min(mask.span, self.draft_slots) if isinstance(mask, SlotMask) else mask.shape[-1]
-            # Views of dkv taken here, not the dk/dv attributes: torch.compile would take those as inputs aliasing
-            # dkv, and its handling of aliased inputs under dynamic shapes fails in torch 2.11's inductor.
-            kv = self.dkv[:, :, :, :span]
-            return grouped_attention(q, kv[0], kv[1],
+            return grouped_attention(q, self.dk[:, :, :span], self.dv[:, :, :span],
                                      cache_mask(mask, q.shape[1] // k.shape[1], span))
 
         return self.draft.layer(self.draft.embed(tokens[None]), hidden, positions[None], attend, self._dw)
