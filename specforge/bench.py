@@ -162,6 +162,12 @@ def warm_up(dec: SpecDecoder, tok, capture_ahead: bool = False) -> None:
     gc.freeze()
 
 
+def position_rates(lens: list[int], steps: int) -> list[float]:
+    """Share of rounds whose draft token at position i (1-based, up to `steps`) was accepted."""
+    rounds = max(1, len(lens))
+    return [sum(1 for a in lens if a - 1 >= i) / rounds for i in range(1, steps + 1)]
+
+
 def sweep_settings(b) -> list[tuple[int, int, int]]:
     """(spec_steps, topk, num_draft_tokens) of every setting a sweep decodes: the chains, then the trees."""
     out = [(s, 1, s + 1) for s in b.sweep_chains]
@@ -214,6 +220,10 @@ def run_sweep(b, decoder, static, draft, tok, convs, main: bool) -> dict:
         rows.append({"spec_steps": steps, "topk": topk, "num_draft_tokens": tokens,
                      "accept_length": sum(lens) / max(1, len(lens)),
                      "estimated_accept_length": estimates.get(steps) if topk == 1 else None,
+                     "accept_rate_by_position": position_rates(lens, steps),
+                     # What a round costs in the run itself (its replays and the host's work between them), to
+                     # set beside the replay-alone figures of scripts/bench_decode.py.
+                     "ms_per_round": 1000 * seconds / max(1, len(lens)),
                      "spec_tokens_per_s": tps, "speedup": tps / plain_tps, "outputs_differing": differing})
     best = max(rows, key=lambda r: r["spec_tokens_per_s"])
     best_chain = max((r for r in rows if r["topk"] == 1), key=lambda r: r["spec_tokens_per_s"], default=None)
@@ -235,14 +245,16 @@ def serve_flags(draft_dir, best: dict, best_chain: Optional[dict]) -> list[str]:
 
 
 def sweep_table(results: dict) -> str:
-    lines = ["| setting | accept length | estimated (one unroll) | spec tok/s | speedup | outputs differing |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| setting | accept length | estimated (one unroll) | accept rate, positions 1..S | ms per round | "
+             "spec tok/s | speedup | outputs differing |", "|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         name = (f"chain S={r['spec_steps']}" if r["topk"] == 1 else
                 f"tree S={r['spec_steps']}, topk {r['topk']}, T={r['num_draft_tokens']}")
         est = "" if r["estimated_accept_length"] is None else f"{r['estimated_accept_length']:.2f}"
-        lines.append(f"| {name} | {r['accept_length']:.2f} | {est} | {r['spec_tokens_per_s']:.1f} | "
-                     f"{r['speedup']:.2f}x | {r['outputs_differing']} of {results['turns']} |")
+        rates = " ".join(f"{x:.2f}" for x in r["accept_rate_by_position"])
+        lines.append(f"| {name} | {r['accept_length']:.2f} | {est} | {rates} | {r['ms_per_round']:.3f} | "
+                     f"{r['spec_tokens_per_s']:.1f} | {r['speedup']:.2f}x | {r['outputs_differing']} of "
+                     f"{results['turns']} |")
     est = " ".join(f"S={k}: {v:.2f}" for k, v in results["estimated_chain_accept_length"].items())
     lines += ["", f"plain decoding: {results['plain_tokens_per_s']:.1f} tok/s", f"estimated chain acceptance: {est}"]
     return "\n".join(lines)
@@ -270,8 +282,7 @@ def summarize(rows: list[dict], steps: int) -> dict:
             "turns": len(rs),
             "rounds": len(lens),
             "accept_length": sum(lens) / rounds,
-            # Share of rounds whose draft token at position i (1-based) was accepted.
-            "accept_rate_by_position": [sum(1 for a in lens if a - 1 >= i) / rounds for i in range(1, steps + 1)],
+            "accept_rate_by_position": position_rates(lens, steps),
             "spec_tokens_per_s": sum(r["new_tokens"] for r in rs) / max(1e-9, sum(r["spec_seconds"] for r in rs)),
         }
         if "plain_seconds" in rs[0]:

@@ -132,5 +132,9 @@ def test_bench_cli_writes_reports(tmp_path, tiny_target_folder):
     assert sorted(sweep["estimated_chain_accept_length"]) == ["1", "2", "3", "4"]
     for r in sweep["rows"][:2]:  # float32 on the CPU: the estimate is what decoding gets
         assert r["estimated_accept_length"] == pytest.approx(r["accept_length"])
+    for r in sweep["rows"]:  # a round accepting a tokens accepted its first a - 1 draft positions
+        rates = r["accept_rate_by_position"]
+        assert len(rates) == r["spec_steps"] and rates == sorted(rates, reverse=True)
+        assert 1 + sum(rates) == pytest.approx(r["accept_length"]) and r["ms_per_round"] > 0
     assert sweep["best"] in sweep["rows"]
     assert "--speculative-num-steps" in sweep["serve_flags"][0] and "num_speculative_tokens" in sweep["serve_flags"][1]
