@@ -7,6 +7,9 @@
     python -m specforge prepare-data --target smollm2-135m out_dir=outputs/cmp prepare.synthesize=3000
     python scripts/compare_upstream.py --upstream upstream/SpecForge --target smollm2-135m \
         --data outputs/cmp/prepared.jsonl --features outputs/cmp/features.pt --out outputs/cmp/acceptance.json
+    # the same at a size whose features would not fit on disk: each side runs the target per batch
+    python scripts/compare_upstream.py --upstream upstream/SpecForge --target smollm2-135m --online \
+        --data outputs/smollm2-gpu/prepared.jsonl --features outputs/cmp/tokens.pt --out outputs/cmp/acceptance.json
 
 Acceptance mode (`--features FILE`). With `--data` (the JSONL `specforge prepare-data` writes) the parent first
 writes FILE with our code only: the conversations read, tokenised and split as `specforge train` does
@@ -16,7 +19,11 @@ configs/targets name or an HF folder; `load_target`) run once over fixed batches
 config's train.batch_size by default; length-bucketed as `epoch_batches` makes them; padded to a multiple of
 128 on CUDA) with our hooks (`FeatureCapture`): token ids, attention and loss masks, aux features [B, T, 3H] and
 the final normed hidden state [B, T, H], in bf16, plus the target's embedding, lm_head and final norm. Without
-`--data` FILE is reused. Each side (own process, FILE memory-mapped) then trains its draft for `--epochs`
+`--data` FILE is reused. With `--online` FILE holds the token batches and masks only, and each side loads the
+target itself and runs it over each batch as it trains (`online_featurizer`: the same load, hooks and forward
+on both sides, held to `FeatureCapture` by the tests): the features of the recipe's 82K conversations would
+take about 110 GB, more than the GPU machine's disk. Each side (own process, FILE memory-mapped) then trains
+its draft for `--epochs`
 (default the config's train.epochs) over the train batches, the batch order of each epoch drawn from `--seed`
 (`batch_order`, the same on both sides), at a constant `--lr` (default the config's train.lr) with gradient
 clip `--clip` (0.5), and evaluates the held-out batches with its own forward:
@@ -581,6 +588,58 @@ def run_upstream(spec: dict, args) -> dict:
 # code, our hooks) and writes the batches to one file; each side trains its own draft on them for the same
 # epochs, in the same order, with the same batch, constant lr and clip, then evaluates the held-out batches.
 FEATURE_KEYS = ("input_ids", "attention_mask", "loss_mask", "aux", "final")
+TOKEN_KEYS = FEATURE_KEYS[:3]  # what FILE holds per batch with --online (each side runs the target itself)
+
+
+def online_featurizer(spec: dict, dev):
+    """--online: fn(batch of TOKEN_KEYS on dev) -> the batch with aux [B, T, 3H] and final [B, T, H] in bf16, from
+    the target run in this process. Plain transformers and torch only (the upstream side cannot import our
+    specforge): the model loaded as `specforge.targets.load_target` loads it (from_pretrained on the same folder,
+    the same dtype, eval), hooked as `FeatureCapture` hooks it (aux: the input of each aux layer; final: the
+    final norm's output), and run as `FeatureCapture.run` runs it (the decoder alone, no cache). So both sides
+    see the same features without a file of them; tests/test_compare_upstream.py holds this to FeatureCapture."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(spec["target_folder"], dtype=getattr(torch, spec["target_dtype"]))
+    model = model.to(dev).eval().requires_grad_(False)
+    base = model.model
+    store = {}
+    for j in spec["aux_layer_ids"]:
+        base.layers[j].register_forward_pre_hook(
+            lambda module, args, kwargs, j=j: store.__setitem__(j, args[0] if args else kwargs["hidden_states"]),
+            with_kwargs=True)
+    base.norm.register_forward_hook(lambda module, args, output: store.__setitem__("final", output))
+
+    @torch.no_grad()
+    def featurize(b: dict) -> dict:
+        store.clear()
+        base(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=None, use_cache=False)
+        aux = torch.cat([store[j] for j in spec["aux_layer_ids"]], dim=-1)
+        out = dict(b, aux=aux.to(torch.bfloat16), final=store["final"].to(torch.bfloat16))
+        store.clear()
+        return out
+
+    return featurize
+
+
+_FEATURIZERS: dict = {}
+
+
+def batches_on(spec: dict, dev):
+    """fn(stored batch) -> the batch on `dev` as each side trains on it: with its stored features, or with
+    --online the target's, computed here (the target loaded once per process)."""
+    featurize = None
+    if spec.get("online"):
+        key = (spec["target_folder"], str(dev))
+        featurize = _FEATURIZERS.get(key) or _FEATURIZERS.setdefault(key, online_featurizer(spec, dev))
+
+    def on(b: dict) -> dict:
+        if featurize is None:
+            return {k: b[k].to(dev, non_blocking=True) for k in FEATURE_KEYS}
+        return featurize({k: b[k].to(dev, non_blocking=True) for k in TOKEN_KEYS})
+
+    return on
 
 
 def build_features(args) -> dict:
@@ -600,6 +659,7 @@ def build_features(args) -> dict:
         TargetHead,
         aux_layer_ids,
         load_target,
+        target_folder,
         text_config,
     )
 
@@ -636,6 +696,11 @@ def build_features(args) -> dict:
         out = []
         for idx in index_lists:
             b = collate([samples[i] for i in idx], pad_id)
+            if args.online:  # the tokens only: each side runs the target over the padded batch itself
+                if dev.type == "cuda":
+                    b = b.pad_to_multiple(FLEX_PAD)
+                out.append({"input_ids": b.input_ids, "attention_mask": b.attention_mask, "loss_mask": b.loss_mask})
+                continue
             with torch.no_grad():
                 f = capture.run(b.input_ids.to(dev), b.attention_mask.to(dev))
             b.aux, b.prenorm = host(f.aux), host(f.final)
@@ -665,6 +730,8 @@ def build_features(args) -> dict:
         "train_tokens": sum(lengths), "eval_tokens": sum(len(s.input_ids) for s in eval_samples),
         "vocab_coverage": coverage(counts, t2d), "target_config": target.config.to_dict(),
         "target_rms_norm_eps": tcfg.rms_norm_eps, "feature_seconds": time.perf_counter() - t0,
+        "online": bool(args.online), "target_folder": str(target_folder(cfg.target)),
+        "target_dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
     }
     torch.save({"spec": spec, "embed": head.embed.weight.detach().to("cpu", torch.bfloat16),
                 "lm_head": head.lm_head_weight.detach().to("cpu", torch.bfloat16),
@@ -690,9 +757,11 @@ def load_features(path: str) -> dict:
 
 
 def train_loop(spec: dict, feats: dict, dev, step_fn) -> dict:
-    """`--epochs` over the stored train batches in `batch_order`; step_fn(tensors on dev) -> loss tensor."""
+    """`--epochs` over the stored train batches in `batch_order`; step_fn(tensors on dev) -> loss tensor. With
+    --online the time includes the target's forward (the same on both sides)."""
     import torch
 
+    on = batches_on(spec, dev)
     losses, tokens = [], 0
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -700,7 +769,7 @@ def train_loop(spec: dict, feats: dict, dev, step_fn) -> dict:
     t0 = time.perf_counter()
     for epoch in range(spec["epochs"]):
         for n, i in enumerate(batch_order(len(feats["train"]), spec["seed"], epoch)):
-            b = {k: feats["train"][i][k].to(dev, non_blocking=True) for k in FEATURE_KEYS}
+            b = on(feats["train"][i])
             tokens += int(feats["train"][i]["attention_mask"].sum())
             losses.append(step_fn(b).detach().float())
             if n % 50 == 0:
@@ -788,8 +857,8 @@ def run_ours_features(spec: dict, args) -> dict:
 
     draft.train()
     result = train_loop(spec, feats, dev, step)
-    source = types.SimpleNamespace(eval_batches=lambda: (as_batch({k: b[k].to(dev) for k in FEATURE_KEYS})
-                                                          for b in feats["eval"]))
+    on = batches_on(spec, dev)
+    source = types.SimpleNamespace(eval_batches=lambda: (as_batch(on(b)) for b in feats["eval"]))
     ev = evaluate(cfg, draft, features, head, draft_ids, source, dev, Dist(1, 0, 0, 1, 1, 0, 0, dev))
     attention = cfg.train.attention
     if attention == "auto":
@@ -848,9 +917,10 @@ def run_upstream_features(spec: dict, args) -> dict:
     lm_head = feats["lm_head"].to(dev)
     ttt = spec["ttt"]
     correct, count, own_correct, own_denom = [0] * ttt, [0] * ttt, [0.0] * ttt, [0.0] * ttt
+    on = batches_on(spec, dev)
     with torch.no_grad():
         for b in feats["eval"]:
-            b = {k: b[k].to(dev) for k in FEATURE_KEYS}
+            b = on(b)
             captured.clear()
             out = strategy.forward_loss(train_batch(b))
             if len(captured) != ttt:
@@ -987,7 +1057,9 @@ def features_table(spec: dict, device: str, sides: dict) -> str:
             f"{spec['train_conversations']} train conversations ({spec['train_tokens']:,} tokens, "
             f"{spec['train_batches']} batches of {spec['batch']}), {spec['eval_conversations']} held out (every "
             f"{spec['eval_every']}th, {spec['eval_tokens']:,} tokens), max length {spec['seq']}; {spec['epochs']} "
-            f"epochs, constant lr {spec['lr']}, clip {spec['clip']}, TTT {ttt}\n")
+            f"epochs, constant lr {spec['lr']}, clip {spec['clip']}, TTT {ttt}"
+            + ("; --online: each side runs the target per batch (tokens/s include it)" if spec.get("online") else "")
+            + "\n")
     cols = ["side", "epochs", "steps", "final train loss"] + [f"acc_{k}" for k in range(ttt)] + \
         ["chain est. (5)", "tokens/s"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -1037,6 +1109,9 @@ def main(argv=None) -> int:
     ap.add_argument("--features", metavar="FILE", help="acceptance mode: train both drafts on the batches of this "
                     ".pt file (written first from --data and --target when --data is given) and compare held-out acc")
     ap.add_argument("--data", metavar="JSONL", help="prepared conversations (what `specforge prepare-data` writes)")
+    ap.add_argument("--online", action="store_true", help="with --features and --data: FILE holds the token batches "
+                    "only and each side runs the target over each batch itself (the same forward and hooks on both "
+                    "sides), for data whose features would not fit on disk; tokens/s then include the target")
     ap.add_argument("--target", default="smollm2-135m", help="with --data: a configs/targets name or an HF folder")
     ap.add_argument("--eval-every", type=int, default=50, help="with --data: hold out every k-th conversation")
     ap.add_argument("--epochs", type=int, default=None, help="with --features (default: the target's train.epochs)")
@@ -1087,11 +1162,14 @@ def features_main(args) -> int:
     from specforge.config import load_config
 
     if args.data:
-        print(f"features: running the target over {args.data} ...", file=sys.stderr, flush=True)
+        what = "writing the token batches of" if args.online else "running the target over"
+        print(f"features: {what} {args.data} ...", file=sys.stderr, flush=True)
         spec = build_features(args)
         print(f"features: wrote {args.features} in {spec['feature_seconds']:.1f} s", file=sys.stderr, flush=True)
     elif not Path(args.features).is_file():
         raise SystemExit(f"--features {args.features}: no such file (pass --data to write it)")
+    elif args.online:
+        raise SystemExit("--online: pass --data too (the token batches are written with the features file's spec)")
     else:
         spec = load_features(args.features)["spec"]
     tcfg = load_config(spec["target"], overrides=list(args.ours)).train

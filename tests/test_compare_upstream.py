@@ -76,6 +76,7 @@ def test_upstream_tiny_cpu(tmp_path, capsys, monkeypatch):
 def _features_run(tmp_path, capsys, folder, *extra):
     from tests.test_train import write_conversations
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     data = write_conversations(tmp_path / "prepared.jsonl", n=12)
     out = tmp_path / "acc.json"
     code = compare_upstream.main([
@@ -114,17 +115,65 @@ def test_features_ours_tiny_cpu(tmp_path, capsys, tiny_target_folder):
     assert again["acc"] == res["sides"]["ours"]["acc"] and again["losses"] == res["sides"]["ours"]["losses"]
 
 
+def test_online_featurizer_is_feature_capture(tiny_target_folder):
+    """--online's features (plain transformers, run inside each side's process) are bit for bit those our
+    FeatureCapture gives on the target `load_target` loads, padded rows included."""
+    import torch
+
+    from specforge.config import load_config
+    from specforge.targets import FeatureCapture, load_target
+
+    cfg = load_config(str(tiny_target_folder))
+    model, _ = load_target(cfg.target, torch.device("cpu"))
+    aux = [0, 1, 2]
+    spec = {"target_folder": str(tiny_target_folder), "target_dtype": str(model.dtype).removeprefix("torch."),
+            "aux_layer_ids": aux}
+    featurize = compare_upstream.online_featurizer(spec, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 40), generator=g)
+    mask = torch.ones(3, 40, dtype=torch.long)
+    mask[1, 31:] = 0  # a padded row
+    f = FeatureCapture(model, aux).run(ids, mask)
+    got = featurize({"input_ids": ids, "attention_mask": mask, "loss_mask": mask.bool()})
+    assert got["aux"].dtype == got["final"].dtype == torch.bfloat16
+    assert torch.equal(got["aux"], f.aux.to(torch.bfloat16)) and torch.equal(got["final"], f.final.to(torch.bfloat16))
+    assert torch.equal(got["input_ids"], ids)
+
+
+def test_online_trains_as_stored_features_tiny_cpu(tmp_path, capsys, tiny_target_folder):
+    """--online writes the token batches only (no features) and our side, running the target per batch,
+    trains and evaluates to the very losses and accuracies of the run on the stored features."""
+    import torch
+
+    code, stored, _ = _features_run(tmp_path / "stored", capsys, tiny_target_folder, "--only", "ours")
+    assert code == 0
+    code, online, table = _features_run(tmp_path / "online", capsys, tiny_target_folder, "--only", "ours", "--online")
+    assert code == 0, online["sides"]["ours"].get("error")
+    assert online["spec"]["online"] and not stored["spec"]["online"]
+    batches = torch.load(tmp_path / "online" / "feats.pt", weights_only=True)["train"]
+    assert all(set(b) == set(compare_upstream.TOKEN_KEYS) for b in batches)
+    a, b = stored["sides"]["ours"], online["sides"]["ours"]
+    assert a["losses"] == b["losses"] and a["acc"] == b["acc"]
+    assert "--online" in table and "| ours | 2 | 6 |" in table
+
+
 @pytest.mark.skipif(not (UPSTREAM / "specforge").is_dir(), reason="no upstream SpecForge tree in upstream/SpecForge")
 def test_features_upstream_tiny_cpu(tmp_path, capsys, monkeypatch, tiny_target_folder):
+    """Upstream's side on stored features, then with --online (the target run in its own process, beside its
+    specforge package): the same losses and accuracies."""
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
-    code, res, table = _features_run(tmp_path, capsys, tiny_target_folder, "--only", "upstream",
-                                     "--upstream", str(UPSTREAM))
-    r = res["sides"]["upstream"]
-    assert code == 0, r.get("error")
-    _check_acc_side(r, UPSTREAM / "specforge")
-    assert len(r["upstream_own_acc"]) == 3 and all(0.0 <= a <= 1.0 for a in r["upstream_own_acc"])
-    assert sum(r["eval_positions"]) > 0
-    assert "| upstream | 2 | 6 |" in table
+    runs = []
+    for name, extra in (("stored", []), ("online", ["--online"])):
+        code, res, table = _features_run(tmp_path / name, capsys, tiny_target_folder, "--only", "upstream",
+                                         "--upstream", str(UPSTREAM), *extra)
+        r = res["sides"]["upstream"]
+        assert code == 0, r.get("error")
+        _check_acc_side(r, UPSTREAM / "specforge")
+        assert len(r["upstream_own_acc"]) == 3 and all(0.0 <= a <= 1.0 for a in r["upstream_own_acc"])
+        assert sum(r["eval_positions"]) > 0
+        assert "| upstream | 2 | 6 |" in table
+        runs.append(r)
+    assert runs[0]["losses"] == runs[1]["losses"] and runs[0]["acc"] == runs[1]["acc"]
 
 
 def test_acc_from_logits_is_our_definition():
