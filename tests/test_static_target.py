@@ -3,6 +3,8 @@ family it runs: prefill, a causal block of verify tokens, then single decode ste
 alike, with windows and chunks short enough to cut into the sequence. Then mixture-of-experts targets
 through the whole speculative decoder."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (Llama4ForCausalLM, Llama4TextConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
@@ -86,3 +88,24 @@ def test_moe_target_speculative_equals_plain(family, topk, tokens):
         spec, stats = dec.generate(prompt, 40)
         assert spec == plain
         assert sum(stats.accept_lengths) == len(spec) - 1
+
+
+def test_tree_drift_script_builds_paths_that_agree_in_float64(tiny_target_folder):
+    """scripts/tree_drift.py compares a tree verify with decode steps along each node's path: in float64 on the
+    CPU the two agree to rounding for every node, so its trees, paths, positions and masks are right (in bf16
+    on a GPU its counts of bit-equal nodes are then what they say)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tree_drift", Path(__file__).resolve().parents[1] / "scripts" /
+                                                  "tree_drift.py")
+    tree_drift = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tree_drift)
+    parents = tree_drift.random_tree(10, 3, torch.Generator().manual_seed(0))
+    assert parents[0] == -1 and all(0 <= p < i for i, p in enumerate(parents) if i)
+    depth = [len(p) - 1 for p in tree_drift.paths(parents)]
+    assert depth == sorted(depth) and max(depth) >= 2  # laid out depth by depth, deeper than one level
+    out = tree_drift.main(["--target", str(tiny_target_folder), "--device", "cpu", "--dtype", "float64",
+                           "--context", "20", "--trees", "2", "--tree", "3,10"])
+    assert out["chain-like"]["count"] + out["other"]["count"] == 20 and out["other"]["count"] > 0
+    for kind in out.values():
+        assert kind["max_diff_features"] < 1e-9 and kind["max_diff_logits"] < 1e-9
