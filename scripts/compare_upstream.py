@@ -632,7 +632,9 @@ def batches_on(spec: dict, dev):
     featurize = None
     if spec.get("online"):
         key = (spec["target_folder"], str(dev))
-        featurize = _FEATURIZERS.get(key) or _FEATURIZERS.setdefault(key, online_featurizer(spec, dev))
+        if key not in _FEATURIZERS:
+            _FEATURIZERS[key] = online_featurizer(spec, dev)
+        featurize = _FEATURIZERS[key]
 
     def on(b: dict) -> dict:
         if featurize is None:

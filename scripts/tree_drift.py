@@ -90,7 +90,9 @@ def main(argv=None) -> dict:
     if args.compile:
         static.compile()
     eager = not args.compile
-    stats = {True: [0, 0, 0, 0.0, 0.0], False: [0, 0, 0, 0.0, 0.0]}  # count, aux equal, logits equal, max diffs
+    # Per kind of node (True: its ancestors in consecutive slots, as a chain's are).
+    stats = {chain: {"count": 0, "features_equal": 0, "logits_equal": 0, "max_diff_features": 0.0,
+                     "max_diff_logits": 0.0} for chain in (True, False)}
     for r in range(args.trees):
         n = args.context + 64 * r  # each tree at another place within its 64-slot ranges
         prompt = torch.randint(0, vocab, (1, n), generator=gen).to(dev)
@@ -113,11 +115,11 @@ def main(argv=None) -> dict:
                 logits_d, aux_d = static(tokens[node].reshape(1, 1), at[None], at, SlotMask(at, one, n + j + 1),
                                          eager=eager)
             s = stats[p == list(range(len(p)))]
-            s[0] += 1
-            s[1] += bool(torch.equal(aux_d[0, 0], aux_v[0, i]))
-            s[2] += bool(torch.equal(logits_d[0, 0], logits_v[0, i]))
-            s[3] = max(s[3], float((aux_d[0, 0].float() - aux_v[0, i].float()).abs().max()))
-            s[4] = max(s[4], float((logits_d[0, 0].float() - logits_v[0, i].float()).abs().max()))
+            s["count"] += 1
+            for name, d, v in (("features", aux_d, aux_v), ("logits", logits_d, logits_v)):
+                s[f"{name}_equal"] += bool(torch.equal(d[0, 0], v[0, i]))
+                diff = float((d[0, 0].float() - v[0, i].float()).abs().max())
+                s[f"max_diff_{name}"] = max(s[f"max_diff_{name}"], diff)
     name = args.shape or args.target
     print(f"\n## Tree verify against decode steps: {name}, {dev.type}"
           f"{' (' + torch.cuda.get_device_name() + ')' if dev.type == 'cuda' else ''}, {args.dtype}, "
@@ -126,11 +128,10 @@ def main(argv=None) -> dict:
     print("| nodes | count | features equal | logits equal | max abs diff features | max abs diff logits |")
     print("|---|---|---|---|---|---|")
     for chain, label in ((True, "ancestors in consecutive slots (chain-like)"), (False, "other nodes")):
-        c, a, lg, da, dl = stats[chain]
-        print(f"| {label} | {c} | {a} | {lg} | {da:.3g} | {dl:.3g} |")
-    return {("chain-like" if chain else "other"): dict(zip(("count", "features_equal", "logits_equal",
-                                                           "max_diff_features", "max_diff_logits"), v))
-            for chain, v in stats.items()}
+        s = stats[chain]
+        print(f"| {label} | {s['count']} | {s['features_equal']} | {s['logits_equal']} | "
+              f"{s['max_diff_features']:.3g} | {s['max_diff_logits']:.3g} |")
+    return {"chain-like": stats[True], "other": stats[False]}
 
 
 if __name__ == "__main__":
