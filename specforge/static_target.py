@@ -109,6 +109,20 @@ def sparse_moe(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return (out * weights[..., None].to(out.dtype)).sum(1).to(x.dtype).view(b, s, h)
 
 
+# RMSNorms whose forward is x * rsqrt(mean(x^2) + eps) in float32, rounded to x's dtype, times the weight:
+# HF's norms of the supported families, and ours. `skinny_linear.add_norm_linear` computes exactly that.
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen3MoeRMSNorm",
+             "Llama4TextRMSNorm", "RMSNorm")
+
+
+def rms_norm_eps(norm: nn.Module) -> Optional[float]:
+    """The epsilon of a norm `add_norm_linear` can stand in for (`RMS_NORMS`), else None."""
+    if type(norm).__name__ not in RMS_NORMS or getattr(norm, "weight", None) is None:
+        return None
+    eps = getattr(norm, "variance_epsilon", None)
+    return float(eps if eps is not None else norm.eps)
+
+
 def is_gated_mlp(ff: nn.Module) -> bool:
     """A SwiGLU-style MLP: down(act(gate(x)) * up(x)) (HF names the activation act_fn, or activation_fn)."""
     return all(isinstance(getattr(ff, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")) \
@@ -119,7 +133,9 @@ class StaticTarget(nn.Module):
     """`fuse=True` (not under tensor parallelism) joins each layer's q/k/v projections, and the gate and up
     projections of dense MLPs, into one matmul each (`fuse_linears`: the HF parameters become views).
     `skinny=True` (not under tensor parallelism) runs the layers' projections through `skinny_linear`, whose
-    kernel reads a weight faster than cuBLAS at the few rows of a decode step or a verify."""
+    kernel reads a weight faster than cuBLAS at the few rows of a decode step or a verify; where it does, the
+    residual add and the RMSNorm before the fused q/k/v and gate/up projections and before the head join that
+    launch (`skinny_linear.add_norm_linear`: two kernels fewer per layer)."""
 
     def __init__(self, model: nn.Module, aux_layer_ids: list[int], max_len: int, batch: int = 1,
                  fuse: bool = True, skinny: bool = True):
@@ -236,24 +252,39 @@ class StaticTarget(nn.Module):
                                                                               dim=-1)
 
     def _head(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if self.skinny and type(self.lm_head) is nn.Linear:
+            return self._norm_linear(self.norm, h, delta, self.lm_head.weight, self.lm_head.bias)[0]
         return self.lm_head(self.norm(h + delta))
+
+    def _norm_linear(self, norm: nn.Module, h, delta, weight, bias):
+        """(the projection of norm(h + delta), h + delta); delta None: h alone. One `add_norm_linear` launch
+        where its kernel serves this norm and these rows, else op by op as the HF modules compute it."""
+        eps = rms_norm_eps(norm)
+        if self.skinny and eps is not None and skinny_linear.norm_serves(h, weight) \
+                and norm.weight.dtype == h.dtype:
+            return skinny_linear.add_norm_linear(h, delta, norm.weight, eps, weight, bias)
+        if delta is not None:
+            h = h + delta
+        return self._linear(norm(h), weight, bias), h
 
     def _layer(self, layer, h, delta, cos, sin, q_scale, slots, mask, k_cache, v_cache, qkv, gate_up):
         """One decoder layer over the static cache (`k_cache`, `v_cache`: this layer's first L slots, [B, Hkv, L, D]);
         `qkv`, `gate_up`: the fused weights of `fuse_linears`, or None. The residual add of the previous layer's
-        feed-forward output `delta` (None for the first layer) happens here, where the compiled layer fuses it
-        with this layer's input norm, instead of as a kernel of its own at the end of that layer. Returns
+        feed-forward output `delta` (None for the first layer) happens here, with this layer's input norm (in the
+        q/k/v projection's launch, or fused by the compiler), instead of as a kernel of its own at the end of
+        that layer. Returns
         (residual after attention, this layer's input = h + delta, feed-forward output)."""
-        if delta is not None:
-            h = h + delta
-        h_in = h
         b, s, _ = h.shape
         a = layer.self_attn
-        x = layer.input_layernorm(h)
         if qkv is not None:
-            q, k, v = self._linear(x, qkv[0], qkv[1]).split(qkv[2], dim=-1)
+            qkv_out, h = self._norm_linear(layer.input_layernorm, h, delta, qkv[0], qkv[1])
+            q, k, v = qkv_out.split(qkv[2], dim=-1)
         else:
+            if delta is not None:
+                h = h + delta
+            x = layer.input_layernorm(h)
             q, k, v = self._proj(a.q_proj, x), self._proj(a.k_proj, x), self._proj(a.v_proj, x)
+        h_in = h
         q, k, v = (t.view(b, s, -1, self.head_dim) for t in (q, k, v))
         if self.llama4:  # rotation (rope layers), then L2 norms; or the query temperature (no-rope layers)
             if a.use_rope:
@@ -271,8 +302,15 @@ class StaticTarget(nn.Module):
         k_cache.index_copy_(2, slots, k)
         v_cache.index_copy_(2, slots, v)
         o = grouped_attention(q, k_cache, v_cache, mask)
-        h = h + self._proj(a.o_proj, o.transpose(1, 2).reshape(b, s, -1))
-        return h, h_in, self._feed_forward(self._ff(layer), layer.post_attention_layernorm(h), gate_up)
+        o = self._proj(a.o_proj, o.transpose(1, 2).reshape(b, s, -1))
+        ff = self._ff(layer)
+        if gate_up is not None:
+            gate_up_out, h = self._norm_linear(layer.post_attention_layernorm, h, o, gate_up[0], gate_up[1])
+            gate, up = gate_up_out.chunk(2, dim=-1)
+            act = getattr(ff, "act_fn", None) or ff.activation_fn
+            return h, h_in, self._proj(ff.down_proj, act(gate) * up)
+        h = h + o
+        return h, h_in, self._feed_forward(ff, layer.post_attention_layernorm(h))
 
     def _linear(self, x, weight, bias):
         return skinny_linear.linear(x, weight, bias) if self.skinny else F.linear(x, weight, bias)
@@ -283,11 +321,8 @@ class StaticTarget(nn.Module):
             return skinny_linear.linear(x, module.weight, module.bias)
         return module(x)
 
-    def _feed_forward(self, ff: nn.Module, x: torch.Tensor, gate_up) -> torch.Tensor:
-        if gate_up is not None:
-            gate, up = self._linear(x, gate_up[0], gate_up[1]).chunk(2, dim=-1)
-            act = getattr(ff, "act_fn", None) or ff.activation_fn
-            return self._proj(ff.down_proj, act(gate) * up)
+    def _feed_forward(self, ff: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A feed-forward without fused gate/up weights: Qwen3-MoE's sparse block, or the HF module."""
         if is_sparse_block(ff):
             return sparse_moe(ff, x)
         out = ff(x)

@@ -457,6 +457,63 @@ def test_skinny_linear_leading_dims_strides_and_fallbacks():
         assert not sl.serves(x, w)
 
 
+# add_norm_linear: the residual add and the RMSNorm in the projection's launch.
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, k, bias", [(960, 576, False), (3072, 576, False), (49152, 576, False),
+                                        (2048, 1536, True), (17920, 1536, False), (1000, 200, True)])
+def test_add_norm_linear_equals_reference_rows_and_graphs(n, k, bias, dtype):
+    """The sum x + delta bit for bit as torch adds it; the output within the output's rounding of a float64
+    projection of the op-by-op normed rows (HF's RMSNorm); each row's bits the same alone (a decode step) or
+    with up to 15 others (a verify); the same bits compiled and replayed from a CUDA graph. Shapes: the
+    embedded default's q/k/v, gate/up and head; Qwen2.5-1.5B's q/k/v (with bias) and gate/up; a ragged one."""
+    from specforge.graphs import CapturedCall
+    from specforge.kernels import skinny_linear as sl
+
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(n, device="cuda", generator=g).to(dtype) if bias else None
+    gamma = (1 + 0.2 * torch.randn(k, device="cuda", generator=g)).to(dtype)
+    x = (torch.randn(16, k, device="cuda", generator=g) * 3).to(dtype)
+    delta = torch.randn(16, k, device="cuda", generator=g).to(dtype)
+    for d in (delta, None):
+        assert sl.norm_serves(x, w)
+        y, s = sl.add_norm_linear(x, d, gamma, 1e-5, w, b)
+        normed, s_ref = sl._add_norm(x, d, gamma, 1e-5)
+        assert torch.equal(s, s_ref)
+        ref = torch.nn.functional.linear(normed.double(), w.double(), None if b is None else b.double())
+        torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=2e-3)
+        for m in (1, 2, 6):
+            ym, sm = sl.add_norm_linear(x[:m], None if d is None else d[:m], gamma, 1e-5, w, b)
+            assert torch.equal(ym, y[:m]) and torch.equal(sm, s[:m]), f"{m} rows"
+        fn = torch.compile(lambda a, *e: sl.add_norm_linear(a, e[0] if e else None, gamma, 1e-5, w, b),
+                           dynamic=True)
+        outs = CapturedCall(fn, (x[:6],) if d is None else (x[:6], d[:6])).outputs
+        assert torch.equal(outs[0], y[:6]) and torch.equal(outs[1], s[:6])
+
+
+def test_add_norm_linear_fallbacks():
+    """Where the kernel does not serve (more than 16 rows, float32, the deterministic switch) the op-by-op
+    path runs, and gives the reference's bits."""
+    from specforge.kernels import skinny_linear as sl
+    from specforge.kernels.batch_invariant import batch_invariant
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(384, 256, device="cuda", generator=g, dtype=torch.bfloat16) / 16
+    gamma = torch.rand(256, device="cuda", generator=g, dtype=torch.bfloat16) + 0.5
+    many = torch.randn(17, 256, device="cuda", generator=g, dtype=torch.bfloat16)
+    assert not sl.norm_serves(many, w) and not sl.norm_serves(many[:4].float(), w.float())
+    for x, gam, weight in [(many, gamma, w), (many[:4].float(), gamma.float(), w.float())]:
+        y, s = sl.add_norm_linear(x, x, gam, 1e-6, weight)
+        y_ref, s_ref = sl.add_norm_linear_reference(x, x, gam, 1e-6, weight)
+        assert torch.equal(s, s_ref)
+        torch.testing.assert_close(y, y_ref)
+    with batch_invariant(True):
+        assert not sl.norm_serves(many[:4], w)
+    with pytest.raises(ValueError, match="ROWS"):
+        sl.launch(1, 384, 256, rows="rowwise")
+
+
 def test_static_target_skinny_equals_cublas_path_compiled_and_in_graphs():
     """A prefill, a chain verify, decode steps and a tree-sized verify of a bf16 static target, compiled and
     replayed from CUDA graphs, give the cuBLAS path's logits within bf16 rounding."""

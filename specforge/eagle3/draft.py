@@ -206,8 +206,12 @@ class Eagle3Draft(nn.Module):
         if w is None:
             h = hidden + m.self_attn.out(o)
             return h + m.mlp(m.post_attention_layernorm(h))
-        h = hidden + skinny_linear.linear(m.self_attn.merge(o), m.self_attn.o_proj.weight)
-        gate, up = skinny_linear.linear(m.post_attention_layernorm(h), w.gate_up).chunk(2, dim=-1)
+        # the residual add and the norm in the gate/up projection's launch where the kernel serves
+        norm = m.post_attention_layernorm
+        gate_up, h = skinny_linear.add_norm_linear(
+            hidden, skinny_linear.linear(m.self_attn.merge(o), m.self_attn.o_proj.weight), norm.weight, norm.eps,
+            w.gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
         return h + skinny_linear.linear(m.mlp.act_fn(gate) * up, m.mlp.down_proj.weight)
 
     def decode_weights(self) -> DecodeWeights:
@@ -229,7 +233,7 @@ class Eagle3Draft(nn.Module):
     def logits(self, hidden: torch.Tensor, w: Optional[DecodeWeights] = None) -> torch.Tensor:
         """Logits over the draft vocab."""
         if _fast(w):
-            return skinny_linear.linear(self.norm(hidden), self.lm_head.weight)
+            return skinny_linear.add_norm_linear(hidden, None, self.norm.weight, self.norm.eps, self.lm_head.weight)[0]
         return self.lm_head(self.norm(hidden))
 
 

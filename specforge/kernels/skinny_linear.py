@@ -30,7 +30,16 @@ row's bits do not depend on how many rows come with it. A split also lets the ke
 inputs of at most MAX_ROWS rows and K <= MAX_K with a contiguous weight, outside the deterministic switch
 (whose invariant matmul must see every matmul); everything else is `F.linear`, the reference the tests hold
 the kernel to.
-The kernel is a custom op, so torch.compile treats it as one opaque call and CUDA graphs capture it."""
+The kernel is a custom op, so torch.compile treats it as one opaque call and CUDA graphs capture it.
+
+`add_norm_linear(x, delta, norm_weight, eps, weight, bias)`: RMSNorm(x + delta) W^T + b and the sum x + delta,
+in one launch. A decoder layer adds a residual, norms it and projects it twice (q/k/v, gate/up), and the
+target adds and norms once more before its head; compiled, each add-and-norm is a kernel of its own (about
+2.5 us at a step bound by its launches: two per layer). Here every program adds the rows itself, takes their
+mean square over all of K, and normalises and scales each K step before its tl.dot, rounding where HF's
+RMSNorm rounds (the sum to the input dtype, the normalised rows to it, the product with the norm's weight to
+it); the first column block writes the sum out as the residual. A row's result still does not depend on the
+row count. `add_norm_linear_reference` is the same in plain PyTorch (the CPU fallback)."""
 
 from __future__ import annotations
 
@@ -191,6 +200,131 @@ if triton is not None:
     @_skinny_linear_op.register_fake
     def _(x, weight, bias):
         return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    @triton.jit(do_not_specialize=["M"])
+    def _add_norm_kernel(x_ptr, d_ptr, g_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, eps, s_xm, s_dm, s_wn, s_ym,
+                         s_sm, HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # Program: columns rn for all rows, all of K. Pass 1 adds the rows (the first column block stores the
+        # sum) and takes their sums of squares; pass 2 normalises, scales and projects each K step.
+        pid = tl.program_id(0)
+        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        rn_safe = tl.where(n_ok, rn, 0)
+        rm = tl.arange(0, 16)
+        m_ok = rm < M
+        dtype = y_ptr.dtype.element_ty
+        squares = tl.zeros((16,), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            ok = m_ok[:, None] & (rk[None, :] < K)
+            s = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=ok, other=0.0)
+            if HAS_DELTA:
+                s = (s.to(tl.float32) + tl.load(d_ptr + rm[:, None] * s_dm + rk[None, :], mask=ok,
+                                                other=0.0).to(tl.float32)).to(dtype)
+                if pid == 0:
+                    tl.store(s_ptr + rm[:, None] * s_sm + rk[None, :], s, mask=ok)
+            sf = s.to(tl.float32)
+            squares += tl.sum(sf * sf, axis=1)
+        rstd = tl.math.rsqrt(squares / K + eps)
+        acc = tl.zeros((16, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            ok = m_ok[:, None] & k_ok[None, :]
+            s = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=ok, other=0.0)
+            if HAS_DELTA:
+                s = (s.to(tl.float32) + tl.load(d_ptr + rm[:, None] * s_dm + rk[None, :], mask=ok,
+                                                other=0.0).to(tl.float32)).to(dtype)
+            xn = (s.to(tl.float32) * rstd[:, None]).to(dtype)
+            g = tl.load(g_ptr + rk, mask=k_ok, other=0.0)
+            xw = (xn.to(tl.float32) * g.to(tl.float32)[None, :]).to(dtype)
+            w_ptrs = w_ptr + rn_safe[:, None].to(tl.int64) * s_wn + rk[None, :]
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+            acc = tl.dot(xw, tl.trans(w), acc)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :], acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
+
+    def add_norm_linear_kernel(x2, d2, norm_weight, eps: float, weight, bias, cfg=None):
+        """The kernel on x2 (and d2, or None) [M, K] (M <= MAX_ROWS, last dim contiguous); returns (y, sum or
+        None). `cfg` overrides `launch`'s (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+        m, k = x2.shape
+        n = weight.shape[0]
+        y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+        s = torch.empty_like(x2) if d2 is not None else None
+        if m == 0:
+            return y, s
+        block_n, block_k, warps, stages = (cfg or launch(m, n, k, _sm_count(x2.device.index or 0)))[:4]
+        _add_norm_kernel[(triton.cdiv(n, block_n),)](
+            x2, d2 if d2 is not None else x2, norm_weight, weight, bias if bias is not None else weight, y,
+            s if s is not None else y, m, n, k, eps, x2.stride(0), d2.stride(0) if d2 is not None else 0,
+            weight.stride(0), y.stride(0), s.stride(0) if s is not None else 0, HAS_DELTA=d2 is not None,
+            HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=warps, num_stages=stages)
+        return y, s
+
+    def _rows(t: torch.Tensor) -> torch.Tensor:
+        t2 = t.reshape(-1, t.shape[-1])
+        return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+    @torch.library.custom_op("specforge::add_norm_linear", mutates_args=())
+    def _add_norm_linear_op(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                            weight: torch.Tensor, bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        y, s = add_norm_linear_kernel(_rows(x), _rows(delta), norm_weight, eps, weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0]), s.view(x.shape)
+
+    @_add_norm_linear_op.register_fake
+    def _(x, delta, norm_weight, eps, weight, bias):
+        return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(x.shape)
+
+    @torch.library.custom_op("specforge::norm_linear", mutates_args=())
+    def _norm_linear_op(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                        bias: Optional[torch.Tensor]) -> torch.Tensor:
+        y, _ = add_norm_linear_kernel(_rows(x), None, norm_weight, eps, weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @_norm_linear_op.register_fake
+    def _(x, norm_weight, eps, weight, bias):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def norm_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `add_norm_linear` takes the kernel: as `serves`, with tl.dot rows and no K split (the sum of
+    squares needs all of K in each program)."""
+    return (serves(x, weight) and ROWS == "dot" and x.shape[-1] <= MAX_K
+            and launch(1, weight.shape[0], x.shape[-1], _sm_count(x.device.index or 0))[5] == 1)
+
+
+def add_norm_linear_reference(x: torch.Tensor, delta: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
+                              weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
+    """(RMSNorm(x + delta) W^T + b, x + delta) op by op, with HF's RMSNorm (statistics in float32 at least,
+    the normalised rows rounded to the input dtype, then times the norm's weight)."""
+    normed, s = _add_norm(x, delta, norm_weight, eps)
+    return F.linear(normed, weight, bias), s
+
+
+def _add_norm(x, delta, norm_weight, eps):
+    s = x if delta is None else x + delta
+    y = s.to(torch.promote_types(s.dtype, torch.float32))
+    y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
+    return norm_weight * y, s
+
+
+def add_norm_linear(x: torch.Tensor, delta: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
+    """(RMSNorm(x + delta) W^T + b, x + delta) (delta None: x alone): one launch where it serves (`norm_serves`,
+    and a norm weight of x's dtype), else op by op as `add_norm_linear_reference` (the projection by `linear`)."""
+    if (norm_serves(x, weight) and norm_weight.dtype == x.dtype and norm_weight.is_contiguous()
+            and (delta is None or (delta.shape == x.shape and delta.dtype == x.dtype))):
+        if delta is None:
+            return _norm_linear_op(x, norm_weight, eps, weight, bias), x
+        return _add_norm_linear_op(x, delta, norm_weight, eps, weight, bias)
+    normed, s = _add_norm(x, delta, norm_weight, eps)
+    return linear(normed, weight, bias), s
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
