@@ -173,7 +173,7 @@ class BatchRunner:
         def step(tok, n, done):
             pos = n - self.start
             mask = (cols[None, :] >= self.start[:, None]) & (cols[None, :] <= n)
-            logits, _ = self.target(tok[:, None], pos[:, None], n, mask[:, None])
+            logits, _ = self.target(tok[:, None], pos[:, None], n, mask[:, None], features=False)
             k = n - self.first  # the index of the token picked here in the answer
             nxt = pick(logits[:, -1].float(), self.temperature if sampled else None, self.rows, k, self.token_hash)
             nxt = torch.where(done, self.pad, nxt)
@@ -219,7 +219,7 @@ class BatchRunner:
             pos = (cols[None, :] - self.start[:, None]).clamp(min=0)
             # A padding column attends to itself only (its output is never read, but must stay finite).
             mask = ((keys >= self.start[:, None, None]) & (keys <= cols[None, :, None])) | (keys == cols[None, :, None])
-            self.target(ids[:, c0:c1], pos, cols, mask)
+            self.target(ids[:, c0:c1], pos, cols, mask, features=False)
         state = (ids[:, -1].contiguous(), self.first.clone(), torch.zeros(b, dtype=torch.bool, device=self.device))
         steps = 0
         for steps in range(1, self.max_new_tokens + 1):

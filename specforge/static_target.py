@@ -182,7 +182,8 @@ class StaticTarget(nn.Module):
         # experts), or a sparse block `sparse_moe` runs; other sparse blocks route through the host.
         self.capturable = all(self.llama4 or is_gated_mlp(f) or is_sparse_block(f)
                               for f in (self._ff(l) for l in layers))
-        self._layer_fn, self._head_fn, self._compiled = self._layer, self._head, False
+        self._layer_fn, self._head_fn, self._prologue_fn = self._layer, self._head, self._prologue
+        self._compiled = False
 
     def _ff(self, layer: nn.Module) -> nn.Module:
         return layer.feed_forward if self.llama4 else layer.mlp
@@ -210,27 +211,46 @@ class StaticTarget(nn.Module):
         return out, span
 
     def compile(self) -> None:
-        """torch.compile the layer and the head (regional: every layer of a kind reuses one compiled graph, so
-        compiling takes seconds, not minutes); token counts are dynamic (one graph for 1 token, one for more).
+        """torch.compile the prologue, the layer and the head (regional: every layer of a kind reuses one compiled
+        graph, so compiling takes seconds, not minutes); token counts are dynamic (one graph for 1 token, one
+        for more).
         The loop over layers stays Python, which a CUDA graph of the forward does not replay."""
         if self._compiled:
             return
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._layer_fn = torch.compile(self._layer, dynamic=True)
         self._head_fn = torch.compile(self._head, dynamic=True)
+        self._prologue_fn = torch.compile(self._prologue, dynamic=True)
         self._compiled = True
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask, eager: bool = False,
-                logit_rows: Optional[torch.Tensor] = None):
+                logit_rows: Optional[torch.Tensor] = None, features: bool = True):
         """tokens, positions [B, S]; slots [S] cache slots to write; mask [B, S, L] over the first L <= max_len
         slots, which are all the attention reads (True = attend, the new tokens' own slots included), or a
         SlotMask (batch 1). `eager`: the uncompiled layers even after `compile()`. `logit_rows` [R]: the only
         rows whose logits are computed (a prompt needs its last row's; the head over all is the bulk of its
-        memory). Returns (logits [B, S or R, V], aux [B, S, 3H])."""
+        memory). `features=False`: no aux (plain decoding and generation never read them; their concatenation
+        is a kernel of its own). Returns (logits [B, S or R, V], aux [B, S, 3H] or None)."""
+        h, cos, sin, q_scale = (self._prologue if eager else self._prologue_fn)(tokens, positions, slots)
+        masks, span = self._masks(mask, positions)  # span: the cache slots the attention reads
+        aux, delta = {}, None
+        for i, layer in enumerate(self.layers):
+            h, h_in, delta = (self._layer if eager else self._layer_fn)(
+                layer, h, delta, cos, sin, q_scale, slots, masks[self.spans[i]], self.k_cache[i][:, :, :span],
+                self.v_cache[i][:, :, :span], self.qkv[i], self.gate_up[i])
+            if features and i in self.aux_layer_ids:
+                aux[i] = h_in
+        if logit_rows is not None:
+            h, delta = h.index_select(1, logit_rows), delta.index_select(1, logit_rows)
+        logits = (self._head if eager else self._head_fn)(h, delta)
+        return logits, torch.cat([aux[j] for j in self.aux_layer_ids], dim=-1) if features else None
+
+    def _prologue(self, tokens, positions, slots):
+        """The embedding, the positions of the slots written, the rope angles and Llama 4's query temperature:
+        one compiled region (nine eager launches per forward otherwise, inside every step's graph)."""
         h = self.embed_tokens(tokens)
         self.slot_positions.index_copy_(1, slots, positions)
-        masks, span = self._masks(mask, positions)  # span: the cache slots the attention reads
         q_scale = None
         if self.llama4:  # angles per channel pair, kept in float32 (float64 for a float64 model)
             cos, sin = (t[:, :, None] for t in rope_angles(self.rotary, h, positions))  # [B, S, 1, D/2]
@@ -239,17 +259,7 @@ class StaticTarget(nn.Module):
                 q_scale = torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0
         else:
             cos, sin = rope_cos_sin(self.rotary, h, positions)
-        aux, delta = {}, None
-        for i, layer in enumerate(self.layers):
-            h, h_in, delta = (self._layer if eager else self._layer_fn)(
-                layer, h, delta, cos, sin, q_scale, slots, masks[self.spans[i]], self.k_cache[i][:, :, :span],
-                self.v_cache[i][:, :, :span], self.qkv[i], self.gate_up[i])
-            if i in self.aux_layer_ids:
-                aux[i] = h_in
-        if logit_rows is not None:
-            h, delta = h.index_select(1, logit_rows), delta.index_select(1, logit_rows)
-        return (self._head if eager else self._head_fn)(h, delta), torch.cat([aux[j] for j in self.aux_layer_ids],
-                                                                              dim=-1)
+        return h, cos, sin, q_scale
 
     def _head(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         if self.skinny and type(self.lm_head) is nn.Linear:

@@ -261,7 +261,8 @@ class SpecDecoder:
         out = []
         for j in range(block):
             pos = n_t + j
-            logits, _ = self._target_fwd(tok[None], pos[None], pos, self._mask(pos, self._tril[:1, :1]))
+            logits, _ = self._target_fwd(tok[None], pos[None], pos, self._mask(pos, self._tril[:1, :1]),
+                                         features=False)
             tok = logits[0, -1:].argmax(-1)
             out.append(tok)
         return torch.cat(out)
@@ -270,7 +271,8 @@ class SpecDecoder:
         """One plain step: token `tok` at position n; returns the next-token logits."""
 
         def step(tok_t, n_t):
-            logits, _ = self._target_fwd(tok_t[None], n_t[None], n_t, self._mask(n_t, self._tril[:1, :1]))
+            logits, _ = self._target_fwd(tok_t[None], n_t[None], n_t, self._mask(n_t, self._tril[:1, :1]),
+                                         features=False)
             return logits[0, -1]
 
         return self._run(("decode", self._fit(n + 1)), step, torch.tensor([tok], device=self.device),
