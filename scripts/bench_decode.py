@@ -111,6 +111,9 @@ def main():
     ap.add_argument("--split-programs", type=int, default=None,
                     help="skinny_linear.SPLIT_PROGRAMS (default: the module's): split K until a projection's launch "
                          "has about this many programs (0: never)")
+    ap.add_argument("--fuse-norm", type=int, choices=[0, 1], default=None,
+                    help="skinny_linear.FUSE_NORM (default: the module's): the residual add and the norm in the "
+                         "projection's launch (1) or op by op (0)")
     ap.add_argument("--draft-modules", action="store_true", help="the draft's projections as its modules "
                     "(cuBLAS, q/k/v and gate/up apart), not decoding's fused skinny-linear layout")
     ap.add_argument("--profile", action="store_true", help="kernels per step and the costliest, from the profiler")
@@ -122,6 +125,8 @@ def main():
         skinny_linear.ROWS = args.skinny_rows
     if args.split_programs is not None:
         skinny_linear.SPLIT_PROGRAMS = args.split_programs
+    if args.fuse_norm is not None:
+        skinny_linear.FUSE_NORM = bool(args.fuse_norm)
     with batch_invariant(args.deterministic, training=args.matmul == "train"):
         rows = step_costs(args)
     if args.check:

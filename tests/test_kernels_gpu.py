@@ -492,9 +492,9 @@ def test_add_norm_linear_equals_reference_rows_and_graphs(n, k, bias, dtype):
         assert torch.equal(outs[0], y[:6]) and torch.equal(outs[1], s[:6])
 
 
-def test_add_norm_linear_fallbacks():
-    """Where the kernel does not serve (more than 16 rows, float32, the deterministic switch) the op-by-op
-    path runs, and gives the reference's bits."""
+def test_add_norm_linear_fallbacks(monkeypatch):
+    """Where the kernel does not serve (more than 16 rows, float32, the deterministic switch, FUSE_NORM off)
+    the op-by-op path runs, and gives the reference's bits."""
     from specforge.kernels import skinny_linear as sl
     from specforge.kernels.batch_invariant import batch_invariant
 
@@ -510,6 +510,9 @@ def test_add_norm_linear_fallbacks():
         torch.testing.assert_close(y, y_ref)
     with batch_invariant(True):
         assert not sl.norm_serves(many[:4], w)
+    assert sl.norm_serves(many[:4], w)
+    monkeypatch.setattr(sl, "FUSE_NORM", False)
+    assert not sl.norm_serves(many[:4], w)
     with pytest.raises(ValueError, match="ROWS"):
         sl.launch(1, 384, 256, rows="rowwise")
 

@@ -64,6 +64,7 @@ ROW_MODES = ("loop", "dot", "mixed")  # how rows can be reduced (module docstrin
 ROWS = "dot"  # the one `launch` uses (scripts/bench_decode.py --skinny-rows times the others)
 SPLIT_PROGRAMS = 0  # split K until a launch has about this many programs (0: never; see `split_k`)
 MAX_K_SPLIT = 16384  # the longest K the kernel takes when splits are on
+FUSE_NORM = True  # add_norm_linear's kernel (off: the add and the norm op by op; bench_decode.py --fuse-norm 0)
 
 
 def split_k(n: int, k: int, block_n: int, block_k: int, programs: int | None = None) -> int:
@@ -293,9 +294,9 @@ if triton is not None:
 
 
 def norm_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `add_norm_linear` takes the kernel: as `serves`, with tl.dot rows and no K split (the sum of
-    squares needs all of K in each program)."""
-    return (serves(x, weight) and ROWS == "dot" and x.shape[-1] <= MAX_K
+    """Whether `add_norm_linear` takes the kernel: FUSE_NORM, as `serves`, with tl.dot rows and no K split (the
+    sum of squares needs all of K in each program)."""
+    return (FUSE_NORM and serves(x, weight) and ROWS == "dot" and x.shape[-1] <= MAX_K
             and launch(1, weight.shape[0], x.shape[-1], _sm_count(x.device.index or 0))[5] == 1)
 
 
