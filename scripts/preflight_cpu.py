@@ -1,8 +1,8 @@
 """A CPU pre-flight of GPU decoding code, for sessions without a GPU: the decoder and the static-cache target run
-with the GPU's custom ops in play (`skinny_linear`, `cache_attention`), their Triton kernels replaced by float64
-PyTorch, and torch.compile'd by inductor's CPU backend. So what dynamo and inductor make of a change to the GPU
-path (graph breaks, recompiles, kernels per layer, and the decoder's tokens) can be seen before device time is
-spent on it. Nothing here times anything.
+with the GPU's custom ops in play (`skinny_linear` and its `add_norm_linear`, `cache_attention`), their Triton
+kernels replaced by float64 PyTorch, and torch.compile'd by inductor's CPU backend. So what dynamo and inductor
+make of a change to the GPU path (graph breaks, recompiles, kernels per layer, and the decoder's tokens) can be
+seen before device time is spent on it. Nothing here times anything.
 
 The ops are defined only where `import triton` works: `pip install --target DIR triton==3.6.0` and put DIR on
 PYTHONPATH (no GPU needed). Run it from the tree to check, with that tree first on PYTHONPATH:
@@ -64,7 +64,16 @@ def emulate() -> None:
     def _(q, k, v, prefix, local, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
+    def norm_kernel(x2, d2, norm_weight, eps, weight, bias, cfg=None):  # add_norm_linear, HF's roundings
+        s = x2 if d2 is None else (x2.float() + d2.float()).to(x2.dtype)
+        y = s.float()
+        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
+        y = (norm_weight.float() * y.float()).to(s.dtype)
+        return kernel(y, weight, bias), None if d2 is None else s
+
     sl.serves, sl.skinny_linear_kernel = serves, kernel
+    if hasattr(sl, "add_norm_linear_kernel"):  # a tree with the fused add + norm + projection
+        sl.add_norm_linear_kernel = norm_kernel
     ca.serves, ca._cache_attention_op = (lambda device, rows: rows <= ca.MAX_ROWS), attention
 
 

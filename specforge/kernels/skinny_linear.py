@@ -297,7 +297,7 @@ def norm_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `add_norm_linear` takes the kernel: FUSE_NORM, as `serves`, with tl.dot rows and no K split (the
     sum of squares needs all of K in each program)."""
     return (FUSE_NORM and serves(x, weight) and ROWS == "dot" and x.shape[-1] <= MAX_K
-            and launch(1, weight.shape[0], x.shape[-1], _sm_count(x.device.index or 0))[5] == 1)
+            and (not SPLIT_PROGRAMS or launch(1, weight.shape[0], x.shape[-1], _sm_count(x.device.index or 0))[5] == 1))
 
 
 def add_norm_linear_reference(x: torch.Tensor, delta: Optional[torch.Tensor], norm_weight: torch.Tensor, eps: float,
