@@ -32,6 +32,7 @@ from specforge.eagle3.draft import Eagle3Draft, draft_config, init_draft_weights
 from specforge.kernels import skinny_linear
 from specforge.kernels.batch_invariant import batch_invariant
 from specforge.model_shapes import random_target
+from specforge import static_target
 from specforge.static_target import StaticTarget
 from specforge.targets import aux_layer_ids, decoder_parts, load_target, text_config
 
@@ -114,6 +115,9 @@ def main():
     ap.add_argument("--fuse-norm", type=int, choices=[0, 1], default=None,
                     help="skinny_linear.FUSE_NORM (default: the module's): the residual add and the norm in the "
                          "projection's launch (1) or op by op (0)")
+    ap.add_argument("--compile-prologue", type=int, choices=[0, 1], default=None,
+                    help="static_target.COMPILE_PROLOGUE (default: the module's): the target's embedding, slot "
+                         "positions and rope angles compiled (1) or eager (0)")
     ap.add_argument("--draft-modules", action="store_true", help="the draft's projections as its modules "
                     "(cuBLAS, q/k/v and gate/up apart), not decoding's fused skinny-linear layout")
     ap.add_argument("--profile", action="store_true", help="kernels per step and the costliest, from the profiler")
@@ -127,6 +131,8 @@ def main():
         skinny_linear.SPLIT_PROGRAMS = args.split_programs
     if args.fuse_norm is not None:
         skinny_linear.FUSE_NORM = bool(args.fuse_norm)
+    if args.compile_prologue is not None:
+        static_target.COMPILE_PROLOGUE = bool(args.compile_prologue)
     with batch_invariant(args.deterministic, training=args.matmul == "train"):
         rows = step_costs(args)
     if args.check:

@@ -24,6 +24,8 @@ from .targets import decoder_model, decoder_parts, text_config
 # [B, S, H]. Llama 4 adds its own rotation (adjacent channel pairs), L2 q/k norms, chunked attention on rope
 # layers, and a query temperature on the layers without rope.
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "llama4_text")
+# `compile()` compiles the forward's prologue too (scripts/bench_decode.py --compile-prologue 0 times without).
+COMPILE_PROLOGUE = True
 
 
 def layer_spans(cfg) -> list[tuple[str, Optional[int]]]:
@@ -220,7 +222,8 @@ class StaticTarget(nn.Module):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self._layer_fn = torch.compile(self._layer, dynamic=True)
         self._head_fn = torch.compile(self._head, dynamic=True)
-        self._prologue_fn = torch.compile(self._prologue, dynamic=True)
+        if COMPILE_PROLOGUE:
+            self._prologue_fn = torch.compile(self._prologue, dynamic=True)
         self._compiled = True
 
     @torch.no_grad()
