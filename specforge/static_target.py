@@ -265,17 +265,22 @@ class StaticTarget(nn.Module):
         return h, cos, sin, q_scale
 
     def _head(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        if self.skinny and type(self.lm_head) is nn.Linear:
-            return self._norm_linear(self.norm, h, delta, self.lm_head.weight, self.lm_head.bias)[0]
-        return self.lm_head(self.norm(h + delta))
+        head = self.lm_head
+        if type(head) is nn.Linear and self._fuses(self.norm, h, head.weight):
+            return skinny_linear.add_norm_linear(h, delta, self.norm.weight, rms_norm_eps(self.norm), head.weight,
+                                                 head.bias)[0]
+        return head(self.norm(h + delta))
+
+    def _fuses(self, norm: nn.Module, h: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether `add_norm_linear`'s kernel stands in for norm(h + ...) projected by `weight`."""
+        return (self.skinny and rms_norm_eps(norm) is not None and norm.weight.dtype == h.dtype
+                and skinny_linear.norm_serves(h, weight))
 
     def _norm_linear(self, norm: nn.Module, h, delta, weight, bias):
         """(the projection of norm(h + delta), h + delta); delta None: h alone. One `add_norm_linear` launch
         where its kernel serves this norm and these rows, else op by op as the HF modules compute it."""
-        eps = rms_norm_eps(norm)
-        if self.skinny and eps is not None and skinny_linear.norm_serves(h, weight) \
-                and norm.weight.dtype == h.dtype:
-            return skinny_linear.add_norm_linear(h, delta, norm.weight, eps, weight, bias)
+        if self._fuses(norm, h, weight):
+            return skinny_linear.add_norm_linear(h, delta, norm.weight, rms_norm_eps(norm), weight, bias)
         if delta is not None:
             h = h + delta
         return self._linear(norm(h), weight, bias), h
