@@ -144,8 +144,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["decode", "layer"])
     ap.add_argument("--json", default=None, help="decode: write the turns here")
+    ap.add_argument("--switches-on", action="store_true",
+                    help="skinny_linear.FUSE_NORM and static_target.COMPILE_PROLOGUE on (off by default until timed)")
     args = ap.parse_args()
     emulate()
+    if args.switches_on:
+        import specforge.static_target as st
+
+        sl.FUSE_NORM = st.COMPILE_PROLOGUE = True
     decode(args.json) if args.mode == "decode" else layer()
 
 

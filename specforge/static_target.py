@@ -24,8 +24,9 @@ from .targets import decoder_model, decoder_parts, text_config
 # [B, S, H]. Llama 4 adds its own rotation (adjacent channel pairs), L2 q/k norms, chunked attention on rope
 # layers, and a query temperature on the layers without rope.
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "llama4_text")
-# `compile()` compiles the forward's prologue too (scripts/bench_decode.py --compile-prologue 0 times without).
-COMPILE_PROLOGUE = True
+# Whether `compile()` compiles the forward's prologue too; off until timed on a GPU (scripts/bench_decode.py
+# --compile-prologue 1 times it).
+COMPILE_PROLOGUE = False
 
 
 def layer_spans(cfg) -> list[tuple[str, Optional[int]]]:

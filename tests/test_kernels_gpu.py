@@ -462,7 +462,7 @@ def test_skinny_linear_leading_dims_strides_and_fallbacks():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n, k, bias", [(960, 576, False), (3072, 576, False), (49152, 576, False),
                                         (2048, 1536, True), (17920, 1536, False), (1000, 200, True)])
-def test_add_norm_linear_equals_reference_rows_and_graphs(n, k, bias, dtype):
+def test_add_norm_linear_equals_reference_rows_and_graphs(n, k, bias, dtype, monkeypatch):
     """The sum x + delta bit for bit as torch adds it; the output within the output's rounding of a float64
     projection of the op-by-op normed rows (HF's RMSNorm); each row's bits the same alone (a decode step) or
     with up to 15 others (a verify); the same bits compiled and replayed from a CUDA graph. Shapes: the
@@ -470,6 +470,7 @@ def test_add_norm_linear_equals_reference_rows_and_graphs(n, k, bias, dtype):
     from specforge.graphs import CapturedCall
     from specforge.kernels import skinny_linear as sl
 
+    monkeypatch.setattr(sl, "FUSE_NORM", True)
     g = torch.Generator(device="cuda").manual_seed(n + k)
     w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).to(dtype)
     b = torch.randn(n, device="cuda", generator=g).to(dtype) if bias else None
@@ -498,6 +499,7 @@ def test_add_norm_linear_fallbacks(monkeypatch):
     from specforge.kernels import skinny_linear as sl
     from specforge.kernels.batch_invariant import batch_invariant
 
+    monkeypatch.setattr(sl, "FUSE_NORM", True)
     g = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(384, 256, device="cuda", generator=g, dtype=torch.bfloat16) / 16
     gamma = torch.rand(256, device="cuda", generator=g, dtype=torch.bfloat16) + 0.5

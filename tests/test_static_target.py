@@ -74,6 +74,37 @@ def test_static_forward_equals_the_hf_forward(family, extra):
     torch.testing.assert_close(torch.cat(got_aux), ref_aux, rtol=0, atol=1e-5)
 
 
+def test_compiled_prologue_equals_eager(monkeypatch):
+    """With COMPILE_PROLOGUE the compiled forward (prologue, layers and head) gives the eager forward's logits
+    and features to float64 rounding of inductor's reordered sums, and writes the same slot positions (Llama 4:
+    rotation of pairs, chunks, query temperature; a wrong position or angle shows at 1e-2); and
+    features=False leaves the logits as they are."""
+    import specforge.static_target as static_target
+
+    monkeypatch.setattr(static_target, "COMPILE_PROLOGUE", True)
+    torch._dynamo.reset()
+    model = build("llama4")
+    seq = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    slots = torch.arange(16)
+    outs = {}
+    for compiled in (False, True):
+        st = StaticTarget(model, AUX, max_len=16)
+        if compiled:
+            st.compile()
+        got = []
+        for start, end in [(0, 8), (8, 9), (9, 12)]:
+            pos = torch.arange(start, end)
+            logits, aux = st(seq[:, start:end], pos[None], pos, (slots[None] <= pos[:, None])[None])
+            plain, none = st(seq[:, start:end], pos[None], pos, (slots[None] <= pos[:, None])[None], features=False)
+            assert none is None and torch.equal(plain, logits)
+            got.append((logits, aux))
+        outs[compiled] = got, st.slot_positions.clone()
+    assert torch.equal(outs[True][1], outs[False][1])
+    for (lc, ac), (le, ae) in zip(outs[True][0], outs[False][0]):
+        torch.testing.assert_close(lc, le, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ac, ae, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "llama4"])
 @pytest.mark.parametrize("topk, tokens", [(1, None), (3, 10)])
 def test_moe_target_speculative_equals_plain(family, topk, tokens):

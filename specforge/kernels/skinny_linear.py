@@ -64,7 +64,8 @@ ROW_MODES = ("loop", "dot", "mixed")  # how rows can be reduced (module docstrin
 ROWS = "dot"  # the one `launch` uses (scripts/bench_decode.py --skinny-rows times the others)
 SPLIT_PROGRAMS = 0  # split K until a launch has about this many programs (0: never; see `split_k`)
 MAX_K_SPLIT = 16384  # the longest K the kernel takes when splits are on
-FUSE_NORM = True  # add_norm_linear's kernel (off: the add and the norm op by op; bench_decode.py --fuse-norm 0)
+# add_norm_linear's kernel; off (the add and the norm op by op) until timed on a GPU: bench_decode.py --fuse-norm 1
+FUSE_NORM = False
 
 
 def split_k(n: int, k: int, block_n: int, block_k: int, programs: int | None = None) -> int:
