@@ -136,9 +136,9 @@ class StaticTarget(nn.Module):
     """`fuse=True` (not under tensor parallelism) joins each layer's q/k/v projections, and the gate and up
     projections of dense MLPs, into one matmul each (`fuse_linears`: the HF parameters become views).
     `skinny=True` (not under tensor parallelism) runs the layers' projections through `skinny_linear`, whose
-    kernel reads a weight faster than cuBLAS at the few rows of a decode step or a verify; where it does, the
-    residual add and the RMSNorm before the fused q/k/v and gate/up projections and before the head join that
-    launch (`skinny_linear.add_norm_linear`: two kernels fewer per layer)."""
+    kernel reads a weight faster than cuBLAS at the few rows of a decode step or a verify; with
+    `skinny_linear.FUSE_NORM`, where it serves, the residual add and the RMSNorm before the fused q/k/v and
+    gate/up projections and before the head join that launch (`add_norm_linear`: two kernels fewer per layer)."""
 
     def __init__(self, model: nn.Module, aux_layer_ids: list[int], max_len: int, batch: int = 1,
                  fuse: bool = True, skinny: bool = True):
