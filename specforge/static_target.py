@@ -267,21 +267,25 @@ class StaticTarget(nn.Module):
 
     def _head(self, h: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         head = self.lm_head
-        if type(head) is nn.Linear and self._fuses(self.norm, h, head.weight):
-            return skinny_linear.add_norm_linear(h, delta, self.norm.weight, rms_norm_eps(self.norm), head.weight,
-                                                 head.bias)[0]
+        eps = self._fused_eps(self.norm, h, head.weight) if type(head) is nn.Linear else None
+        if eps is not None:
+            return skinny_linear.add_norm_linear(h, delta, self.norm.weight, eps, head.weight, head.bias)[0]
         return head(self.norm(h + delta))
 
-    def _fuses(self, norm: nn.Module, h: torch.Tensor, weight: torch.Tensor) -> bool:
-        """Whether `add_norm_linear`'s kernel stands in for norm(h + ...) projected by `weight`."""
-        return (self.skinny and rms_norm_eps(norm) is not None and norm.weight.dtype == h.dtype
-                and skinny_linear.norm_serves(h, weight))
+    def _fused_eps(self, norm: nn.Module, h: torch.Tensor, weight: torch.Tensor) -> Optional[float]:
+        """The norm's epsilon where `add_norm_linear`'s kernel stands in for norm(h + ...) projected by
+        `weight`, else None."""
+        eps = rms_norm_eps(norm) if self.skinny else None
+        if eps is None or norm.weight.dtype != h.dtype or not skinny_linear.norm_serves(h, weight):
+            return None
+        return eps
 
     def _norm_linear(self, norm: nn.Module, h, delta, weight, bias):
         """(the projection of norm(h + delta), h + delta); delta None: h alone. One `add_norm_linear` launch
         where its kernel serves this norm and these rows, else op by op as the HF modules compute it."""
-        if self._fuses(norm, h, weight):
-            return skinny_linear.add_norm_linear(h, delta, norm.weight, rms_norm_eps(norm), weight, bias)
+        eps = self._fused_eps(norm, h, weight)
+        if eps is not None:
+            return skinny_linear.add_norm_linear(h, delta, norm.weight, eps, weight, bias)
         if delta is not None:
             h = h + delta
         return self._linear(norm(h), weight, bias), h
