@@ -140,3 +140,38 @@ def test_tree_drift_script_builds_paths_that_agree_in_float64(tiny_target_folder
     assert out["chain-like"]["count"] + out["other"]["count"] == 20 and out["other"]["count"] > 0
     for kind in out.values():
         assert kind["max_diff_features"] < 1e-9 and kind["max_diff_logits"] < 1e-9
+
+
+def test_family_norms_equal_the_fused_kernels_reference():
+    """`RMS_NORMS` lists the norms `add_norm_linear` stands in for; its reference (`skinny_linear._add_norm`, which
+    the kernel matches) must give each family's HF norm bit for bit in the decode dtypes, with the residual added
+    first, and `rms_norm_eps` must read each one's epsilon (HF names it variance_epsilon or eps)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.llama4.modeling_llama4 import Llama4TextRMSNorm
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
+
+    from specforge.kernels.skinny_linear import _add_norm
+    from specforge.layers import RMSNorm
+    from specforge.static_target import RMS_NORMS, rms_norm_eps
+
+    classes = [LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, Qwen3RMSNorm, Qwen3MoeRMSNorm, Llama4TextRMSNorm, RMSNorm]
+    assert sorted(c.__name__ for c in classes) == sorted(RMS_NORMS)
+    gen = torch.Generator().manual_seed(0)
+    for cls in classes:
+        eps = 1e-5 if cls is Llama4TextRMSNorm else 1e-6
+        norm = cls(96, eps=eps)
+        assert rms_norm_eps(norm) == eps, cls.__name__
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            n = norm.to(dtype)
+            with torch.no_grad():
+                n.weight.copy_(1 + 0.5 * torch.randn(96, generator=gen))
+            x = (3 * torch.randn(5, 96, generator=gen)).to(dtype)
+            d = torch.randn(5, 96, generator=gen).to(dtype)
+            with torch.no_grad():
+                got, s = _add_norm(x, d, n.weight, eps)
+                assert torch.equal(s, x + d)
+                assert torch.equal(got, n(x + d)), (cls.__name__, dtype)
+                assert torch.equal(_add_norm(x, None, n.weight, eps)[0], n(x)), (cls.__name__, dtype)
