@@ -24,8 +24,8 @@ from .targets import decoder_model, decoder_parts, text_config
 # [B, S, H]. Llama 4 adds its own rotation (adjacent channel pairs), L2 q/k norms, chunked attention on rope
 # layers, and a query temperature on the layers without rope.
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "llama4_text")
-# Whether `compile()` compiles the forward's prologue too; off until timed on a GPU (scripts/bench_decode.py
-# --compile-prologue 1 times it).
+# Whether `compile()` compiles the forward's prologue too; off: on an H100 (2026-12-05) it cut the SmolLM2 step by
+# 0-4%, within run-to-run spread, and its GPU tests have not run with it alone (bench_decode.py --compile-prologue).
 COMPILE_PROLOGUE = False
 
 

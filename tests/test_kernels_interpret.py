@@ -1,7 +1,8 @@
 """The Triton kernel of `skinny_linear.add_norm_linear` run by Triton's interpreter on the CPU (fp16: the
 interpreter's bf16 tl.dot is not exact), against the op-by-op reference. Runs where `triton` imports (a CPU
 install of torch does not bring it: `pip install --target DIR triton` and DIR on PYTHONPATH); skipped otherwise.
-The interpreter must be on before the kernel module is imported, so the check runs in a child process."""
+The interpreter must be on before the kernel module is imported, so the check runs in a child process. Then the
+kernel's sm_90 machine code, compiled on the CPU: its loads are issued ahead, not one round trip a K step."""
 
 import importlib.util
 import os
@@ -47,3 +48,24 @@ def test_add_norm_linear_kernel_interpreted():
     out = subprocess.run([sys.executable, "-c", CHECK], env=env, cwd=root, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_fused_kernel_loads_are_prefetched_in_sm90_code():
+    """Compiled for sm_90 on the CPU (scripts/kernel_sass.py), the fused kernel's first pass issues its loads
+    ahead (cp.async) as the projection's K loop does: no K step waits a round trip on plain loads (there were
+    5 at K=576, and the fused launch took two projections' time on an H100). The norm weight's one load in
+    the pipelined second pass is the only plain load allowed."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "kernel_sass.py"
+    spec = importlib.util.spec_from_file_location("kernel_sass", script)
+    ks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ks)
+    n, k = 960, 576
+    bn, bk, warps, stages, dot, _ = ks.sl.launch(1, n, k, 132)
+    common = {"HAS_BIAS": False, "EVEN_K": True, "BLOCK_N": bn, "BLOCK_K": bk}
+    skinny = ks.sass_profile(ks.compile_sm90(ks.sl._skinny_kernel, ks.SKINNY, {**common, "DOT": dot, "SPLIT": 1},
+                                             {"N": n, "K": k, "KS": k}, warps, stages))
+    fused = ks.sass_profile(ks.compile_sm90(ks.sl._add_norm_kernel, ks.ADD_NORM,
+                                            {**common, "HAS_DELTA": True, "STAGES1": ks.sl.pass1_stages(k, bk)},
+                                            {"N": n, "K": k}, warps, stages))
+    assert skinny["plain"] == 0 and skinny["async"] > 0 and skinny["mma"] > 0
+    assert fused["plain"] <= 1 and fused["async"] > skinny["async"], fused

@@ -64,7 +64,9 @@ ROW_MODES = ("loop", "dot", "mixed")  # how rows can be reduced (module docstrin
 ROWS = "dot"  # the one `launch` uses (scripts/bench_decode.py --skinny-rows times the others)
 SPLIT_PROGRAMS = 0  # split K until a launch has about this many programs (0: never; see `split_k`)
 MAX_K_SPLIT = 16384  # the longest K the kernel takes when splits are on
-# add_norm_linear's kernel; off (the add and the norm op by op) until timed on a GPU: bench_decode.py --fuse-norm 1
+# add_norm_linear's kernel; off (the add and the norm op by op): timed on an H100 (2026-12-05) it made the target
+# step 12-18% slower, its first pass then waiting a memory round trip per K step (`pass1_stages`, since
+# pipelined, is not yet timed; bench_decode.py --fuse-norm 1 times it, scripts/kernel_sass.py shows the loads)
 FUSE_NORM = False
 
 
@@ -206,7 +208,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["M"])
     def _add_norm_kernel(x_ptr, d_ptr, g_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, eps, s_xm, s_dm, s_wn, s_ym,
                          s_sm, HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES1: tl.constexpr):
         # Program: columns rn for all rows, all of K. Pass 1 adds the rows (the first column block stores the
         # sum) and takes their sums of squares; pass 2 normalises, scales and projects each K step.
         pid = tl.program_id(0)
@@ -217,7 +219,7 @@ if triton is not None:
         m_ok = rm < M
         dtype = y_ptr.dtype.element_ty
         squares = tl.zeros((16,), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES1):  # loads prefetched: not one round trip a step
             rk = k0 + tl.arange(0, BLOCK_K)
             ok = m_ok[:, None] & (rk[None, :] < K)
             s = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=ok, other=0.0)
@@ -251,6 +253,12 @@ if triton is not None:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :], acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
 
+    def pass1_stages(k: int, block_k: int) -> int:
+        """Software-pipeline stages of the kernel's first pass (the sums of squares): up to 4 K steps' loads in
+        flight. Unpipelined, it waited one memory round trip per K step before the projection's weights were
+        asked for, and the fused kernel took twice the projection's time (H100, 2026-12-05)."""
+        return min(triton.cdiv(k, block_k), 4) + 1
+
     def add_norm_linear_kernel(x2, d2, norm_weight, eps: float, weight, bias, cfg=None):
         """The kernel on x2 (and d2, or None) [M, K] (M <= MAX_ROWS, last dim contiguous); returns (y, sum or
         None). `cfg` overrides `launch`'s (BLOCK_N, BLOCK_K, num_warps, num_stages)."""
@@ -266,7 +274,7 @@ if triton is not None:
             s if s is not None else y, m, n, k, eps, x2.stride(0), d2.stride(0) if d2 is not None else 0,
             weight.stride(0), y.stride(0), s.stride(0) if s is not None else 0, HAS_DELTA=d2 is not None,
             HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=warps, num_stages=stages)
+            STAGES1=pass1_stages(k, block_k), num_warps=warps, num_stages=stages)
         return y, s
 
     def _rows(t: torch.Tensor) -> torch.Tensor:
