@@ -72,9 +72,10 @@ def main():
             ("projection (`_skinny_kernel`)", compile_sm90(
                 sl._skinny_kernel, SKINNY, {**common, "DOT": dot, "SPLIT": 1}, {"N": n, "K": k, "KS": k}, warps,
                 stages)),
-            ("add + norm + projection (`_add_norm_kernel`)", compile_sm90(
-                sl._add_norm_kernel, ADD_NORM, {**common, "HAS_DELTA": True, "STAGES1": sl.pass1_stages(k, bk)},
-                {"N": n, "K": k}, warps, stages))]
+            *((f"add + norm + projection (`_add_norm_kernel`), {p} pass{'es' if p > 1 else ''}", compile_sm90(
+                sl._add_norm_kernel, ADD_NORM,
+                {**common, "HAS_DELTA": True, "STAGES1": sl.pass1_stages(k, bk), "ONE_PASS": p == 1},
+                {"N": n, "K": k}, warps, stages)) for p in (2, 1))]
         for name, kernel in kernels:
             p = sass_profile(kernel)
             print(f"| {name} | {n} x {k} | {bn}, {bk} | {-(-k // bk)} | {p['regs']} | {p['smem']} | {p['async']} "

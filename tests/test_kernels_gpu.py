@@ -459,18 +459,21 @@ def test_skinny_linear_leading_dims_strides_and_fallbacks():
 
 # add_norm_linear: the residual add and the RMSNorm in the projection's launch.
 
+@pytest.mark.parametrize("passes", [2, 1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n, k, bias", [(960, 576, False), (3072, 576, False), (49152, 576, False),
                                         (2048, 1536, True), (17920, 1536, False), (1000, 200, True)])
-def test_add_norm_linear_equals_reference_rows_and_graphs(n, k, bias, dtype, monkeypatch):
+def test_add_norm_linear_equals_reference_rows_and_graphs(n, k, bias, dtype, passes, monkeypatch):
     """The sum x + delta bit for bit as torch adds it; the output within the output's rounding of a float64
     projection of the op-by-op normed rows (HF's RMSNorm); each row's bits the same alone (a decode step) or
     with up to 15 others (a verify); the same bits compiled and replayed from a CUDA graph. Shapes: the
-    embedded default's q/k/v, gate/up and head; Qwen2.5-1.5B's q/k/v (with bias) and gate/up; a ragged one."""
+    embedded default's q/k/v, gate/up and head; Qwen2.5-1.5B's q/k/v (with bias) and gate/up; a ragged one.
+    NORM_PASSES 1 and 2 (fp16 takes 2 either way)."""
     from specforge.graphs import CapturedCall
     from specforge.kernels import skinny_linear as sl
 
     monkeypatch.setattr(sl, "FUSE_NORM", True)
+    monkeypatch.setattr(sl, "NORM_PASSES", passes)
     g = torch.Generator(device="cuda").manual_seed(n + k)
     w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).to(dtype)
     b = torch.randn(n, device="cuda", generator=g).to(dtype) if bias else None
