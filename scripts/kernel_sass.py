@@ -56,6 +56,20 @@ def sass_profile(kernel) -> dict:
             "mma": sum(o.startswith("HMMA") for o in ops)}
 
 
+def decode_kernels(n: int, k: int) -> list[tuple[str, object]]:
+    """(name, compiled kernel) for one decode row of an [n, k] weight, with the launch shape `launch` picks:
+    the projection, then the fused add-norm kernel in two passes and in one."""
+    bn, bk, warps, stages, dot, _ = sl.launch(1, n, k, 132)
+    common = {"HAS_BIAS": False, "EVEN_K": k % bk == 0, "BLOCK_N": bn, "BLOCK_K": bk}
+    kernels = [("projection (`_skinny_kernel`)", compile_sm90(
+        sl._skinny_kernel, SKINNY, {**common, "DOT": dot, "SPLIT": 1}, {"N": n, "K": k, "KS": k}, warps, stages))]
+    for passes in (2, 1):
+        const = {**common, "HAS_DELTA": True, "STAGES1": sl.pass1_stages(k, bk), "ONE_PASS": passes == 1}
+        kernels.append((f"add + norm + projection (`_add_norm_kernel`), {passes} pass{'es' if passes > 1 else ''}",
+                        compile_sm90(sl._add_norm_kernel, ADD_NORM, const, {"N": n, "K": k}, warps, stages)))
+    return kernels
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="960x576,3072x576,1536x1536,17920x1536,6144x4096",
@@ -66,21 +80,11 @@ def main():
     print("|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         n, k = map(int, shape.split("x"))
-        bn, bk, warps, stages, dot, _ = sl.launch(1, n, k, 132)
-        common = {"HAS_BIAS": False, "EVEN_K": k % bk == 0, "BLOCK_N": bn, "BLOCK_K": bk}
-        kernels = [
-            ("projection (`_skinny_kernel`)", compile_sm90(
-                sl._skinny_kernel, SKINNY, {**common, "DOT": dot, "SPLIT": 1}, {"N": n, "K": k, "KS": k}, warps,
-                stages)),
-            *((f"add + norm + projection (`_add_norm_kernel`), {p} pass{'es' if p > 1 else ''}", compile_sm90(
-                sl._add_norm_kernel, ADD_NORM,
-                {**common, "HAS_DELTA": True, "STAGES1": sl.pass1_stages(k, bk), "ONE_PASS": p == 1},
-                {"N": n, "K": k}, warps, stages)) for p in (2, 1))]
-        for name, kernel in kernels:
+        bn, bk = sl.launch(1, n, k, 132)[:2]
+        for name, kernel in decode_kernels(n, k):
             p = sass_profile(kernel)
             print(f"| {name} | {n} x {k} | {bn}, {bk} | {-(-k // bk)} | {p['regs']} | {p['smem']} | {p['async']} "
                   f"| {p['plain']} | {p['mma']} |")
-
 
 if __name__ == "__main__":
     main()

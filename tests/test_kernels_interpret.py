@@ -60,15 +60,10 @@ def test_fused_kernel_loads_are_prefetched_in_sm90_code():
     spec = importlib.util.spec_from_file_location("kernel_sass", script)
     ks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ks)
-    n, k = 960, 576
-    bn, bk, warps, stages, dot, _ = ks.sl.launch(1, n, k, 132)
-    common = {"HAS_BIAS": False, "EVEN_K": True, "BLOCK_N": bn, "BLOCK_K": bk}
-    skinny = ks.sass_profile(ks.compile_sm90(ks.sl._skinny_kernel, ks.SKINNY, {**common, "DOT": dot, "SPLIT": 1},
-                                             {"N": n, "K": k, "KS": k}, warps, stages))
+    (_, skinny), *fused_forms = ks.decode_kernels(960, 576)
+    skinny = ks.sass_profile(skinny)
     assert skinny["plain"] == 0 and skinny["async"] > 0 and skinny["mma"] > 0
-    for one_pass in (False, True):
-        fused = ks.sass_profile(ks.compile_sm90(
-            ks.sl._add_norm_kernel, ks.ADD_NORM,
-            {**common, "HAS_DELTA": True, "STAGES1": ks.sl.pass1_stages(k, bk), "ONE_PASS": one_pass},
-            {"N": n, "K": k}, warps, stages))
+    assert len(fused_forms) == 2  # two passes and one
+    for _, kernel in fused_forms:
+        fused = ks.sass_profile(kernel)
         assert fused["plain"] <= 1 and fused["async"] >= skinny["async"] and fused["mma"] == skinny["mma"], fused
