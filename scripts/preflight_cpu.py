@@ -64,12 +64,9 @@ def emulate() -> None:
     def _(q, k, v, prefix, local, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
-    def norm_kernel(x2, d2, norm_weight, eps, weight, bias, cfg=None):  # add_norm_linear, HF's roundings
-        s = x2 if d2 is None else (x2.float() + d2.float()).to(x2.dtype)
-        y = s.float()
-        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
-        y = (norm_weight.float() * y.float()).to(s.dtype)
-        return kernel(y, weight, bias), None if d2 is None else s
+    def norm_kernel(x2, d2, norm_weight, eps, weight, bias, cfg=None, passes=None):  # two passes: HF's roundings
+        normed, s = sl._add_norm(x2, d2, norm_weight, eps)
+        return kernel(normed, weight, bias), None if d2 is None else s
 
     sl.serves, sl.skinny_linear_kernel = serves, kernel
     if hasattr(sl, "add_norm_linear_kernel"):  # a tree with the fused add + norm + projection
