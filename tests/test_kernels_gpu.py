@@ -468,7 +468,8 @@ def test_add_norm_linear_equals_reference_rows_and_graphs(n, k, bias, dtype, pas
     projection of the op-by-op normed rows (HF's RMSNorm); each row's bits the same alone (a decode step) or
     with up to 15 others (a verify); the same bits compiled and replayed from a CUDA graph. Shapes: the
     embedded default's q/k/v, gate/up and head; Qwen2.5-1.5B's q/k/v (with bias) and gate/up; a ragged one.
-    NORM_PASSES 1 and 2 (fp16 takes 2 either way)."""
+    NORM_PASSES 1 and 2 (fp16 takes 2 either way); one pass (bf16) rounds elsewhere than HF, so it is held to
+    its own arithmetic and, more loosely, to HF's rows."""
     from specforge.graphs import CapturedCall
     from specforge.kernels import skinny_linear as sl
 
@@ -486,7 +487,16 @@ def test_add_norm_linear_equals_reference_rows_and_graphs(n, k, bias, dtype, pas
         normed, s_ref = sl._add_norm(x, d, gamma, 1e-5)
         assert torch.equal(s, s_ref)
         ref = torch.nn.functional.linear(normed.double(), w.double(), None if b is None else b.double())
-        torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=2e-3)
+        if passes == 2 or dtype != torch.bfloat16:
+            torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=2e-3)
+        else:  # one pass rounds (sum x norm weight) where HF rounds (sum x 1/rms), then x weight: check its own
+            # math tightly, and HF's within what that costs: about 0.0035 rms at outputs about 1 (an emulation
+            # in float64 on the CPU gave 0.0033-0.0038 rms, at most 0.021; the H100 at most 0.017)
+            xw = (s_ref.float() * gamma.float()).to(dtype).double()
+            rstd = torch.rsqrt(s_ref.float().pow(2).mean(-1) + 1e-5).double()
+            own = (xw @ w.double().T) * rstd[:, None] + (0 if b is None else b.double())
+            torch.testing.assert_close(y.double(), own, rtol=1e-2, atol=2e-3)
+            assert (y.double() - ref).pow(2).mean().sqrt() < 0.006 and (y.double() - ref).abs().max() < 0.04
         for m in (1, 2, 6):
             ym, sm = sl.add_norm_linear(x[:m], None if d is None else d[:m], gamma, 1e-5, w, b)
             assert torch.equal(ym, y[:m]) and torch.equal(sm, s[:m]), f"{m} rows"

@@ -72,8 +72,10 @@ MAX_K_SPLIT = 16384  # the longest K the kernel takes when splits are on
 FUSE_NORM = False
 # How the kernel norms: 2, HF's roundings (a first pass over K for the sums of squares, then the normed rows
 # projected); 1 (bf16 only), one K loop that projects the rows times the norm's weight and scales each row's sums
-# by its 1/rms at the end: no pass before the weights stream, at the price of HF's exact roundings (bench_decode.py
-# --norm-passes times it). In fp16 the unnormalised product could overflow, so fp16 always takes 2.
+# by its 1/rms at the end: no pass before the weights stream, at the price of HF's exact roundings (about 0.0035
+# rms from HF's result at outputs about 1, against the two-pass form's 0.002: docs/benchmarks.md, 2026-12-05,
+# twenty-first session; bench_decode.py --norm-passes times it). In fp16 the unnormalised product could
+# overflow, so fp16 always takes 2.
 NORM_PASSES = 2
 
 
