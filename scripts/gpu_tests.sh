@@ -4,16 +4,24 @@
 # Then scripts/bench_decode.py --check on the embedded default's shape (random weights) against the step costs
 # recorded in docs/step_costs.json (STEP_COSTS=FILE for another file, STEP_COSTS= for none): it fails when a
 # decoding step is slower than recorded by more than 25% (the check that would have caught the slower draft step).
+# GPU_TEST_JOBS=N runs N files at once (default 1; the files fit one GPU together, and the whole run took 9.5 min
+# one at a time on an H100); the summary lines keep the files' order.
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 logs=${GPU_TEST_LOGS:-/tmp/specforge-gpu-tests}
 mkdir -p "$logs"
+files=$(grep -l "needs CUDA\|mark.gpu" tests/test_*.py)
+for f in $files; do  # each file in its own process, at most GPU_TEST_JOBS at once
+  while [ "$(jobs -rp | wc -l)" -ge "${GPU_TEST_JOBS:-1}" ]; do wait -n; done
+  name=$(basename "$f" .py); rm -f "$logs/$name.rc"
+  ( $PY -m pytest -q -p no:cacheprovider "$f" > "$logs/$name.log" 2>&1; echo $? > "$logs/$name.rc" ) &
+done
+wait
 passed=0; failed=0; bad=()
-for f in $(grep -l "needs CUDA\|mark.gpu" tests/test_*.py); do
+for f in $files; do
   name=$(basename "$f" .py)
-  $PY -m pytest -q -p no:cacheprovider "$f" > "$logs/$name.log" 2>&1
-  rc=$?
+  rc=$(cat "$logs/$name.rc" 2>/dev/null || echo 1)
   line=$(grep -E "^[0-9]+ (passed|failed)|(passed|failed|error).* in [0-9.]+s" "$logs/$name.log" | tail -1)
   p=$(echo "$line" | grep -oE "[0-9]+ passed" | grep -oE "[0-9]+" || true)
   x=0
