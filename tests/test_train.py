@@ -1,6 +1,7 @@
 """The training loop and the CLI, end to end on tiny random-weight targets with the real tokenizer."""
 
 import json
+import time
 
 import pytest
 
@@ -29,10 +30,19 @@ def test_overfit_loss_falls(tmp_path, tiny_target_folder):
         f"out_dir={tmp_path / 'run'}", f"data.train_path={data}", "data.eval_every=1000",
         "train.max_steps=60", "train.lr=3e-3", "train.warmup_steps=5", "train.batch_size=4",
         "train.ttt_length=3", "target.draft.draft_vocab_size=512"])
+    start = time.perf_counter()
     train(cfg)
-    losses = json.loads((tmp_path / "run" / "metrics.json").read_text())["train_losses"]
+    wall = time.perf_counter() - start
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    losses = metrics["train_losses"]
     assert len(losses) == 60
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    # Where the run's time went, by stage (no held-out set here: the eval takes next to nothing), and
+    # together no more than the call did.
+    seconds = metrics["seconds"]
+    assert set(seconds) == {"setup", "steps", "eval", "export"}
+    assert seconds["setup"] > 0 and seconds["steps"] > 0 and min(seconds.values()) >= 0, seconds
+    assert sum(seconds.values()) <= wall + 0.05
 
 
 def test_tv_weight_reaches_the_loss(tmp_path, tiny_target_folder):

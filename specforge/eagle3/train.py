@@ -336,6 +336,7 @@ def _train(cfg: Config) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
     set_deterministic(cfg.train.deterministic)
+    t_begin = time.perf_counter()  # the stages are timed: a GPU lease is short, and this says where it went
     dist = init_distributed(cfg)
     device, main = dist.device, is_main(dist)
     check_batch_size(cfg.train.batch_size, dist)
@@ -382,6 +383,7 @@ def _train(cfg: Config) -> Path:
               f"{param_count(draft) / 1e6:.1f}M params, {total} steps", flush=True)
     stop = min(total, cfg.train.stop_after or total)
 
+    t_steps = time.perf_counter()
     bar = tqdm(total=total, initial=pos["step"], desc="train", unit="step", **({} if main else {"disable": True}))
     t_last, tokens_since, bad_run = time.perf_counter(), 0, 0
     while pos["step"] < stop:
@@ -441,6 +443,7 @@ def _train(cfg: Config) -> Path:
             pos["epoch"] += 1
             pos["batch"] = 0
     bar.close()
+    t_loop = time.perf_counter()
     if pos["step"] < total:
         writer.close()
         features.close()
@@ -451,6 +454,7 @@ def _train(cfg: Config) -> Path:
         return step_folders(ckpt_dir)[-1]
     metrics = {"steps": pos["step"], "train_losses": pos["losses"], "nonfinite_steps": pos["nonfinite"],
                "eval": evaluate(cfg, draft, features, head, draft_ids, source, device, dist)}
+    t_eval = time.perf_counter()
     _log_eval(writer, metrics["eval"], pos["step"])
     writer.close()
     features.close()
@@ -461,6 +465,9 @@ def _train(cfg: Config) -> Path:
                     "architectures": getattr(head.config, "architectures", None)}
         export_drafts(cfg, draft, weights, out, verifier,
                       extra={"target": cfg.target.name, "steps": pos["step"], "mode": cfg.train.mode})
+        seconds = {"setup": t_steps - t_begin, "steps": t_loop - t_steps, "eval": t_eval - t_loop,
+                   "export": time.perf_counter() - t_eval}
+        metrics["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
         write_json(out / "metrics.json", metrics)
         ev = metrics["eval"]
         if ev:
@@ -472,6 +479,9 @@ def _train(cfg: Config) -> Path:
         both = cfg.train.export_format == "both"
         also = f" and, in the speculators layout, {out / 'draft-speculators'}" if both else ""
         print(f"train: draft written to {final}{also}", flush=True)
+        print(f"train: {seconds['setup']:.0f} s before the first step (target, data, draft vocab, resume), "
+              f"{seconds['steps']:.0f} s of steps, {seconds['eval']:.0f} s held-out eval, "
+              f"{seconds['export']:.0f} s export", flush=True)
     barrier(dist)
     shutdown(dist)
     return final
