@@ -195,14 +195,14 @@ def main(argv=None):
         raise SystemExit(f"--piece-mib {args.piece_mib}: too small")
     if args.path is None:
         name, files, sha = source_files(args.target, args.overrides)
-        kind = "gguf"
+        kind, out = "gguf", Path(args.out or Path("carry") / name)
     else:
         if args.overrides:
             raise SystemExit(f"split --path takes no overrides ({' '.join(args.overrides)})")
-        out = Path(args.out or Path("carry") / args.path.name)
-        name, files, kind = path_files(args.path.resolve(), out.with_name(f"{out.name}.tar{os.getpid()}"))
+        path = args.path.resolve()
+        out = Path(args.out or Path("carry") / path.name)
+        name, files, kind = path_files(path, out.with_name(f"{out.name}.tar{os.getpid()}"))
         sha = None
-    out = Path(args.out or Path("carry") / name)
     try:
         calls = split(name, files, sha, out, piece_size, kind)
     finally:
