@@ -1,10 +1,10 @@
 """Static view of the decode kernels' machine code, on any machine with triton (no GPU needed): compiles
-`skinny_linear`'s projection kernel and its fused add-norm kernel for sm_90 with the launch shapes `launch`
-picks for one decode row, and counts in the SASS its registers, shared memory, its global loads that are
-software-pipelined (cp.async, issued stages ahead) and those that are not (each waits a memory round trip), and
-its MMAs. A K loop of plain loads waits one round trip per step: `add_norm_linear`'s first pass did, which is why
-its kernel cost about twice the projection on an H100 (docs/benchmarks.md, 2026-12-05). Timings come from
-scripts/bench_decode.py on a GPU.
+`skinny_linear`'s projection kernel, its fused add-norm kernel and its gated form for sm_90 with the launch
+shapes `launch` picks for one decode row, and counts in the SASS its registers, shared memory, its global loads
+that are software-pipelined (cp.async, issued stages ahead) and those that are not (each waits a memory round
+trip), and its MMAs. A K loop of plain loads waits one round trip per step: `add_norm_linear`'s first pass did,
+which is why its kernel cost about twice the projection on an H100 (docs/benchmarks.md, 2026-12-05). Timings
+come from scripts/bench_decode.py on a GPU.
 
     python scripts/kernel_sass.py [--shapes 960x576,1536x1536,6144x4096]
 """
@@ -58,7 +58,8 @@ def sass_profile(kernel) -> dict:
 
 def decode_kernels(n: int, k: int) -> list[tuple[str, object]]:
     """(name, compiled kernel) for one decode row of an [n, k] weight, with the launch shape `launch` picks:
-    the projection, then the fused add-norm kernel in two passes and in one."""
+    the projection, the fused add-norm kernel in two passes and in one, then the projection of silu(gate) * up
+    (FUSE_GATE's, whose input rows are 2k long)."""
     bn, bk, warps, stages, dot, _ = sl.launch(1, n, k, 132)
     common = {"HAS_BIAS": False, "EVEN_K": k % bk == 0, "BLOCK_N": bn, "BLOCK_K": bk}
     kernels = [("projection (`_skinny_kernel`)", compile_sm90(
@@ -67,6 +68,9 @@ def decode_kernels(n: int, k: int) -> list[tuple[str, object]]:
         const = {**common, "HAS_DELTA": True, "STAGES1": sl.pass1_stages(k, bk), "ONE_PASS": passes == 1}
         kernels.append((f"add + norm + projection (`_add_norm_kernel`), {passes} pass{'es' if passes > 1 else ''}",
                         compile_sm90(sl._add_norm_kernel, ADD_NORM, const, {"N": n, "K": k}, warps, stages)))
+    kernels.append(("projection of silu(gate) * up (`_skinny_kernel`, GATED)", compile_sm90(
+        sl._skinny_kernel, SKINNY, {**common, "DOT": dot, "SPLIT": 1, "GATED": True}, {"N": n, "K": k, "KS": k},
+        warps, stages)))
     return kernels
 
 

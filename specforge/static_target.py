@@ -27,6 +27,9 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "llama4_text")
 # Whether `compile()` compiles the forward's prologue too; off: on an H100 (2026-12-05) it cut the SmolLM2 step by
 # 0-4%, within run-to-run spread, and its GPU tests have not run with it alone (bench_decode.py --compile-prologue).
 COMPILE_PROLOGUE = False
+# Activation modules that compute silu(x) (torch's and HF's), which `skinny_linear.silu_mul_linear` can stand in
+# for in a gated MLP.
+SILUS = ("SiLU", "SiLUActivation")
 
 
 def layer_spans(cfg) -> list[tuple[str, Optional[int]]]:
@@ -138,7 +141,9 @@ class StaticTarget(nn.Module):
     `skinny=True` (not under tensor parallelism) runs the layers' projections through `skinny_linear`, whose
     kernel reads a weight faster than cuBLAS at the few rows of a decode step or a verify; with
     `skinny_linear.FUSE_NORM`, where it serves, the residual add and the RMSNorm before the fused q/k/v and
-    gate/up projections and before the head join that launch (`add_norm_linear`: two kernels fewer per layer)."""
+    gate/up projections and before the head join that launch (`add_norm_linear`: two kernels fewer per layer);
+    with `skinny_linear.FUSE_GATE`, a SiLU-gated MLP's silu(gate) * up joins the down projection's launch
+    (`silu_mul_linear`: one fewer)."""
 
     def __init__(self, model: nn.Module, aux_layer_ids: list[int], max_len: int, batch: int = 1,
                  fuse: bool = True, skinny: bool = True):
@@ -329,9 +334,13 @@ class StaticTarget(nn.Module):
         ff = self._ff(layer)
         if gate_up is not None:
             gate_up_out, h = self._norm_linear(layer.post_attention_layernorm, h, o, gate_up[0], gate_up[1])
-            gate, up = gate_up_out.chunk(2, dim=-1)
             act = getattr(ff, "act_fn", None) or ff.activation_fn
-            return h, h_in, self._proj(ff.down_proj, act(gate) * up)
+            down = ff.down_proj
+            if (self.skinny and type(down) is nn.Linear and type(act).__name__ in SILUS
+                    and skinny_linear.gate_serves(gate_up_out, down.weight)):
+                return h, h_in, skinny_linear.silu_mul_linear(gate_up_out, down.weight, down.bias)
+            gate, up = gate_up_out.chunk(2, dim=-1)
+            return h, h_in, self._proj(down, act(gate) * up)
         h = h + o
         return h, h_in, self._feed_forward(ff, layer.post_attention_layernorm(h))
 

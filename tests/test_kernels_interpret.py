@@ -1,8 +1,9 @@
-"""The Triton kernel of `skinny_linear.add_norm_linear` run by Triton's interpreter on the CPU (fp16: the
-interpreter's bf16 tl.dot is not exact), against the op-by-op reference. Runs where `triton` imports (a CPU
-install of torch does not bring it: `pip install --target DIR triton` and DIR on PYTHONPATH); skipped otherwise.
-The interpreter must be on before the kernel module is imported, so the check runs in a child process. Then the
-kernel's sm_90 machine code, compiled on the CPU: its loads are issued ahead, not one round trip a K step."""
+"""The Triton kernels of `skinny_linear.add_norm_linear` and `silu_mul_linear` run by Triton's interpreter on the
+CPU (fp16: the interpreter's bf16 tl.dot is not exact), against the op-by-op reference. Runs where `triton`
+imports (a CPU install of torch does not bring it: `pip install --target DIR triton` and DIR on PYTHONPATH);
+skipped otherwise. The interpreter must be on before the kernel module is imported, so the check runs in a child
+process. Then the kernel's sm_90 machine code, compiled on the CPU: its loads are issued ahead, not one round
+trip a K step."""
 
 import importlib.util
 import os
@@ -42,13 +43,62 @@ print("ok")
 '''
 
 
-def test_add_norm_linear_kernel_interpreted():
+GATE_CHECK = r'''
+import torch
+import torch.nn.functional as F
+from specforge.kernels import skinny_linear as sl
+
+torch.manual_seed(0)
+for m, k, n, bias, rows, split in [(1, 1536, 576, False, "dot", 1), (6, 1536, 576, True, "dot", 1),
+                                   (16, 200, 100, True, "dot", 1), (3, 1536, 576, False, "loop", 1),
+                                   (5, 200, 100, True, "loop", 1), (6, 1536, 576, False, "dot", 2)]:
+    x = (torch.randn(m, 2 * k) * 2).half()
+    w = (torch.randn(n, k) * 0.05).half()
+    b = torch.randn(n).half() if bias else None
+    cfg = sl.launch(m, n, k, 132, rows=rows)[:5] + (split,)
+    y = sl.skinny_linear_kernel(x, w, b, cfg, gated=True)
+    hf_input = (F.silu(x[:, :k]) * x[:, k:]).double()  # HF's eager MLP: silu rounded, then the product
+    ref = F.linear(hf_input, w.double(), None if b is None else b.double())
+    err = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err < 2e-3, (m, k, n, rows, split, err)  # the output's fp16 rounding
+    y0 = sl.skinny_linear_kernel(x[:1].contiguous(), w, b, cfg, gated=True)
+    assert torch.equal(y0[0], y[0]), (m, k, n, rows, split, "row 0 alone")
+print("ok")
+'''
+
+
+def _interpreted(check: str) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1")
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    out = subprocess.run([sys.executable, "-c", CHECK], env=env, cwd=root, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", check], env=env, cwd=root, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def _triton_version() -> tuple[int, ...]:
+    from importlib.metadata import version
+
+    return tuple(int(p) for p in version("triton").split(".")[:2])
+
+
+# triton 3.6's interpreter fails on both kernels ("only 0-dimensional arrays can be converted to Python
+# scalars", in their K loops); 3.9's runs them. The compiled kernels are the GPU tests' (tests/test_kernels_gpu.py).
+old_interpreter = pytest.mark.skipif(importlib.util.find_spec("triton") is not None and _triton_version() < (3, 9),
+                                     reason="triton before 3.9: its interpreter cannot run these kernels")
+
+
+@old_interpreter
+def test_gated_projection_kernel_interpreted():
+    """FUSE_GATE's kernel (silu(gate) * up formed tile by tile in the down projection's K loop), interpreted in
+    fp16: within the output's rounding of a float64 projection of HF's input (silu rounded, then the product),
+    in every row mode and with a K split; each row's bits the same alone as among others."""
+    _interpreted(GATE_CHECK)
+
+
+@old_interpreter
+def test_add_norm_linear_kernel_interpreted():
+    _interpreted(CHECK)
 
 
 def test_fused_kernel_loads_are_prefetched_in_sm90_code():
@@ -60,10 +110,24 @@ def test_fused_kernel_loads_are_prefetched_in_sm90_code():
     spec = importlib.util.spec_from_file_location("kernel_sass", script)
     ks = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ks)
-    (_, skinny), *fused_forms = ks.decode_kernels(960, 576)
+    (_, skinny), *fused_forms, _ = ks.decode_kernels(960, 576)
     skinny = ks.sass_profile(skinny)
     assert skinny["plain"] == 0 and skinny["async"] > 0 and skinny["mma"] > 0
     assert len(fused_forms) == 2  # two passes and one
     for _, kernel in fused_forms:
         fused = ks.sass_profile(kernel)
         assert fused["plain"] <= 1 and fused["async"] >= skinny["async"] and fused["mma"] == skinny["mma"], fused
+
+
+def test_gated_kernel_loads_are_prefetched_in_sm90_code():
+    """FUSE_GATE's projection of silu(gate) * up (the embedded default's down projection, 576 x 1536), compiled
+    for sm_90 on the CPU: its gate and up tiles are loaded ahead with the weight's (cp.async, more of them than
+    the plain projection's), with no plain load, so it adds no round trip a K step; the same MMAs."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "kernel_sass.py"
+    spec = importlib.util.spec_from_file_location("kernel_sass", script)
+    ks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ks)
+    (_, skinny), *_, (name, gated) = ks.decode_kernels(576, 1536)
+    assert "GATED" in name
+    skinny, gated = ks.sass_profile(skinny), ks.sass_profile(gated)
+    assert gated["plain"] == 0 and gated["async"] > skinny["async"] and gated["mma"] == skinny["mma"], (skinny, gated)

@@ -175,3 +175,37 @@ def test_family_norms_equal_the_fused_kernels_reference():
                 assert torch.equal(s, x + d)
                 assert torch.equal(got, n(x + d)), (cls.__name__, dtype)
                 assert torch.equal(_add_norm(x, None, n.weight, eps)[0], n(x)), (cls.__name__, dtype)
+
+
+def test_family_mlps_equal_the_gated_kernels_reference():
+    """`skinny_linear.silu_mul_linear` (FUSE_GATE) stands in for a gated MLP whose activation is in `SILUS`; its
+    reference (HF's eager roundings, which the kernel matches), fed the fused gate/up output, must give each
+    dense family's HF MLP bit for bit in the decode dtypes, and so must its CPU path (the kernel serves CUDA
+    only)."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMLP
+    from transformers.models.mistral.modeling_mistral import MistralMLP
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
+
+    from specforge.kernels import skinny_linear as sl
+    from specforge.static_target import SILUS, is_gated_mlp
+
+    small = dict(hidden_size=64, intermediate_size=96, hidden_act="silu")
+    mlps = [LlamaMLP(LlamaConfig(**small)), MistralMLP(MistralConfig(**small)), Qwen2MLP(Qwen2Config(**small)),
+            Qwen3MLP(Qwen3Config(**small)), Llama4TextMLP(Llama4TextConfig(**small))]
+    gen = torch.Generator().manual_seed(0)
+    for mlp in mlps:
+        act = getattr(mlp, "act_fn", None) or mlp.activation_fn  # Llama 4 names it activation_fn
+        assert is_gated_mlp(mlp) and type(act).__name__ in SILUS, type(mlp).__name__
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            m = mlp.to(dtype)
+            x = (2 * torch.randn(5, 64, generator=gen)).to(dtype)
+            with torch.no_grad():
+                gate_up = torch.cat([m.gate_proj(x), m.up_proj(x)], dim=-1)
+                want = m(x)
+                assert torch.equal(sl.silu_mul_linear_reference(gate_up, m.down_proj.weight), want), \
+                    (type(mlp).__name__, dtype)
+                assert torch.equal(sl.silu_mul_linear(gate_up, m.down_proj.weight), want), (type(mlp).__name__, dtype)
+    assert not sl.gate_serves(gate_up, m.down_proj.weight)  # the CPU: op by op

@@ -41,7 +41,13 @@ RMSNorm rounds (the sum to the input dtype, the normalised rows to it, the produ
 it); the first column block writes the sum out as the residual. A row's result still does not depend on the
 row count. `add_norm_linear_reference` is the same in plain PyTorch (the CPU fallback). With NORM_PASSES = 1
 (bf16) one K loop instead projects the unnormalised rows times the norm's weight and scales each row by its
-1/rms at the end: the same within bf16 rounding, without a pass over K before the weights stream."""
+1/rms at the end: the same within bf16 rounding, without a pass over K before the weights stream.
+
+`silu_mul_linear(x, weight, bias)`: down(silu(gate) * up) for x = [gate | up] (a gated MLP's fused gate/up
+output), in the projection's launch (FUSE_GATE): each K step loads its gate and up tiles beside the weight's
+and forms the input there, so nothing runs before the weights stream (no pass over the row first: a fused
+GLU that took one, `glu-down` in docs/benchmarks.md, made the step 57% slower). The roundings are HF's eager
+MLP's (silu rounded to the input dtype, then the product), so the compiled and eager forwards agree."""
 
 from __future__ import annotations
 
@@ -77,6 +83,9 @@ FUSE_NORM = False
 # twenty-first session; bench_decode.py --norm-passes times it). In fp16 the unnormalised product could
 # overflow, so fp16 always takes 2.
 NORM_PASSES = 2
+# silu_mul_linear's kernel: the gated MLP's silu(gate) * up formed inside the down projection's K loop, one kernel
+# fewer per layer. Off until timed on a GPU (bench_decode.py --fuse-gate 1; compare_decode.py for the spread).
+FUSE_GATE = False
 
 
 def split_k(n: int, k: int, block_n: int, block_k: int, programs: int | None = None) -> int:
@@ -127,11 +136,20 @@ def serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 if triton is not None:
 
+    @triton.jit
+    def _silu_mul(g, u):
+        # silu(g) * u with HF's eager roundings: silu in float32 as torch's CUDA kernel computes it (x / (1 +
+        # exp(-x))), rounded to the input dtype, then the product rounded.
+        gf = g.to(tl.float32)
+        a = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+        return (a.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+
     @triton.jit(do_not_specialize=["M"])  # one binary for every row count: M == 1 must not compile apart
     def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KS, s_xm, s_wn, s_ym,
                        HAS_BIAS: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # Program (column block, K slice): columns rn, K from k_lo to k_hi (all of K without a split).
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr = False):
+        # Program (column block, K slice): columns rn, K from k_lo to k_hi (all of K without a split). GATED: x's
+        # rows are [gate | up] (2K long) and the input row is silu(gate) * up, formed tile by tile.
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         rn_safe = tl.where(n_ok, rn, 0)  # columns past N read row 0 (in bounds) and are never stored
@@ -147,16 +165,25 @@ if triton is not None:
             else:
                 w = tl.load(w_ptrs, mask=rk[None, :] < k_hi, other=0.0)
             if DOT:
-                x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < k_hi),
-                            other=0.0)
+                if GATED:
+                    x_ptrs = x_ptr + rm[:, None] * s_xm + rk[None, :]
+                    x_ok = (rm[:, None] < M) & (rk[None, :] < k_hi)
+                    x = _silu_mul(tl.load(x_ptrs, mask=x_ok, other=0.0), tl.load(x_ptrs + K, mask=x_ok, other=0.0))
+                else:  # the ungated load as it was written before GATED (the same machine code)
+                    x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :],
+                                mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
                 acc = tl.dot(x, tl.trans(w), acc)
             else:
                 wf = w.to(tl.float32)
                 for m in range(0, M):  # each row against the loaded block, the same sums whatever M is
                     if EVEN_K:
                         x = tl.load(x_ptr + m * s_xm + rk)
+                        if GATED:
+                            x = _silu_mul(x, tl.load(x_ptr + m * s_xm + K + rk))
                     else:
                         x = tl.load(x_ptr + m * s_xm + rk, mask=rk < k_hi, other=0.0)
+                        if GATED:
+                            x = _silu_mul(x, tl.load(x_ptr + m * s_xm + K + rk, mask=rk < k_hi, other=0.0))
                     part = tl.sum(wf * x.to(tl.float32)[None, :], axis=1)
                     acc = tl.where(rm[:, None] == m, acc + part[None, :], acc)
         last = True
@@ -179,11 +206,17 @@ if triton is not None:
             tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                      mask=(rm[:, None] < M) & n_ok[None, :])
 
-    def skinny_linear_kernel(x2: torch.Tensor, weight: torch.Tensor, bias, cfg=None) -> torch.Tensor:
+    def skinny_linear_kernel(x2: torch.Tensor, weight: torch.Tensor, bias, cfg=None,
+                             gated: bool = False) -> torch.Tensor:
         """The kernel on x2 [M, K] (M <= MAX_ROWS, last dim contiguous); `cfg` overrides `launch` (timing):
-        (BLOCK_N, BLOCK_K, num_warps, num_stages, DOT[, SPLIT])."""
+        (BLOCK_N, BLOCK_K, num_warps, num_stages, DOT[, SPLIT]). `gated`: x2 is [M, 2K], [gate | up], and the
+        input rows are silu(gate) * up."""
         m, k = x2.shape
         n = weight.shape[0]
+        if gated:
+            if k != 2 * weight.shape[1]:
+                raise ValueError(f"skinny_linear: a gated input of {k} columns for a weight of K={weight.shape[1]}")
+            k //= 2
         y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
         if m == 0:
             return y
@@ -200,7 +233,7 @@ if triton is not None:
         _skinny_kernel[(blocks, split)](
             x2, weight, bias if bias is not None else weight, y, part, count, m, n, k, ks, x2.stride(0),
             weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, DOT=dot, EVEN_K=k % block_k == 0, SPLIT=split,
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+            BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, num_warps=warps, num_stages=stages)
         return y
 
     @torch.library.custom_op("specforge::skinny_linear", mutates_args=())
@@ -211,6 +244,17 @@ if triton is not None:
         return skinny_linear_kernel(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @_skinny_linear_op.register_fake
+    def _(x, weight, bias):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    @torch.library.custom_op("specforge::silu_mul_linear", mutates_args=())
+    def _silu_mul_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        return skinny_linear_kernel(x2, weight, bias, gated=True).view(*x.shape[:-1], weight.shape[0])
+
+    @_silu_mul_linear_op.register_fake
     def _(x, weight, bias):
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
@@ -359,6 +403,28 @@ def add_norm_linear(x: torch.Tensor, delta: Optional[torch.Tensor], norm_weight:
         return _add_norm_linear_op(x, delta, norm_weight, eps, weight, bias)
     normed, s = _add_norm(x, delta, norm_weight, eps)
     return linear(normed, weight, bias), s
+
+
+def gate_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `silu_mul_linear` takes the kernel: FUSE_GATE, x = [gate | up] of twice the weight's K, and the
+    rows `serves` takes."""
+    k = weight.shape[-1]
+    return FUSE_GATE and x.shape[-1] == 2 * k and serves(x[..., :k], weight)
+
+
+def silu_mul_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
+    """down(silu(gate) * up) for x = [gate | up], op by op as HF's eager gated MLP computes it."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, weight, bias)
+
+
+def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """down(silu(gate) * up) for x = [gate | up]: one launch where it serves (`gate_serves`), else op by op
+    (the projection by `linear`)."""
+    if gate_serves(x, weight):
+        return _silu_mul_linear_op(x, weight, bias)
+    gate, up = x.chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, weight, bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
