@@ -10,6 +10,12 @@
     # the same at a size whose features would not fit on disk: each side runs the target per batch
     python scripts/compare_upstream.py --upstream upstream/SpecForge --target smollm2-135m --online \
         --data outputs/smollm2-gpu/prepared.jsonl --features outputs/cmp/tokens.pt --out outputs/cmp/acceptance.json
+    # the two sides at once on one GPU (acceptance does not mind sharing it; tokens/s then do not compare):
+    # write the batches and run ours, start upstream's once the file is there, then one table
+    python scripts/compare_upstream.py ... --data D --features F --only ours --out ours.json &
+    until [ -f F ]; do sleep 5; done
+    python scripts/compare_upstream.py --upstream upstream/SpecForge --features F --only upstream --out up.json
+    wait; python scripts/compare_upstream.py --merge ours.json up.json
 
 Acceptance mode (`--features FILE`). With `--data` (the JSONL `specforge prepare-data` writes) the parent first
 writes FILE with our code only: the conversations read, tokenised and split as `specforge train` does
@@ -735,10 +741,12 @@ def build_features(args) -> dict:
         "online": bool(args.online), "target_folder": str(target_folder(cfg.target)),
         "target_dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
     }
+    tmp = f"{args.features}.tmp"  # renamed when whole: a side started beside this one never reads half a file
     torch.save({"spec": spec, "embed": head.embed.weight.detach().to("cpu", torch.bfloat16),
                 "lm_head": head.lm_head_weight.detach().to("cpu", torch.bfloat16),
                 "norm": head.norm.weight.detach().to("cpu", torch.float32), "d2t": d2t, "t2d": t2d,
-                "train": train_batches, "eval": eval_batches}, args.features)
+                "train": train_batches, "eval": eval_batches}, tmp)
+    os.replace(tmp, args.features)
     del target, head
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # the sides run in their own processes
@@ -1119,6 +1127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="with --features (default: the target's train.epochs)")
     ap.add_argument("--clip", type=float, default=0.5, help="with --features: gradient clip norm, both sides")
     ap.add_argument("--out", metavar="FILE", help="write the results as JSON")
+    ap.add_argument("--merge", nargs="+", metavar="FILE", help="print one table from the --out files of runs with "
+                    "--only ours and --only upstream (e.g. run side by side on one GPU from the same --features)")
     ap.add_argument("--verbose", action="store_true", help="show each side's output")
     ap.add_argument("--side", choices=("ours", "upstream"), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -1126,6 +1136,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.side:
         return side_main(args)
+    if args.merge:
+        return merge_main(args)
     if args.only != "ours" and not args.upstream:
         ap.error("--upstream DIR is needed (or --only ours)")
     if args.features:
@@ -1160,6 +1172,29 @@ def report(spec: dict, sides: dict, args, make_table) -> int:
     return 0 if all(r.get("ok") for r in sides.values()) else 1
 
 
+def merge_main(args) -> int:
+    """One table from several runs' --out files (one side each, or both): they must share the spec (the same
+    features file and training settings), and a side may come from one file only."""
+    runs = [(f, json.loads(Path(f).read_text())) for f in args.merge]
+    first, spec = runs[0][0], runs[0][1]["spec"]
+    sides = {}
+    for f, r in runs:
+        if r["spec"] != spec:
+            diff = sorted(k for k in set(r["spec"]) | set(spec) if r["spec"].get(k) != spec.get(k))
+            raise SystemExit(f"--merge: {f} was run with another spec than {first} (differs in: {', '.join(diff)})")
+        for name, side in r["sides"].items():
+            if name in sides:
+                raise SystemExit(f"--merge: the {name} side is in more than one file ({f})")
+            sides[name] = side
+    make_table = features_table if spec.get("mode") == "features" else table
+    device = runs[0][1]["device"]
+    print(make_table(spec, device, sides), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"spec": spec, "device": device, "upstream": runs[0][1]["upstream"],
+                                              "sides": sides}, indent=2))
+    return 0 if all(r.get("ok") for r in sides.values()) else 1
+
+
 def features_main(args) -> int:
     from specforge.config import load_config
 
@@ -1170,10 +1205,11 @@ def features_main(args) -> int:
         print(f"features: wrote {args.features} in {spec['feature_seconds']:.1f} s", file=sys.stderr, flush=True)
     elif not Path(args.features).is_file():
         raise SystemExit(f"--features {args.features}: no such file (pass --data to write it)")
-    elif args.online:
-        raise SystemExit("--online: pass --data too (the token batches are written with the features file's spec)")
-    else:
+    else:  # reused as written: stored features, or token batches (--online) that each side runs the target over
         spec = load_features(args.features)["spec"]
+        if args.online and not spec.get("online"):
+            raise SystemExit(f"--online: {args.features} holds stored features, not token batches; drop --online to "
+                             f"train on them, or pass --data to write token batches")
     tcfg = load_config(spec["target"], overrides=list(args.ours)).train
     spec = dict(spec, features=str(Path(args.features).resolve()), epochs=args.epochs or tcfg.epochs,
                 lr=args.lr if args.lr is not None else tcfg.lr, clip=args.clip, ours=list(args.ours), ttt=args.ttt,

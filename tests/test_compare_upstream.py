@@ -157,6 +157,32 @@ def test_online_trains_as_stored_features_tiny_cpu(tmp_path, capsys, tiny_target
     assert "--online" in table and "| ours | 2 | 6 |" in table
 
 
+def test_online_batches_reused_and_runs_merged(tmp_path, capsys, tiny_target_folder):
+    """The token batches --online wrote are reused without --data (so a second side can start from them beside
+    the first), to the same losses; --merge prints one table from the runs' --out files and refuses files of
+    another spec or a side twice. The file is written under a temporary name and renamed."""
+    code, first, _ = _features_run(tmp_path, capsys, tiny_target_folder, "--only", "ours", "--online")
+    assert code == 0 and not (tmp_path / "feats.pt.tmp").exists()
+    again = tmp_path / "again.json"
+    assert compare_upstream.main(["--features", str(tmp_path / "feats.pt"), "--only", "ours", "--online",
+                                  "--epochs", "2", "--lr", "3e-3", "--ttt", "3", "--ours",
+                                  "target.draft.draft_vocab_size=256", "--out", str(again)]) == 0
+    capsys.readouterr()
+    reused = json.loads(again.read_text())
+    assert reused["sides"]["ours"]["losses"] == first["sides"]["ours"]["losses"]
+    assert reused["spec"] == first["spec"]
+    merged = tmp_path / "merged.json"
+    assert compare_upstream.main(["--merge", str(tmp_path / "acc.json"), "--out", str(merged)]) == 0
+    assert "| ours | 2 | 6 |" in capsys.readouterr().out
+    assert json.loads(merged.read_text())["sides"] == first["sides"]
+    with pytest.raises(SystemExit, match="more than one file"):
+        compare_upstream.main(["--merge", str(tmp_path / "acc.json"), str(again)])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(dict(first, spec=dict(first["spec"], lr=1.0), sides={"upstream": {"ok": True}})))
+    with pytest.raises(SystemExit, match="differs in: lr"):
+        compare_upstream.main(["--merge", str(tmp_path / "acc.json"), str(other)])
+
+
 @pytest.mark.skipif(not (UPSTREAM / "specforge").is_dir(), reason="no upstream SpecForge tree in upstream/SpecForge")
 def test_features_upstream_tiny_cpu(tmp_path, capsys, monkeypatch, tiny_target_folder):
     """Upstream's side on stored features, then with --online (the target run in its own process, beside its
