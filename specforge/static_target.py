@@ -336,8 +336,7 @@ class StaticTarget(nn.Module):
             gate_up_out, h = self._norm_linear(layer.post_attention_layernorm, h, o, gate_up[0], gate_up[1])
             act = getattr(ff, "act_fn", None) or ff.activation_fn
             down = ff.down_proj
-            if (self.skinny and type(down) is nn.Linear and type(act).__name__ in SILUS
-                    and skinny_linear.gate_serves(gate_up_out, down.weight)):
+            if self.skinny and type(down) is nn.Linear and type(act).__name__ in SILUS:  # one launch with FUSE_GATE
                 return h, h_in, skinny_linear.silu_mul_linear(gate_up_out, down.weight, down.bias)
             gate, up = gate_up_out.chunk(2, dim=-1)
             return h, h_in, self._proj(down, act(gate) * up)

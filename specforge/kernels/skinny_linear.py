@@ -236,6 +236,11 @@ if triton is not None:
             BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, num_warps=warps, num_stages=stages)
         return y
 
+    def _rows(t: torch.Tensor) -> torch.Tensor:
+        """t as contiguous rows [M, K] (a view where it can be)."""
+        t2 = t.reshape(-1, t.shape[-1])
+        return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
     @torch.library.custom_op("specforge::skinny_linear", mutates_args=())
     def _skinny_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
@@ -249,10 +254,7 @@ if triton is not None:
 
     @torch.library.custom_op("specforge::silu_mul_linear", mutates_args=())
     def _silu_mul_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        return skinny_linear_kernel(x2, weight, bias, gated=True).view(*x.shape[:-1], weight.shape[0])
+        return skinny_linear_kernel(_rows(x), weight, bias, gated=True).view(*x.shape[:-1], weight.shape[0])
 
     @_silu_mul_linear_op.register_fake
     def _(x, weight, bias):
@@ -344,10 +346,6 @@ if triton is not None:
             HAS_BIAS=bias is not None, EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k,
             STAGES1=pass1_stages(k, block_k), ONE_PASS=one_pass, num_warps=warps, num_stages=stages)
         return y, s
-
-    def _rows(t: torch.Tensor) -> torch.Tensor:
-        t2 = t.reshape(-1, t.shape[-1])
-        return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
     @torch.library.custom_op("specforge::add_norm_linear", mutates_args=())
     def _add_norm_linear_op(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
