@@ -37,3 +37,31 @@ def test_compare_decode_medians_ratios_and_failures(tmp_path):
     assert "| 2.200 ±18% (3) | 1.100 (0.50x) ±18% (3) |" in lines["round, chain S=5 (one replay)"]
     assert lines["plain decoding, per token (blocks of 4)"].count("n/a") == 2
     assert out.stderr.count("rc 2") == 3
+
+
+def test_step_cost_check_reads_the_record_of_the_same_card(tmp_path, capsys):
+    """bench_decode.py --check: a card's step costs are held to that card's record where one exists (an H100's
+    draft prefill runs a fifth slower than an H200's with the same code), else to the first record."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_decode", SCRIPT.with_name("bench_decode.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    mode, step = "CUDA graphs, torch.compile", "draft prefill of accepted tokens (6)"
+    path = tmp_path / "costs.json"
+    path.write_text(json.dumps([{"name": "smol", "device": "H200", "mode": mode, "rows": {step: 0.084}},
+                                {"name": "smol", "device": "H100", "mode": mode, "rows": {step: 0.103}},
+                                {"name": "smol", "device": "H100", "mode": "eager", "rows": {step: 0.5}}]))
+
+    def run(device, ms, name="smol"):
+        code = bench.check({"name": name, "device": device, "mode": mode, "rows": {step: ms}}, str(path), 0.25)
+        return code, capsys.readouterr().out
+
+    assert run("H100", 0.123) == (0, f"check against {path} (, H100): ok\n")  # within 0.103 x 1.25 = 0.129
+    code, out = run("H100", 0.130)
+    assert code == 1 and "SLOWER than recorded: draft prefill of accepted tokens (6): 0.130 ms, recorded 0.103" in out
+    code, out = run("A100", 0.123)  # no record of this card: the first one
+    assert code == 1 and "(, H200)" in out and "recorded 0.084" in out
+    code, out = run("H100", 0.1, name="other")
+    assert code == 1 and "no figures recorded" in out
