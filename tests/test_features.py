@@ -41,3 +41,36 @@ def test_soft_labels_restricted_to_draft_vocab():
     part = soft_labels(final, w, draft_ids, needed, chunk=2)
     torch.testing.assert_close(part.logits[needed], lab.logits[needed])
     assert (part.logits[~needed] == 0).all() and torch.equal(part.argmax[needed], lab.argmax[needed])
+
+
+def test_compiled_target_layers_give_the_eager_features():
+    """train.compile_target: each decoder layer's forward compiled (the hooks outside it). Real input, a padded
+    row and a packed (4-D mask) batch; the features match the eager target's within float32 rounding of a
+    fused kernel, every layer runs the compiled code, and closing gives the layers their class forward back."""
+    import torch._dynamo
+
+    from specforge.eagle3.train import OnlineFeatures
+    from specforge.data.batching import Batch
+
+    torch._dynamo.reset()
+    target = tiny_target()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    att = torch.ones_like(ids)
+    att[1, 9:] = 0
+    batch = Batch(ids, att, att.bool())
+    eager = OnlineFeatures(target, [2, 4, 5])
+    want = eager(batch)
+    eager.close()
+    compiled = OnlineFeatures(target, [2, 4, 5], compile_layers=True)
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    got = compiled(batch)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(a, torch.zeros_like(a))
+    assert counts["stats"]["unique_graphs"] >= 1 and not counts["graph_break"]
+    assert all("forward" in vars(layer) for layer in target.model.layers)
+    compiled.close()
+    assert not any("forward" in vars(layer) for layer in target.model.layers)
+    assert not any(layer._forward_pre_hooks for layer in target.model.layers)
+    torch._dynamo.reset()
