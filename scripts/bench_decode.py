@@ -118,9 +118,9 @@ def main():
     ap.add_argument("--norm-passes", type=int, choices=[1, 2], default=None,
                     help="skinny_linear.NORM_PASSES (default: the module's), with --fuse-norm 1: HF's roundings in "
                          "two passes over K (2) or one loop scaled by 1/rms at the end (1, bf16)")
-    ap.add_argument("--fuse-gate", type=int, choices=[0, 1], default=None,
-                    help="skinny_linear.FUSE_GATE (default: the module's): the gated MLP's silu(gate) * up in the down "
-                         "projection's launch (1) or a kernel of its own (0)")
+    ap.add_argument("--glu", type=int, choices=[0, 1], default=None,
+                    help="skinny_linear.GLU_EPILOGUE (default: the module's): the gated MLP's silu(gate) * up in the "
+                         "gate/up projection's launch, its rows interleaved (1), or a kernel of its own (0)")
     ap.add_argument("--compile-prologue", type=int, choices=[0, 1], default=None,
                     help="static_target.COMPILE_PROLOGUE (default: the module's): the target's embedding, slot "
                          "positions and rope angles compiled (1) or eager (0)")
@@ -139,8 +139,8 @@ def main():
         skinny_linear.FUSE_NORM = bool(args.fuse_norm)
     if args.norm_passes is not None:
         skinny_linear.NORM_PASSES = args.norm_passes
-    if args.fuse_gate is not None:
-        skinny_linear.FUSE_GATE = bool(args.fuse_gate)
+    if args.glu is not None:
+        skinny_linear.GLU_EPILOGUE = bool(args.glu)
     if args.compile_prologue is not None:
         static_target.COMPILE_PROLOGUE = bool(args.compile_prologue)
     with batch_invariant(args.deterministic, training=args.matmul == "train"):

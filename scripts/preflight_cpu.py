@@ -48,12 +48,11 @@ def emulate() -> None:
                 and weight.is_contiguous() and x.shape[-1] == weight.shape[1] and x.shape[-1] <= max_k()
                 and x.numel() <= sl.MAX_ROWS * x.shape[-1] and not sl.batch_invariant.active())
 
-    def kernel(x2, weight, bias, cfg=None, gated=False):
-        x = x2.double()
-        if gated:  # FUSE_GATE's input silu(gate) * up, rounded as the kernel rounds it (HF's eager MLP)
-            g, u = x2.chunk(2, -1)
-            x = (F.silu(g) * u).double()
-        return F.linear(x, weight.double(), None if bias is None else bias.double()).to(x2.dtype)
+    def kernel(x2, weight, bias, cfg=None, glu=False):
+        y = F.linear(x2.double(), weight.double(), None if bias is None else bias.double()).to(x2.dtype)
+        if glu:  # GLU_EPILOGUE's output silu(gate) * up of the interleaved halves, rounded as HF's eager MLP
+            y = sl._silu_mul_halves(y)
+        return y
 
     @torch.library.custom_op("preflight::cache_attention", mutates_args=())
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: torch.Tensor, local: torch.Tensor,
@@ -142,14 +141,14 @@ def main() -> None:
     ap.add_argument("mode", choices=["decode", "layer"])
     ap.add_argument("--json", default=None, help="decode: write the turns here")
     ap.add_argument("--switches-on", action="store_true",
-                    help="skinny_linear.FUSE_NORM and FUSE_GATE and static_target.COMPILE_PROLOGUE on (off by "
+                    help="skinny_linear.FUSE_NORM and GLU_EPILOGUE and static_target.COMPILE_PROLOGUE on (off by "
                          "default until timed)")
     args = ap.parse_args()
     emulate()
     if args.switches_on:
         import specforge.static_target as st
 
-        sl.FUSE_NORM = sl.FUSE_GATE = st.COMPILE_PROLOGUE = True
+        sl.FUSE_NORM = sl.GLU_EPILOGUE = st.COMPILE_PROLOGUE = True
     decode(args.json) if args.mode == "decode" else layer()
 
 

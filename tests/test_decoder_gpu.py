@@ -93,18 +93,18 @@ def test_prompt_graphs_equal_unpadded_eager(length):
         torch.testing.assert_close(graph, eager, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("rows, gate", [("loop", False), ("dot", False), ("dot", True)])
+@pytest.mark.parametrize("rows, glu", [("loop", False), ("dot", False), ("dot", True)])
 @pytest.mark.parametrize("compile", [False, True])
-def test_bf16_verify_rows_equal_decode_steps_bitwise(rows, gate, compile, monkeypatch):
+def test_bf16_verify_rows_equal_decode_steps_bitwise(rows, glu, compile, monkeypatch):
     """In bf16, where the skinny linear kernel and the cache attention kernel run, each token's logits and
     features in a verify of 6 (chain) or 16 (tree) tokens equal bit for bit those of one-token decode steps
     over the same cache: what makes greedy speculative decoding give plain decoding's tokens exactly. SmolLM2's
-    widths (hidden 576, 9 query heads over 3 kv heads of 64), from CUDA graphs; `gate`: FUSE_GATE's down
-    projection."""
+    widths (hidden 576, 9 query heads over 3 kv heads of 64), from CUDA graphs; `glu`: the target built with
+    GLU_EPILOGUE (silu(gate) * up in the gate/up projection's launch)."""
     from specforge.kernels import skinny_linear
 
     monkeypatch.setattr(skinny_linear, "ROWS", rows)
-    monkeypatch.setattr(skinny_linear, "FUSE_GATE", gate)
+    monkeypatch.setattr(skinny_linear, "GLU_EPILOGUE", glu)
     target = tiny_target(seed=3, dtype=torch.bfloat16, vocab_size=4096, hidden_size=576, intermediate_size=1536,
                          num_hidden_layers=6, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
                          initializer_range=0.1).cuda()
