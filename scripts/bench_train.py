@@ -70,17 +70,17 @@ def run_variant(name, shape, target, samples, overrides, args):
 
 
 def _run_variant(cfg, name, shape, target, samples, args):
-    features = OnlineFeatures(target, aux_layer_ids(cfg.target, target), cfg.train.compile_target)
+    ids = aux_layer_ids(cfg.target, target)
+    features = OnlineFeatures(target, ids, cfg.train.compile_target)
     try:  # the target's layers compiled for this variant (train.compile_target) go back to eager after it
-        return _timed_variant(cfg, name, shape, target, samples, args, features)
+        return _timed_variant(cfg, name, shape, target, samples, args, ids, features)
     finally:
         features.close()
 
 
-def _timed_variant(cfg, name, shape, target, samples, args, features):
+def _timed_variant(cfg, name, shape, target, samples, args, ids, features):
     dev = torch.device("cuda")
     set_deterministic(cfg.train.deterministic)
-    ids = aux_layer_ids(cfg.target, target)
     head = TargetHead.from_model(target)
     vocab = head.embed.weight.shape[0]
     d2t, t2d = build_vocab(count_tokens(samples, vocab), min(cfg.target.draft.draft_vocab_size, vocab))

@@ -1160,14 +1160,16 @@ def run_sides(spec: dict, args) -> dict:
     return sides
 
 
-def report(spec: dict, sides: dict, args, make_table) -> int:
-    """Print the sides' table, write the JSON (`--out`); exit status 1 if a side failed."""
-    import torch
+def report(spec: dict, sides: dict, args, make_table, device: str | None = None, upstream: str | None = None) -> int:
+    """Print the sides' table, write the JSON (`--out`); exit status 1 if a side failed. `device` and `upstream`:
+    those of the runs merged (`--merge`); by default this machine's and `--upstream`."""
+    if device is None:
+        import torch
 
-    device = torch.cuda.get_device_name() if spec["device"] == "cuda" else f"CPU ({os.cpu_count()} cores)"
+        device = torch.cuda.get_device_name() if spec["device"] == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(make_table(spec, device, sides), flush=True)
     if args.out:
-        res = {"spec": spec, "device": device, "upstream": args.upstream, "sides": sides}
+        res = {"spec": spec, "device": device, "upstream": upstream or args.upstream, "sides": sides}
         Path(args.out).write_text(json.dumps(res, indent=2))
     return 0 if all(r.get("ok") for r in sides.values()) else 1
 
@@ -1187,12 +1189,7 @@ def merge_main(args) -> int:
                 raise SystemExit(f"--merge: the {name} side is in more than one file ({f})")
             sides[name] = side
     make_table = features_table if spec.get("mode") == "features" else table
-    device = runs[0][1]["device"]
-    print(make_table(spec, device, sides), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"spec": spec, "device": device, "upstream": runs[0][1]["upstream"],
-                                              "sides": sides}, indent=2))
-    return 0 if all(r.get("ok") for r in sides.values()) else 1
+    return report(spec, sides, args, make_table, runs[0][1]["device"], runs[0][1]["upstream"])
 
 
 def features_main(args) -> int:

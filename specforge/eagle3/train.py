@@ -106,7 +106,7 @@ def lr_lambda(cfg: Config, total_steps: int):
 
 class OnlineFeatures:
     """Features of a batch by running the target with hooks. `compile_layers`: each decoder layer's forward
-    torch.compiled (`compile_layers`; train.compile_target), undone by `close`."""
+    torch.compiled (`compile_layers_of`; train.compile_target), undone by `close`."""
 
     def __init__(self, target, layer_ids, compile_layers: bool = False):
         self.capture = FeatureCapture(target, layer_ids)

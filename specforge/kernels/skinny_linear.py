@@ -240,10 +240,7 @@ if triton is not None:
 
     @torch.library.custom_op("specforge::skinny_linear", mutates_args=())
     def _skinny_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        return skinny_linear_kernel(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return skinny_linear_kernel(_rows(x), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @_skinny_linear_op.register_fake
     def _(x, weight, bias):
