@@ -8,7 +8,7 @@ override selects a variant, so one call can compare kernels side by side on the 
   python scripts/bench_train.py --shape llama3.1-8b --variant ref train.attention=reference train.fused_loss=false \\
                                 --variant fused train.attention=auto train.fused_loss=true
   python scripts/bench_train.py --shape smollm2-135m --seq 512 --batch 16 --sync-debug   # the GPU recipe's step
-  python scripts/bench_train.py --shape llama3.1-8b --profile     # and the step's kernels by kind (matmul, ...)
+  python scripts/bench_train.py --shape llama3.1-8b --profile     # and the step's kernels by kind and by phase
 """
 
 from __future__ import annotations
@@ -183,17 +183,69 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "element-wise / reduction")
 
 
+# A profiled step's phases are told apart by marks in its kernel stream: torch.cuda._sleep's kernel (the profiler
+# names it at::cuda::(anonymous namespace)::spin_kernel(long)), launched at each phase's start and at the step's
+# end (one stream, so the kernels run in launch order between them).
+MARK = "spin_kernel("
+PHASES = ("target", "draft fwd+loss", "backward", "optimizer")
+
+
+def phase_split(kernels, phases=PHASES, mark: str = MARK):
+    """`kernels`: (name, start, duration) of a profile's GPU kernels, the `mark` kernels included. Returns
+    {phase: {kind: [duration, count]}}: a kernel belongs to the phase whose mark came last before it; one after
+    a step's closing mark and before the next step's first goes to "between steps", one before any mark to
+    "before". The marks themselves are not counted."""
+    out = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
+    seen = 0
+    for name, _, dur in sorted(kernels, key=lambda k: k[1]):
+        if mark in name:
+            seen += 1
+            continue
+        slot = (seen - 1) % (len(phases) + 1)
+        phase = "before" if seen == 0 else phases[slot] if slot < len(phases) else "between steps"
+        cell = out[phase][kernel_kind(name)]
+        cell[0] += dur
+        cell[1] += 1
+    return out
+
+
+def phase_table(split, steps: int) -> str:
+    """Milliseconds per step of each phase by kind of kernel (the kinds as columns), as markdown."""
+    spent = collections.Counter()
+    for by in split.values():
+        spent.update({k: v[0] for k, v in by.items()})
+    kinds = [k for k, _ in spent.most_common()]
+    lines = ["| phase | " + " | ".join(kinds) + " | all |", "|---" * (len(kinds) + 2) + "|"]
+    for phase, by in split.items():
+        cells = [f"{by[k][0] / steps / 1e3:.2f}" if k in by else "" for k in kinds]
+        lines.append(f"| {phase} | " + " | ".join(cells) + f" | {sum(v[0] for v in by.values()) / steps / 1e3:.2f} |")
+    return "\n".join(lines)
+
+
 def profile_step(label, cfg, draft, features, head, draft_ids, samples, params, opt, dev, args, steps: int = 2):
-    """`steps` more training steps under the profiler: GPU time and kernel count by kind of kernel, and the
-    costliest kernels (what the draft's share of the step is made of, beyond the phase split)."""
+    """`steps` more training steps under the profiler: GPU time and kernel count by kind of kernel, the same by
+    phase of the step (`phase_split`), and the costliest kernels (what the draft's share of the step is made
+    of, beyond the phase split)."""
     from torch.profiler import ProfilerActivity, profile
+
+    def mark():
+        torch.cuda._sleep(1)
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
-            train_step(cfg, draft, features, head, draft_ids, collate(samples[i:i + args.batch]), params, opt, dev)
+            mark()
+            loss, _ = run_batch(cfg, draft, features, head, draft_ids, collate(samples[i:i + args.batch]), dev,
+                                mark=mark)
+            mark()
+            loss.backward()
+            mark()
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mark()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count > 0]
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count > 0 and MARK not in e.key]
     total = sum(e.device_time_total for e in kernels) / steps
     if not total:
         print(f"\n### {label}: the profiler recorded no GPU kernels", flush=True)
@@ -207,6 +259,9 @@ def profile_step(label, cfg, draft, features, head, draft_ids, samples, params, 
     print("| kind | ms | share | kernels |\n|---|---|---|---|")
     for kind, (us, n) in sorted(by.items(), key=lambda kv: -kv[1][0]):
         print(f"| {kind} | {us / 1e3:.2f} | {us / total:.0%} | {n:.0f} |")
+    timed = [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in prof.events()
+             if e.device_type.name == "CUDA"]
+    print(f"\nby phase, ms per step:\n{phase_table(phase_split(timed), steps)}")
     print("\ncostliest kernels:")
     for e in sorted(kernels, key=lambda e: -e.device_time_total)[:15]:
         ms = e.device_time_total / steps / 1e3
@@ -231,7 +286,8 @@ def main():
     ap.add_argument("--sync-debug", action="store_true",
                     help="after the timed steps, count the step's host syncs and where they happen")
     ap.add_argument("--profile", action="store_true",
-                    help="after the timed steps, GPU time and kernel count per kind of kernel, and the costliest")
+                    help="after the timed steps, GPU time and kernel count per kind of kernel (all, and per phase of the "
+                    "step), and the costliest kernels")
     ap.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                     help="a named set of train.* overrides; repeatable (default: the config's defaults)")
     args = ap.parse_args()

@@ -1,0 +1,45 @@
+"""`scripts/bench_train.py`'s phase split of a profiled step: kernels go to the phase whose mark came last."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("bench_train", Path(__file__).parents[1] / "scripts" / "bench_train.py")
+bench_train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench_train)
+
+M = "at::cuda::(anonymous namespace)::spin_kernel(long)"
+
+
+def test_phase_split_puts_each_kernel_in_the_phase_after_the_last_mark():
+    step = [  # (name, start, duration): one step, its five marks, kernels of each phase, then a second step
+        ("Memcpy HtoD (Pageable -> Device)", 0.5, 2.0),
+        (M, 1, 0.1), ("nvjet_sm90_tst_256x128_TNT", 2, 30.0), ("vectorized_elementwise_kernel<add>", 3, 4.0),
+        (M, 4, 0.1), ("nvjet_sm90_tst_256x128_NNT", 5, 10.0), ("triton_tem_fused_flex_attention_0", 6, 3.0),
+        ("soft_ce_fwd", 7, 1.5),
+        (M, 8, 0.1), ("direct_copy_kernel_cuda", 9, 2.5), ("triton_tem_fused_flex_attention_backward_1", 10, 6.0),
+        (M, 11, 0.1), ("multi_tensor_apply_kernel<adam>", 12, 5.0),
+        (M, 13, 0.1), ("vectorized_elementwise_kernel<fill>", 14, 0.25),
+    ]
+    second = [(n, t + 20, d * 3) for n, t, d in step[1:]]  # every duration tripled
+    split = bench_train.phase_split(list(reversed(step + second)))  # the profiler's order need not be time's
+    assert dict(split["before"]) == {"copy": [2.0, 1]}
+    assert dict(split["target"]) == {"matmul": [120.0, 2], "element-wise / reduction": [16.0, 2]}
+    assert dict(split["draft fwd+loss"]) == {"matmul": [40.0, 2], "flex attention": [12.0, 2],
+                                             "fused loss": [6.0, 2]}
+    assert dict(split["backward"]) == {"copy": [10.0, 2], "flex attention": [24.0, 2]}
+    assert dict(split["optimizer"]) == {"optimizer": [20.0, 2]}
+    assert dict(split["between steps"]) == {"element-wise / reduction": [1.0, 2]}
+    # the marks are not counted: everything else is, once
+    total = sum(v[0] for by in split.values() for v in by.values())
+    assert total == pytest.approx(sum(d for n, _, d in step + second if n != M))
+
+
+def test_phase_table_gives_milliseconds_per_step():
+    split = bench_train.phase_split([(M, 0, 0.1), ("nvjet_x", 1, 3000.0), ("add_kernel", 2, 1000.0),
+                                     (M, 3, 0.1), ("add_kernel", 4, 500.0)])
+    lines = bench_train.phase_table(split, steps=2).splitlines()
+    assert lines[0] == "| phase | matmul | element-wise / reduction | all |"
+    assert lines[2] == "| target | 1.50 | 0.50 | 2.00 |"
+    assert lines[3] == "| draft fwd+loss |  | 0.25 | 0.25 |"
