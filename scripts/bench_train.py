@@ -286,8 +286,8 @@ def main():
     ap.add_argument("--sync-debug", action="store_true",
                     help="after the timed steps, count the step's host syncs and where they happen")
     ap.add_argument("--profile", action="store_true",
-                    help="after the timed steps, GPU time and kernel count per kind of kernel (all, and per phase of the "
-                    "step), and the costliest kernels")
+                    help="after the timed steps, GPU time and kernel count per kind of kernel (all, and per phase "
+                    "of the step), and the costliest kernels")
     ap.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                     help="a named set of train.* overrides; repeatable (default: the config's defaults)")
     args = ap.parse_args()
