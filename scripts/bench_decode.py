@@ -128,6 +128,8 @@ def main():
                     "(cuBLAS, q/k/v and gate/up apart), not decoding's fused skinny-linear layout")
     ap.add_argument("--profile", action="store_true", help="kernels per step and the costliest, from the profiler")
     ap.add_argument("--deterministic", action="store_true", help="the batch-invariant kernels (bench.deterministic)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampled decoding (the rounds, plain blocks and "
+                    "turns sample; the step rows stay greedy)")
     ap.add_argument("--matmul", choices=["decode", "train"], default="decode",
                     help="with --deterministic: the matmul setting (decode: K split; train: wide tiles, no split)")
     args = ap.parse_args()
@@ -153,7 +155,7 @@ def decoder(args, target, draft, ids, topk=1, tokens=None):
     return SpecDecoder(target, draft, ids, max_len=args.max_len, spec_steps=args.spec_steps, topk=topk,
                        num_draft_tokens=tokens, cuda_graphs=not args.eager,
                        compile=not (args.no_compile or args.deterministic), plain_block=args.plain_block,
-                       draft_layout=not args.draft_modules)
+                       draft_layout=not args.draft_modules, temperature=args.temperature)
 
 
 def round_call(dec: SpecDecoder, n: int):
@@ -169,7 +171,7 @@ def round_call(dec: SpecDecoder, n: int):
 
 
 def turn_ms(dec: SpecDecoder, ahead: bool, n: int, tokens: int = 128) -> float:
-    """Milliseconds per round of whole greedy turns (host reads and bookkeeping included, the prompt's prefill
+    """Milliseconds per round of whole turns (host reads and bookkeeping included, the prompt's prefill
     spread over the rounds), from a prompt of n random tokens; the fastest of three turns (the first captures).
     With random weights a round keeps about one token: this times the rounds, not what they buy."""
     dec.rounds_ahead = ahead
@@ -274,6 +276,7 @@ def step_costs(args) -> dict:
                                                           ", torch.compile") + \
         (f", deterministic switch on ({args.matmul} matmul setting)" if args.deterministic else "") + \
         (", draft projections as modules" if args.draft_modules else "") + \
+        (f", sampled at T={args.temperature}" if args.temperature > 0 else "") + \
         (f", draft settings of {args.config}" if args.config and args.shape else "")
     print(f"\n## {name}: {torch.cuda.get_device_name()}, bf16, context {n}, {mode}")
     print(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bw / 1e12:.2f} TB/s, weight-read floor {floor:.3f} ms")
