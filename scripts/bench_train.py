@@ -140,13 +140,19 @@ def _timed_variant(cfg, name, shape, target, samples, args, ids, features):
     return row, losses
 
 
-def train_step(cfg, draft, features, head, draft_ids, batch, params, opt, dev) -> None:
-    """One untimed training step (forward, backward, clip, AdamW), as the timed loop runs it."""
-    loss, _ = run_batch(cfg, draft, features, head, draft_ids, batch, dev)
+def train_step(cfg, draft, features, head, draft_ids, batch, params, opt, dev, mark=None) -> None:
+    """One untimed training step (forward, backward, clip, AdamW), as the timed loop runs it. `mark()`, if given,
+    is called as each phase starts (target, draft forward + loss, backward, optimizer) and at the end."""
+    mark = mark or (lambda: None)
+    mark()
+    loss, _ = run_batch(cfg, draft, features, head, draft_ids, batch, dev, mark=mark)
+    mark()
     loss.backward()
+    mark()
     torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    mark()
 
 
 def host_syncs(cfg, draft, features, head, draft_ids, samples, params, opt, dev, args) -> str:
@@ -234,16 +240,8 @@ def profile_step(label, cfg, draft, features, head, draft_ids, samples, params, 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
-            mark()
-            loss, _ = run_batch(cfg, draft, features, head, draft_ids, collate(samples[i:i + args.batch]), dev,
-                                mark=mark)
-            mark()
-            loss.backward()
-            mark()
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            mark()
+            train_step(cfg, draft, features, head, draft_ids, collate(samples[i:i + args.batch]), params, opt, dev,
+                       mark=mark)
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count > 0 and MARK not in e.key]
     total = sum(e.device_time_total for e in kernels) / steps
