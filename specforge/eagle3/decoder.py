@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from ..generate import MASK32, mix32, row_seeds, uniform_noise
+from ..generate import MASK32, gumbel_noise, mix32, row_seeds, uniform_noise
 from ..graphs import CapturedCall
 from ..layers import SlotMask, cache_mask, grouped_attention, slot_kernel_serves
 from ..log import say
@@ -252,16 +252,19 @@ class SpecDecoder:
         """Root the noise of the turn that starts in `seed` (default: the decoder's)."""
         self._seed_t.fill_(int(row_seeds(self.seed if seed is None else seed, [0])[0]))
 
+    def _rows(self, pos: torch.Tensor) -> torch.Tensor:
+        """The noise's row seeds [R] of the tokens at positions pos [R] in this turn."""
+        return mix32(self._seed_t ^ mix32(pos & MASK32))
+
     def _uniforms(self, pos: torch.Tensor, lane: int, columns: torch.Tensor) -> torch.Tensor:
         """Uniforms in (0, 1) [R, C] for the tokens at positions pos [R] in `lane`, one per column hash [C]: a
         function of the turn's seed, the position, the lane and the column alone."""
-        rows = mix32(self._seed_t ^ mix32(pos & MASK32))
-        return uniform_noise(rows, self._lanes[lane:lane + 1], columns)
+        return uniform_noise(self._rows(pos), self._lanes[lane:lane + 1], columns)
 
     def _gumbel_pick(self, scores: torch.Tensor, pos: torch.Tensor, lane: int, columns: torch.Tensor) -> torch.Tensor:
         """argmax(scores + Gumbel noise) per row [R]: a draw from softmax(scores) (scores [R, C]: logits / T, or
         log-probabilities, over the tokens whose hashes are `columns`)."""
-        return (scores + self._uniforms(pos, lane, columns).log_().neg_().log_().neg_()).argmax(-1)
+        return (scores + gumbel_noise(self._rows(pos), self._lanes[lane:lane + 1], columns)).argmax(-1)
 
     # ---- plain decoding ----
 
