@@ -29,32 +29,6 @@ def test_graphs_equal_eager_and_plain(steps, topk, tokens):
         assert spec_c == plain_c  # compiled kernels round differently: equal to plain, not necessarily to eager
 
 
-@pytest.mark.parametrize("steps, topk, tokens", [(5, 1, None), (5, 4, 16)])
-def test_sampled_graphs_equal_eager_and_host(steps, topk, tokens):
-    """Sampled rounds and plain sampled blocks replayed from CUDA graphs draw what the same functions draw
-    eagerly (float32), and what the host path draws one decision at a time from the same noise; compiled, the
-    same seed gives the same tokens again (its kernels may round otherwise than eager)."""
-    target = tiny_target(seed=3, initializer_range=0.4).cuda()
-    draft = tiny_draft(target).cuda()
-    prompts = [[5, 17, 99, 3], list(range(40, 80))]
-    outs = {}
-
-    def decode(dec):
-        return [(dec.generate(p, 48, seed=s)[0], dec.generate_plain(p, 48, seed=s)[0]) for p in prompts for s in (0, 1)]
-
-    for rounds, graphs, compile in ((False, False, False), (True, False, False), (True, True, False),
-                                    (True, True, True)):
-        dec = SpecDecoder(target, draft, AUX, max_len=200, spec_steps=steps, topk=topk, num_draft_tokens=tokens,
-                          cuda_graphs=graphs, compile=compile, span_step=32, temperature=1.0, device_rounds=rounds)
-        outs[rounds, graphs, compile] = decode(dec)
-        if compile:
-            assert decode(dec) == outs[rounds, graphs, compile]
-    host, eager, graphs, _ = outs.values()
-    assert graphs == eager
-    assert [spec for spec, _ in eager] == [spec for spec, _ in host]
-    assert eager[0] != eager[1]  # the seed matters
-
-
 @pytest.mark.parametrize("topk, tokens", [(1, None), (4, 16)])
 def test_capture_ahead_covers_every_span(topk, tokens):
     """After capture(), greedy decoding over every span meets only captured graphs, and its outputs equal
@@ -152,3 +126,30 @@ def test_bf16_verify_rows_equal_decode_steps_bitwise(rows, glu, compile, monkeyp
                                                              pos[i:i + 1], one))
             assert torch.equal(l1[0], logits[i]), f"{t} rows: row {i}'s logits differ from its decode step"
             assert torch.equal(a1[0], aux[i]), f"{t} rows: row {i}'s features differ from its decode step"
+
+
+@pytest.mark.parametrize("steps, topk, tokens", [(5, 1, None), (5, 4, 16)])
+def test_sampled_graphs_equal_eager_and_host(steps, topk, tokens):
+    """(Last in the file: a capture that failed would break the CUDA context for every later test in the
+    process.) Sampled rounds and plain sampled blocks replayed from CUDA graphs draw what the same functions draw
+    eagerly (float32), and what the host path draws one decision at a time from the same noise; compiled, the
+    same seed gives the same tokens again (its kernels may round otherwise than eager)."""
+    target = tiny_target(seed=3, initializer_range=0.4).cuda()
+    draft = tiny_draft(target).cuda()
+    prompts = [[5, 17, 99, 3], list(range(40, 80))]
+    outs = {}
+
+    def decode(dec):
+        return [(dec.generate(p, 48, seed=s)[0], dec.generate_plain(p, 48, seed=s)[0]) for p in prompts for s in (0, 1)]
+
+    for rounds, graphs, compile in ((False, False, False), (True, False, False), (True, True, False),
+                                    (True, True, True)):
+        dec = SpecDecoder(target, draft, AUX, max_len=200, spec_steps=steps, topk=topk, num_draft_tokens=tokens,
+                          cuda_graphs=graphs, compile=compile, span_step=32, temperature=1.0, device_rounds=rounds)
+        outs[rounds, graphs, compile] = decode(dec)
+        if compile:
+            assert decode(dec) == outs[rounds, graphs, compile]
+    host, eager, graphs, _ = outs.values()
+    assert graphs == eager
+    assert [spec for spec, _ in eager] == [spec for spec, _ in host]
+    assert eager[0] != eager[1]  # the seed matters
