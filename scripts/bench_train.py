@@ -88,29 +88,22 @@ def _timed_variant(cfg, name, shape, target, samples, args, ids, features):
     draft_ids = torch.arange(draft.d2t.numel(), device=dev) + draft.d2t
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    phases = ("target", "draft_fwd", "backward", "optimizer")
-    spent = dict.fromkeys(phases, 0.0)
+    spent = dict.fromkeys(PHASES, 0.0)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     tokens, t0, losses = 0, 0.0, []
     for i in range(args.steps + args.warmup):
         if i == args.warmup:
             torch.cuda.synchronize()
-            t0, tokens, spent = time.perf_counter(), 0, dict.fromkeys(phases, 0.0)
+            t0, tokens, spent = time.perf_counter(), 0, dict.fromkeys(PHASES, 0.0)
         rows = samples[(i * args.batch) % len(samples):][:args.batch]
         batch = collate(rows)  # on the host: run_batch moves it (and the index of its scored positions)
-        ev = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
-        ev[0].record()
-        loss, _ = run_batch(cfg, draft, features, head, draft_ids, batch, dev, mark=ev[1].record)
-        ev[2].record()
-        loss.backward()
-        ev[3].record()
-        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        ev[4].record()
-        ev[4].synchronize()
-        for k, p in enumerate(phases):
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(len(PHASES) + 1)]
+        marks = iter(ev)  # one event at each phase's start and one at the end
+        loss = train_step(cfg, draft, features, head, draft_ids, batch, params, opt, dev,
+                          mark=lambda: next(marks).record())
+        ev[-1].synchronize()
+        for k, p in enumerate(PHASES):
             spent[p] += ev[k].elapsed_time(ev[k + 1]) / 1e3
         tokens += batch.num_tokens
         losses.append(loss.detach())
@@ -130,7 +123,7 @@ def _timed_variant(cfg, name, shape, target, samples, args, ids, features):
         except Exception as e:
             print(f"{shape} {name}: profile failed: {type(e).__name__}: {e}", flush=True)
     total = sum(spent.values())
-    share = " | ".join(f"{spent[p] / total:.0%}" for p in phases)
+    share = " | ".join(f"{spent[p] / total:.0%}" for p in PHASES)
     row = f"| {shape} | {name} | {tps:,.0f} | {mfu:.1%} | {peak:.1f} | {share} |"
     set_deterministic(False)
     losses = torch.stack(losses).float().cpu()
@@ -140,9 +133,10 @@ def _timed_variant(cfg, name, shape, target, samples, args, ids, features):
     return row, losses
 
 
-def train_step(cfg, draft, features, head, draft_ids, batch, params, opt, dev, mark=None) -> None:
-    """One untimed training step (forward, backward, clip, AdamW), as the timed loop runs it. `mark()`, if given,
-    is called as each phase starts (target, draft forward + loss, backward, optimizer) and at the end."""
+def train_step(cfg, draft, features, head, draft_ids, batch, params, opt, dev, mark=None) -> torch.Tensor:
+    """One training step (forward, backward, clip, AdamW); returns its loss. `mark()`, if given, is called as each
+    phase starts (target, draft forward + loss, backward, optimizer) and at the end: the timed loop records an
+    event there, the profile a mark kernel."""
     mark = mark or (lambda: None)
     mark()
     loss, _ = run_batch(cfg, draft, features, head, draft_ids, batch, dev, mark=mark)
@@ -153,6 +147,7 @@ def train_step(cfg, draft, features, head, draft_ids, batch, params, opt, dev, m
     opt.step()
     opt.zero_grad(set_to_none=True)
     mark()
+    return loss
 
 
 def host_syncs(cfg, draft, features, head, draft_ids, samples, params, opt, dev, args) -> str:
