@@ -118,9 +118,9 @@ def main():
     ap.add_argument("--norm-passes", type=int, choices=[1, 2], default=None,
                     help="skinny_linear.NORM_PASSES (default: the module's), with --fuse-norm 1: HF's roundings in "
                          "two passes over K (2) or one loop scaled by 1/rms at the end (1, bf16)")
-    ap.add_argument("--fuse-gate", type=int, choices=[0, 1], default=None,
-                    help="skinny_linear.FUSE_GATE (default: the module's): the gated MLP's silu(gate) * up in the down "
-                         "projection's launch (1) or a kernel of its own (0)")
+    ap.add_argument("--glu", type=int, choices=[0, 1], default=None,
+                    help="skinny_linear.GLU_EPILOGUE (default: the module's): the gated MLP's silu(gate) * up in the "
+                         "gate/up projection's launch, its rows interleaved (1), or a kernel of its own (0)")
     ap.add_argument("--compile-prologue", type=int, choices=[0, 1], default=None,
                     help="static_target.COMPILE_PROLOGUE (default: the module's): the target's embedding, slot "
                          "positions and rope angles compiled (1) or eager (0)")
@@ -128,6 +128,8 @@ def main():
                     "(cuBLAS, q/k/v and gate/up apart), not decoding's fused skinny-linear layout")
     ap.add_argument("--profile", action="store_true", help="kernels per step and the costliest, from the profiler")
     ap.add_argument("--deterministic", action="store_true", help="the batch-invariant kernels (bench.deterministic)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sampled decoding (the rounds, plain blocks and "
+                    "turns sample; the step rows stay greedy)")
     ap.add_argument("--matmul", choices=["decode", "train"], default="decode",
                     help="with --deterministic: the matmul setting (decode: K split; train: wide tiles, no split)")
     args = ap.parse_args()
@@ -139,8 +141,8 @@ def main():
         skinny_linear.FUSE_NORM = bool(args.fuse_norm)
     if args.norm_passes is not None:
         skinny_linear.NORM_PASSES = args.norm_passes
-    if args.fuse_gate is not None:
-        skinny_linear.FUSE_GATE = bool(args.fuse_gate)
+    if args.glu is not None:
+        skinny_linear.GLU_EPILOGUE = bool(args.glu)
     if args.compile_prologue is not None:
         static_target.COMPILE_PROLOGUE = bool(args.compile_prologue)
     with batch_invariant(args.deterministic, training=args.matmul == "train"):
@@ -153,7 +155,7 @@ def decoder(args, target, draft, ids, topk=1, tokens=None):
     return SpecDecoder(target, draft, ids, max_len=args.max_len, spec_steps=args.spec_steps, topk=topk,
                        num_draft_tokens=tokens, cuda_graphs=not args.eager,
                        compile=not (args.no_compile or args.deterministic), plain_block=args.plain_block,
-                       draft_layout=not args.draft_modules)
+                       draft_layout=not args.draft_modules, temperature=args.temperature)
 
 
 def round_call(dec: SpecDecoder, n: int):
@@ -169,7 +171,7 @@ def round_call(dec: SpecDecoder, n: int):
 
 
 def turn_ms(dec: SpecDecoder, ahead: bool, n: int, tokens: int = 128) -> float:
-    """Milliseconds per round of whole greedy turns (host reads and bookkeeping included, the prompt's prefill
+    """Milliseconds per round of whole turns (host reads and bookkeeping included, the prompt's prefill
     spread over the rounds), from a prompt of n random tokens; the fastest of three turns (the first captures).
     With random weights a round keeps about one token: this times the rounds, not what they buy."""
     dec.rounds_ahead = ahead
@@ -274,6 +276,7 @@ def step_costs(args) -> dict:
                                                           ", torch.compile") + \
         (f", deterministic switch on ({args.matmul} matmul setting)" if args.deterministic else "") + \
         (", draft projections as modules" if args.draft_modules else "") + \
+        (f", sampled at T={args.temperature}" if args.temperature > 0 else "") + \
         (f", draft settings of {args.config}" if args.config and args.shape else "")
     print(f"\n## {name}: {torch.cuda.get_device_name()}, bf16, context {n}, {mode}")
     print(f"weights {weight_bytes / 1e9:.2f} GB, copy bandwidth {bw / 1e12:.2f} TB/s, weight-read floor {floor:.3f} ms")

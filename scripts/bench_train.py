@@ -70,15 +70,22 @@ def run_variant(name, shape, target, samples, overrides, args):
 
 
 def _run_variant(cfg, name, shape, target, samples, args):
+    ids = aux_layer_ids(cfg.target, target)
+    features = OnlineFeatures(target, ids, cfg.train.compile_target)
+    try:  # the target's layers compiled for this variant (train.compile_target) go back to eager after it
+        return _timed_variant(cfg, name, shape, target, samples, args, ids, features)
+    finally:
+        features.close()
+
+
+def _timed_variant(cfg, name, shape, target, samples, args, ids, features):
     dev = torch.device("cuda")
     set_deterministic(cfg.train.deterministic)
-    ids = aux_layer_ids(cfg.target, target)
     head = TargetHead.from_model(target)
     vocab = head.embed.weight.shape[0]
     d2t, t2d = build_vocab(count_tokens(samples, vocab), min(cfg.target.draft.draft_vocab_size, vocab))
     draft = build_draft(cfg, head, ids, d2t, t2d)
     draft_ids = torch.arange(draft.d2t.numel(), device=dev) + draft.d2t
-    features = OnlineFeatures(target, ids)
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     spent = dict.fromkeys(PHASES, 0.0)
@@ -115,7 +122,6 @@ def _run_variant(cfg, name, shape, target, samples, args):
             profile_step(f"{shape} {name}", cfg, draft, features, head, draft_ids, samples, params, opt, dev, args)
         except Exception as e:
             print(f"{shape} {name}: profile failed: {type(e).__name__}: {e}", flush=True)
-    features.close()
     total = sum(spent.values())
     share = " | ".join(f"{spent[p] / total:.0%}" for p in PHASES)
     row = f"| {shape} | {name} | {tps:,.0f} | {mfu:.1%} | {peak:.1f} | {share} |"

@@ -1,10 +1,11 @@
 """Static view of the decode kernels' machine code, on any machine with triton (no GPU needed): compiles
-`skinny_linear`'s projection kernel, its fused add-norm kernel and its gated form for sm_90 with the launch
+`skinny_linear`'s projection kernel, its fused add-norm kernel and its GLU form for sm_90 with the launch
 shapes `launch` picks for one decode row, and counts in the SASS its registers, shared memory, its global loads
 that are software-pipelined (cp.async, issued stages ahead) and those that are not (each waits a memory round
-trip), and its MMAs. A K loop of plain loads waits one round trip per step: `add_norm_linear`'s first pass did,
-which is why its kernel cost about twice the projection on an H100 (docs/benchmarks.md, 2026-12-05). Timings
-come from scripts/bench_decode.py on a GPU.
+trip), its MMAs, and its instructions and special-function ops (MUFU: exp, reciprocal) in all. A K loop of
+plain loads waits one round trip per step: `add_norm_linear`'s first pass did, which is why its kernel cost
+about twice the projection on an H100 (docs/benchmarks.md, 2026-12-05). Timings come from
+scripts/bench_decode.py on a GPU.
 
     python scripts/kernel_sass.py [--shapes 960x576,1536x1536,6144x4096]
 """
@@ -53,13 +54,14 @@ def sass_profile(kernel) -> dict:
     regs = re.search(r"REG:(\d+)", usage)
     return {"regs": int(regs.group(1)) if regs else -1, "smem": kernel.metadata.shared // 1024,
             "async": sum(o.startswith("LDGSTS") for o in ops), "plain": sum(o.startswith("LDG.") for o in ops),
-            "mma": sum(o.startswith("HMMA") for o in ops)}
+            "mma": sum(o.startswith("HMMA") for o in ops), "instructions": len(ops),
+            "mufu": sum(o.startswith("MUFU") for o in ops)}
 
 
 def decode_kernels(n: int, k: int) -> list[tuple[str, object]]:
     """(name, compiled kernel) for one decode row of an [n, k] weight, with the launch shape `launch` picks:
-    the projection, the fused add-norm kernel in two passes and in one, then the projection of silu(gate) * up
-    (FUSE_GATE's, whose input rows are 2k long)."""
+    the projection, the fused add-norm kernel in two passes and in one, then the projection with silu(gate) * up
+    in its epilogue (GLU_EPILOGUE's, for a gate/up weight: n rows interleaving gate and up)."""
     bn, bk, warps, stages, dot, _ = sl.launch(1, n, k, 132)
     common = {"HAS_BIAS": False, "EVEN_K": k % bk == 0, "BLOCK_N": bn, "BLOCK_K": bk}
     kernels = [("projection (`_skinny_kernel`)", compile_sm90(
@@ -68,8 +70,8 @@ def decode_kernels(n: int, k: int) -> list[tuple[str, object]]:
         const = {**common, "HAS_DELTA": True, "STAGES1": sl.pass1_stages(k, bk), "ONE_PASS": passes == 1}
         kernels.append((f"add + norm + projection (`_add_norm_kernel`), {passes} pass{'es' if passes > 1 else ''}",
                         compile_sm90(sl._add_norm_kernel, ADD_NORM, const, {"N": n, "K": k}, warps, stages)))
-    kernels.append(("projection of silu(gate) * up (`_skinny_kernel`, GATED)", compile_sm90(
-        sl._skinny_kernel, SKINNY, {**common, "DOT": dot, "SPLIT": 1, "GATED": True}, {"N": n, "K": k, "KS": k},
+    kernels.append(("projection, silu(gate) * up in its epilogue (`_skinny_kernel`, GLU)", compile_sm90(
+        sl._skinny_kernel, SKINNY, {**common, "DOT": dot, "SPLIT": 1, "GLU": True}, {"N": n, "K": k, "KS": k},
         warps, stages)))
     return kernels
 
@@ -80,15 +82,15 @@ def main():
                     help="N x K of the weights (SmolLM2 q/k/v, gate/up; Qwen2.5-1.5B; Llama-3.1-8B q/k/v)")
     args = ap.parse_args()
     print("| kernel | N x K | BLOCK_N, BLOCK_K | K steps | regs | shared KiB | cp.async loads (prefetched) "
-          "| plain loads | MMAs |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| plain loads | MMAs | instructions | MUFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape in args.shapes.split(","):
         n, k = map(int, shape.split("x"))
         bn, bk = sl.launch(1, n, k, 132)[:2]
         for name, kernel in decode_kernels(n, k):
             p = sass_profile(kernel)
             print(f"| {name} | {n} x {k} | {bn}, {bk} | {-(-k // bk)} | {p['regs']} | {p['smem']} | {p['async']} "
-                  f"| {p['plain']} | {p['mma']} |")
+                  f"| {p['plain']} | {p['mma']} | {p['instructions']} | {p['mufu']} |")
 
 if __name__ == "__main__":
     main()

@@ -11,12 +11,13 @@ PYTHONPATH (no GPU needed). Run it from the tree to check, with that tree first 
   PYTHONPATH=DIR:. python scripts/preflight_cpu.py layer                  # kernels per compiled target layer
 
 `decode`: a tiny bf16 Llama target and a draft with norm_output, trained a moment (tests/test_decoder.py), the
-compiled decoder (chain S=4 and tree 3/10) on four prompts; writes each turn's tokens and accept lengths (and
-plain greedy's tokens) and prints dynamo's counts. Two trees that decode alike give equal files. The speculative
-tokens are not those of plain greedy here, on main too (they part after 2 to 34 tokens, at near-ties of bf16
-logits): with the same emulated ops, the static target's verify of 4 tokens gives the logits of 4 decode steps
-bit for bit in eager mode, but not once inductor's CPU backend compiles it (its code for one token and for several
-rounds differently). On the GPU, tests/test_decoder_gpu.py holds the compiled paths to the same bits.
+compiled decoder (chain S=4 and tree 3/10; `--temperature T`: sampled) on four prompts; writes each turn's tokens
+and accept lengths (and plain decoding's tokens) and prints dynamo's counts. Two trees that decode alike give equal
+files. The speculative tokens are not those of plain greedy here, on main too (they part after 2 to 34 tokens,
+at near-ties of bf16 logits): with the same emulated ops, the static target's verify of 4 tokens gives the
+logits of 4 decode steps bit for bit in eager mode, but not once inductor's CPU backend compiles it (its code for
+one token and for several rounds differently). On the GPU, tests/test_decoder_gpu.py holds the compiled paths to
+the same bits.
 `layer`: the kernels and extern calls of each compiled graph of the target's layer (inductor's output code).
 """
 
@@ -48,12 +49,11 @@ def emulate() -> None:
                 and weight.is_contiguous() and x.shape[-1] == weight.shape[1] and x.shape[-1] <= max_k()
                 and x.numel() <= sl.MAX_ROWS * x.shape[-1] and not sl.batch_invariant.active())
 
-    def kernel(x2, weight, bias, cfg=None, gated=False):
-        x = x2.double()
-        if gated:  # FUSE_GATE's input silu(gate) * up, rounded as the kernel rounds it (HF's eager MLP)
-            g, u = x2.chunk(2, -1)
-            x = (F.silu(g) * u).double()
-        return F.linear(x, weight.double(), None if bias is None else bias.double()).to(x2.dtype)
+    def kernel(x2, weight, bias, cfg=None, glu=False):
+        y = F.linear(x2.double(), weight.double(), None if bias is None else bias.double()).to(x2.dtype)
+        if glu:  # GLU_EPILOGUE's output silu(gate) * up of the interleaved halves, rounded as HF's eager MLP
+            y = sl._silu_mul_halves(y)
+        return y
 
     @torch.library.custom_op("preflight::cache_attention", mutates_args=())
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: torch.Tensor, local: torch.Tensor,
@@ -81,7 +81,7 @@ def counts() -> dict:
             "unique_graphs": counters["stats"]["unique_graphs"]}
 
 
-def decode(out: str | None) -> None:
+def decode(out: str | None, temperature: float = 0.0) -> None:
     from specforge.eagle3.decoder import SpecDecoder
     from tests.conftest import tiny_target
     from tests.test_decoder import AUX, PROMPTS, train_draft
@@ -92,7 +92,7 @@ def decode(out: str | None) -> None:
     turns = []
     for topk, tokens in ((1, None), (3, 10)):
         dec = SpecDecoder(target, draft, AUX, max_len=160, spec_steps=4, topk=topk, num_draft_tokens=tokens,
-                          compile=True, span_step=1024)
+                          compile=True, span_step=1024, temperature=temperature)
         for p in PROMPTS:
             got, stats = dec.generate(p, 50)
             turns.append({"topk": topk, "prompt": p, "tokens": got, "accept_lengths": stats.accept_lengths,
@@ -141,16 +141,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("mode", choices=["decode", "layer"])
     ap.add_argument("--json", default=None, help="decode: write the turns here")
+    ap.add_argument("--temperature", type=float, default=0.0, help="decode: sampled rounds and plain blocks")
     ap.add_argument("--switches-on", action="store_true",
-                    help="skinny_linear.FUSE_NORM and FUSE_GATE and static_target.COMPILE_PROLOGUE on (off by "
+                    help="skinny_linear.FUSE_NORM and GLU_EPILOGUE and static_target.COMPILE_PROLOGUE on (off by "
                          "default until timed)")
     args = ap.parse_args()
     emulate()
     if args.switches_on:
         import specforge.static_target as st
 
-        sl.FUSE_NORM = sl.FUSE_GATE = st.COMPILE_PROLOGUE = True
-    decode(args.json) if args.mode == "decode" else layer()
+        sl.FUSE_NORM = sl.GLU_EPILOGUE = st.COMPILE_PROLOGUE = True
+    decode(args.json, args.temperature) if args.mode == "decode" else layer()
 
 
 if __name__ == "__main__":

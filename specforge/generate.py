@@ -71,14 +71,18 @@ def row_seeds(seed: int, keys: list[int]) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def gumbel_noise(rows: torch.Tensor, step: torch.Tensor, token_hash: torch.Tensor) -> torch.Tensor:
-    """Standard Gumbel noise [B, V] for rows' seeds [B] at generated-token index `step` ([1]); `token_hash`
-    [V] is mix32 of the token ids. Uniforms carry 24 bits, so they are exact in float32 and lie in (0, 1)."""
+def uniform_noise(rows: torch.Tensor, step: torch.Tensor, token_hash: torch.Tensor) -> torch.Tensor:
+    """Uniform noise [B, V] in (0, 1) for rows' seeds [B] at generated-token index `step` ([1]); `token_hash`
+    [V] is mix32 of the token ids. Uniforms carry 24 bits, so they are exact in float32."""
     at_step = mix32(rows ^ mix32((step + 0x9E3779B9) & MASK32))
     x = mix32(at_step[:, None] ^ token_hash[None, :], rounds=2)  # both inputs well mixed: two rounds suffice
     x >>= 8
-    u = x.float().add_(0.5).mul_(1.0 / (1 << 24))
-    return u.log_().neg_().log_().neg_()
+    return x.float().add_(0.5).mul_(1.0 / (1 << 24))
+
+
+def gumbel_noise(rows: torch.Tensor, step: torch.Tensor, token_hash: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise [B, V]: -log(-log(u)) of `uniform_noise`."""
+    return uniform_noise(rows, step, token_hash).log_().neg_().log_().neg_()
 
 
 def pick(logits: torch.Tensor, temperature: Optional[torch.Tensor], rows: torch.Tensor, step: torch.Tensor,

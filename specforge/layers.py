@@ -15,8 +15,20 @@ from .kernels.invariant_attention import attention as invariant_attention
 from .kernels.invariant_attention import key_order
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype `t`'s values travel in: autocast's where `t` is float32 and autocast is on for its device (the
+    tensors autocast casts for a projection), else `t`'s own. Training keeps float32 weights under bf16
+    autocast: a norm's float32 weight would make its output float32, which each projection reading it casts
+    again (and whose gradient each casts back), though the projections see the same bf16 values."""
+    kind = t.device.type
+    if t.dtype == torch.float32 and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return t.dtype
+
+
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm (statistics in at least float32, as HF does), which keeps float64 exact for tests."""
+    """Llama's RMSNorm (statistics in at least float32, as HF does), which keeps float64 exact for tests. Under
+    autocast it returns autocast's dtype (`autocast_dtype`)."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -24,12 +36,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        out = self.formula(x)
+        return out.to(autocast_dtype(out))
+
+    def formula(self, x):
         y = x.to(torch.promote_types(x.dtype, torch.float32))
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * y.to(x.dtype)
 
 
-batch_invariant.register_norm_class(RMSNorm)  # the deterministic switch swaps its forward too
+batch_invariant.register_norm_class(RMSNorm, "formula")  # the deterministic switch swaps the formula
 
 
 def rope_angles(rotary, like: torch.Tensor, positions: torch.Tensor):

@@ -27,8 +27,8 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "llama4_text")
 # Whether `compile()` compiles the forward's prologue too; off: on an H100 (2026-12-05) it cut the SmolLM2 step by
 # 0-4%, within run-to-run spread, and its GPU tests have not run with it alone (bench_decode.py --compile-prologue).
 COMPILE_PROLOGUE = False
-# Activation modules that compute silu(x) (torch's and HF's), which `skinny_linear.silu_mul_linear` can stand in
-# for in a gated MLP.
+# Activation modules that compute silu(x) (torch's and HF's): a gated MLP with one of them can take
+# `skinny_linear.glu_linear` (GLU_EPILOGUE).
 SILUS = ("SiLU", "SiLUActivation")
 
 
@@ -135,6 +135,29 @@ def is_gated_mlp(ff: nn.Module) -> bool:
         and (hasattr(ff, "act_fn") or hasattr(ff, "activation_fn"))
 
 
+def is_silu_mlp(ff: nn.Module) -> bool:
+    """A gated MLP whose activation is SiLU (`SILUS`): `skinny_linear.glu_linear` computes it."""
+    return is_gated_mlp(ff) and type(getattr(ff, "act_fn", None) or ff.activation_fn).__name__ in SILUS
+
+
+def interleave_linears(gate: nn.Linear, up: nn.Linear) -> tuple[torch.Tensor, Optional[torch.Tensor], None]:
+    """One weight (and bias) for a gated MLP's gate and up projections with their rows interleaved (gate 0, up 0,
+    gate 1, ...; `skinny_linear.interleave_rows`), the layout `glu_linear` reads. The modules' parameters become
+    strided views of it (no extra memory; the HF module still computes what it did). Returns (weight, bias or
+    None, None): the None in place of `fuse_linears`' widths marks the layout."""
+    weight = skinny_linear.interleave_rows(gate.weight.detach(), up.weight.detach())
+    bias = None
+    if gate.bias is not None or up.bias is not None:
+        zeros = gate.weight.new_zeros(gate.weight.shape[0])
+        bias = skinny_linear.interleave_rows(zeros if gate.bias is None else gate.bias.detach(),
+                                             zeros if up.bias is None else up.bias.detach())
+    for half, m in enumerate((gate, up)):
+        m.weight = nn.Parameter(weight[half::2], requires_grad=False)
+        if m.bias is not None:
+            m.bias = nn.Parameter(bias[half::2], requires_grad=False)
+    return weight, bias, None
+
+
 class StaticTarget(nn.Module):
     """`fuse=True` (not under tensor parallelism) joins each layer's q/k/v projections, and the gate and up
     projections of dense MLPs, into one matmul each (`fuse_linears`: the HF parameters become views).
@@ -142,8 +165,9 @@ class StaticTarget(nn.Module):
     kernel reads a weight faster than cuBLAS at the few rows of a decode step or a verify; with
     `skinny_linear.FUSE_NORM`, where it serves, the residual add and the RMSNorm before the fused q/k/v and
     gate/up projections and before the head join that launch (`add_norm_linear`: two kernels fewer per layer);
-    with `skinny_linear.FUSE_GATE`, a SiLU-gated MLP's silu(gate) * up joins the down projection's launch
-    (`silu_mul_linear`: one fewer)."""
+    with `skinny_linear.GLU_EPILOGUE` when the target is built, a SiLU-gated MLP's gate and up rows are
+    interleaved and its silu(gate) * up joins the gate/up projection's launch (`glu_linear`: one kernel fewer;
+    that projection's add and norm then stay op by op, outside FUSE_NORM's launch)."""
 
     def __init__(self, model: nn.Module, aux_layer_ids: list[int], max_len: int, batch: int = 1,
                  fuse: bool = True, skinny: bool = True):
@@ -183,9 +207,11 @@ class StaticTarget(nn.Module):
         split = hasattr(attn.q_proj.weight, "to_local")  # tensor parallel: the shards stay as they are
         self.qkv = [fuse_linears([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj])
                     if fuse and not split else None for l in layers]
-        self.gate_up = [fuse_linears([f.gate_proj, f.up_proj]) if fuse and not split and is_gated_mlp(f) else None
-                        for f in (self._ff(l) for l in layers)]
         self.skinny = skinny and not split
+        glu = self.skinny and skinny_linear.GLU_EPILOGUE
+        self.gate_up = [None if not (fuse and not split and is_gated_mlp(f)) else
+                        interleave_linears(f.gate_proj, f.up_proj) if glu and is_silu_mlp(f) else
+                        fuse_linears([f.gate_proj, f.up_proj]) for f in (self._ff(l) for l in layers)]
         # Whether a CUDA graph can capture the forward: every feed-forward is dense, Llama 4's (dense over its
         # experts), or a sparse block `sparse_moe` runs; other sparse blocks route through the host.
         self.capturable = all(self.llama4 or is_gated_mlp(f) or is_sparse_block(f)
@@ -333,13 +359,14 @@ class StaticTarget(nn.Module):
         o = self._proj(a.o_proj, o.transpose(1, 2).reshape(b, s, -1))
         ff = self._ff(layer)
         if gate_up is not None:
+            if gate_up[2] is None:  # interleaved (GLU_EPILOGUE): silu(gate) * up in the projection's launch
+                h = h + o
+                act = skinny_linear.glu_linear(layer.post_attention_layernorm(h), gate_up[0], gate_up[1])
+                return h, h_in, self._proj(ff.down_proj, act)
             gate_up_out, h = self._norm_linear(layer.post_attention_layernorm, h, o, gate_up[0], gate_up[1])
             act = getattr(ff, "act_fn", None) or ff.activation_fn
-            down = ff.down_proj
-            if self.skinny and type(down) is nn.Linear and type(act).__name__ in SILUS:  # one launch with FUSE_GATE
-                return h, h_in, skinny_linear.silu_mul_linear(gate_up_out, down.weight, down.bias)
             gate, up = gate_up_out.chunk(2, dim=-1)
-            return h, h_in, self._proj(down, act(gate) * up)
+            return h, h_in, self._proj(ff.down_proj, act(gate) * up)
         h = h + o
         return h, h_in, self._feed_forward(ff, layer.post_attention_layernorm(h))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specforge.eagle3.acceptance import chain_accept_lengths, match_lengths
-from specforge.eagle3.decoder import SpecDecoder, Tree
+from specforge.eagle3.decoder import TARGET_LANE, SpecDecoder, Tree
 from specforge.static_target import StaticTarget
 from specforge.eagle3.ttt import SoftLabels, ttt_loss
 
@@ -91,7 +91,7 @@ def test_device_tree_is_the_host_tree(target, trained_draft, eagle31_draft, step
     def propose_both(root, root_hidden, n_t):
         n = int(n_t)
         snapshot = dec.dk.clone(), dec.dv.clone()
-        tree = host_propose(int(root), root_hidden, n, None)
+        tree = host_propose(int(root), root_hidden, n)
         dec.dk.copy_(snapshot[0])
         dec.dv.copy_(snapshot[1])
         tokens, parents, depths = device_propose(root, root_hidden, n_t)
@@ -201,7 +201,7 @@ def test_padded_prompt_equals_unpadded(target, trained_draft, length):
 def oracle_propose(dec, target, seq_ref):
     """A proposer that is given the target's own answer: its chain is the target's greedy continuation."""
 
-    def propose(root_token, root_hidden, n, gen):
+    def propose(root_token, root_hidden, n):
         seq = seq_ref[0][:n] + [root_token]
         chain = [root_token]
         for _ in range(dec.spec_steps):
@@ -222,7 +222,7 @@ def test_oracle_draft_reaches_full_acceptance(target, trained_draft, steps, devi
     seq_ref = [prompt + plain]
     oracle = oracle_propose(dec, target, seq_ref)
     dec._propose = oracle
-    dec._propose_chain = lambda root, hidden, n_t: oracle(int(root), hidden, int(n_t), None).tokens
+    dec._propose_chain = lambda root, hidden, n_t: oracle(int(root), hidden, int(n_t)).tokens
     spec, stats = dec.generate(prompt, 40)
     assert spec == plain
     assert all(a == steps + 1 for a in stats.accept_lengths[:-1])
@@ -231,7 +231,8 @@ def test_oracle_draft_reaches_full_acceptance(target, trained_draft, steps, devi
 @pytest.mark.parametrize("topk, nodes", [(1, None), (3, 7)])
 def test_speculative_sampling_matches_target_distribution(topk, nodes):
     """Marginals of the 2nd and 3rd sampled tokens against the exact target distribution (enumerated),
-    by a chi-square test, for a sampled chain and a tree of top-k candidates. The draft is random and its
+    by a chi-square test, for a sampled chain and a tree of top-k candidates (the device rounds; the host path
+    draws the same tokens, `test_sampled_device_rounds_are_the_host_path`). The draft is random and its
     vocab covers half the target's, so draft tokens are often rejected and tokens outside the draft vocab
     come only from the residual or the bonus."""
     target = tiny_target(seed=5, vocab_size=16, initializer_range=0.15)
@@ -267,6 +268,48 @@ def test_speculative_sampling_matches_target_distribution(topk, nodes):
     assert dec.generate(prompt, 8, seed=11)[0] == dec.generate(prompt, 8, seed=11)[0]
 
 
+@pytest.mark.parametrize("steps, topk, tokens, temperature", [(4, 1, None, 1.0), (3, 1, None, 0.6), (4, 3, 10, 1.0),
+                                                              (5, 4, 16, 0.6)])
+def test_sampled_device_rounds_are_the_host_path(target, trained_draft, steps, topk, tokens, temperature):
+    """Sampled rounds on the device (fixed shapes, every decision vectorised) draw, round by round, what the
+    host path draws one decision at a time from the same noise: the same tokens and accept lengths for every
+    prompt and seed, chain and tree. The noise is keyed by position, so the rounds may fall anywhere."""
+    dec = SpecDecoder(target, trained_draft, AUX, max_len=160, spec_steps=steps, topk=topk, num_draft_tokens=tokens,
+                      temperature=temperature)
+    runs = {}
+    for device_rounds in (True, False):
+        dec.device_rounds = device_rounds
+        runs[device_rounds] = [dec.generate(p, 40, seed=seed) for p in PROMPTS for seed in (0, 1)]
+    for (d_out, d_stats), (h_out, h_stats) in zip(runs[True], runs[False]):
+        assert d_out == h_out
+        assert d_stats.accept_lengths == h_stats.accept_lengths
+    lengths = [a for _, st in runs[True] for a in st.accept_lengths]
+    assert max(lengths) > 1 and min(lengths) == 1  # rounds that accepted draft tokens, and rounds that did not
+    assert runs[True][0][0] != runs[True][1][0]  # another seed, other tokens
+
+
+def test_sampled_plain_decoding_draws_each_token_from_its_position(target, trained_draft):
+    """Plain sampled decoding in blocks of steps on the device is, token for token, the plain reference: the HF
+    model's logits over the whole sequence so far (float64), divided by T, plus the Gumbel noise of the token's
+    position, argmax. Blocks of 1 and of 4 give the same tokens; so does decoding the same seed again."""
+    t64 = copy.deepcopy(target).double()
+    draft = copy.deepcopy(trained_draft).double()
+    draft.set_embed_tokens(t64.model.embed_tokens)
+    temp, prompt = 0.8, PROMPTS[1]
+    got = {}
+    for block in (1, 4):
+        dec = SpecDecoder(t64, draft, AUX, max_len=64, temperature=temp, plain_block=block)
+        got[block] = dec.generate_plain(prompt, 30, seed=3)[0]
+    assert got[1] == got[4] == dec.generate_plain(prompt, 30, seed=3)[0]
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(30):
+            logits = t64(input_ids=torch.tensor([seq])).logits[0, -1:]
+            seq.append(int(dec._gumbel_pick(logits / temp, torch.tensor([len(seq)]), TARGET_LANE, dec._token_hash)))
+    assert got[4] == seq[len(prompt):]
+    assert got[4] != dec.generate_plain(prompt, 30, seed=4)[0]
+
+
 @pytest.mark.parametrize("kind", ["eagle3", "eagle3.1"])
 def test_one_unroll_estimates_every_chain_length(target, trained_draft, eagle31_draft, kind):
     """The acceptance lengths of chains of 1..5 steps, replayed from one TTT unroll of the draft over the plain
@@ -288,16 +331,19 @@ def test_one_unroll_estimates_every_chain_length(target, trained_draft, eagle31_
     assert checked  # some chains accepted draft tokens
 
 
-@pytest.mark.parametrize("topk, tokens", [(1, None), (3, 8)])
-def test_compiled_decoder_equals_eager(target, eagle31_draft, topk, tokens):
+@pytest.mark.parametrize("topk, tokens, temperature", [(1, None, 0.0), (3, 8, 0.0), (1, None, 1.0), (3, 8, 1.0)])
+def test_compiled_decoder_equals_eager(target, eagle31_draft, topk, tokens, temperature):
     """torch.compile'd forwards (the GPU default; inductor's CPU backend here): the draft's carry and head fused
-    into its compiled functions give the eager decoder's accept lengths, and plain greedy's tokens."""
+    into its compiled functions give the eager decoder's accept lengths, and greedy gives plain greedy's
+    tokens; sampled, the compiled draws (noise, acceptance, residual) are the eager ones."""
     got = {}
     for compile in (False, True):
         dec = SpecDecoder(target, eagle31_draft, AUX, max_len=160, spec_steps=4, topk=topk, num_draft_tokens=tokens,
-                          compile=compile, span_step=1024)
+                          compile=compile, span_step=1024, temperature=temperature)
         got[compile] = [dec.generate(p, 50) for p in PROMPTS]
-        for p, (out, _) in zip(PROMPTS, got[compile]):
-            assert out == dec.generate_plain(p, 50)[0]
+        if temperature == 0:
+            for p, (out, _) in zip(PROMPTS, got[compile]):
+                assert out == dec.generate_plain(p, 50)[0]
+    assert [out for out, _ in got[False]] == [out for out, _ in got[True]]
     lengths = [[s.accept_lengths for _, s in got[c]] for c in (False, True)]
     assert lengths[0] == lengths[1] and max(max(x) for x in lengths[1]) > 1

@@ -41,3 +41,42 @@ def test_soft_labels_restricted_to_draft_vocab():
     part = soft_labels(final, w, draft_ids, needed, chunk=2)
     torch.testing.assert_close(part.logits[needed], lab.logits[needed])
     assert (part.logits[~needed] == 0).all() and torch.equal(part.argmax[needed], lab.argmax[needed])
+
+
+def test_compiled_target_layers_give_the_eager_features():
+    """train.compile_target: each decoder layer's forward compiled (the hooks outside it). A padded row, then a
+    packed batch (4-D mask): the features match the eager target's within float32 rounding of fused kernels, one
+    graph per kind of mask serves all six layers with no graph break, and closing gives the layers their class
+    forward back."""
+    import torch._dynamo
+
+    from specforge.eagle3.train import OnlineFeatures
+    from specforge.data.batching import Batch
+
+    torch._dynamo.reset()
+    target = tiny_target()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+    att = torch.ones_like(ids)
+    att[1, 9:] = 0
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])  # row 0 packs two conversations
+    position_ids = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12).clone()
+    position_ids[1] = torch.arange(12)
+    batches = [Batch(ids, att, att.bool()),
+               Batch(ids, torch.ones_like(ids), att.bool(), doc_ids=doc_ids, position_ids=position_ids)]
+    eager = OnlineFeatures(target, [2, 4, 5])
+    want = [eager(b) for b in batches]
+    eager.close()
+    compiled = OnlineFeatures(target, [2, 4, 5], compile_layers=True)
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    for batch, ref in zip(batches, want):
+        for a, b in zip(compiled(batch), ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            assert not torch.equal(a, torch.zeros_like(a))
+    assert not torch.allclose(want[0][0], want[1][0])  # the packed row's second conversation sees only itself
+    assert 1 <= counts["stats"]["unique_graphs"] <= 2 and not counts["graph_break"]  # one graph per kind of mask
+    assert all("forward" in vars(layer) for layer in target.model.layers)
+    compiled.close()
+    assert not any("forward" in vars(layer) for layer in target.model.layers)
+    assert not any(layer._forward_pre_hooks for layer in target.model.layers)
+    torch._dynamo.reset()

@@ -209,8 +209,9 @@ def test_deterministic_switch_on_the_cpu_changes_no_bit(tmp_path, tiny_target_fo
     finally:
         set_deterministic(False)
     _assert_same(_result(tmp_path / "det"), unbroken["online"])
-    with pytest.raises(SystemExit, match="train.deterministic and train.compile"):
-        train(_cfg(tiny_target_folder, data, tmp_path / "x", "train.deterministic=true", "train.compile=true"))
+    for key in ("compile", "compile_target"):
+        with pytest.raises(SystemExit, match=f"train.deterministic and train.{key}:"):
+            train(_cfg(tiny_target_folder, data, tmp_path / "x", "train.deterministic=true", f"train.{key}=true"))
 
 
 def test_prune_killed_mid_removal_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -51,7 +51,13 @@ def build(family: str, **extra):
     ("mistral", {"sliding_window": 7}),  # every layer windowed
     ("qwen3", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 3}),  # layers 3.. windowed
     ("llama4", {})])
-def test_static_forward_equals_the_hf_forward(family, extra):
+@pytest.mark.parametrize("glu", [False, True], ids=["fused-gate-up", "glu-interleaved"])
+def test_static_forward_equals_the_hf_forward(family, extra, glu, monkeypatch):
+    """`glu`: built with skinny_linear.GLU_EPILOGUE, so the dense SiLU MLPs take interleaved gate/up rows and
+    `glu_linear` (its CPU path here)."""
+    from specforge.kernels import skinny_linear
+
+    monkeypatch.setattr(skinny_linear, "GLU_EPILOGUE", glu)
     model = build(family, **extra)
     g = torch.Generator().manual_seed(1)
     seq = torch.randint(0, 256, (1, 20), generator=g)
@@ -59,6 +65,8 @@ def test_static_forward_equals_the_hf_forward(family, extra):
         ref = model(input_ids=seq, output_hidden_states=True)
     ref_aux = torch.cat([ref.hidden_states[j] for j in AUX], -1)[0]
     st = StaticTarget(model, AUX, max_len=32)
+    dense = [g for g in st.gate_up if g is not None]
+    assert dense and all((g[2] is None) == glu for g in dense) or family == "qwen3_moe"
     slots = torch.arange(32)
     got_logits, got_aux = [], []
     # 12 tokens of prefill, a causal block of 4 (a chain verify), then 4 decode steps.
@@ -177,11 +185,13 @@ def test_family_norms_equal_the_fused_kernels_reference():
                 assert torch.equal(_add_norm(x, None, n.weight, eps)[0], n(x)), (cls.__name__, dtype)
 
 
-def test_family_mlps_equal_the_gated_kernels_reference():
-    """`skinny_linear.silu_mul_linear` (FUSE_GATE) stands in for a gated MLP whose activation is in `SILUS`; its
-    reference (HF's eager roundings, which the kernel matches), fed the fused gate/up output, must give each
-    dense family's HF MLP bit for bit in the decode dtypes, and so must its CPU path (the kernel serves CUDA
-    only)."""
+def test_family_mlps_equal_the_glu_reference():
+    """`skinny_linear.glu_linear` (GLU_EPILOGUE) stands in for the gate/up half of a gated MLP whose activation is
+    in `SILUS`, on interleaved gate/up rows (`interleave_linears`, which leaves the HF module computing what it
+    did through strided views). Its reference (HF's eager roundings, which the kernel matches) and its CPU path,
+    then the down projection, must give each dense family's HF MLP bit for bit in the decode dtypes."""
+    import copy
+
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
     from transformers.models.llama.modeling_llama import LlamaMLP
     from transformers.models.llama4.modeling_llama4 import Llama4TextMLP
@@ -190,22 +200,23 @@ def test_family_mlps_equal_the_gated_kernels_reference():
     from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
 
     from specforge.kernels import skinny_linear as sl
-    from specforge.static_target import SILUS, is_gated_mlp
+    from specforge.static_target import interleave_linears, is_silu_mlp
 
     small = dict(hidden_size=64, intermediate_size=96, hidden_act="silu")
     mlps = [LlamaMLP(LlamaConfig(**small)), MistralMLP(MistralConfig(**small)), Qwen2MLP(Qwen2Config(**small)),
             Qwen3MLP(Qwen3Config(**small)), Llama4TextMLP(Llama4TextConfig(**small))]
     gen = torch.Generator().manual_seed(0)
     for mlp in mlps:
-        act = getattr(mlp, "act_fn", None) or mlp.activation_fn  # Llama 4 names it activation_fn
-        assert is_gated_mlp(mlp) and type(act).__name__ in SILUS, type(mlp).__name__
+        assert is_silu_mlp(mlp), type(mlp).__name__
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             m = mlp.to(dtype)
             x = (2 * torch.randn(5, 64, generator=gen)).to(dtype)
             with torch.no_grad():
-                gate_up = torch.cat([m.gate_proj(x), m.up_proj(x)], dim=-1)
                 want = m(x)
-                assert torch.equal(sl.silu_mul_linear_reference(gate_up, m.down_proj.weight), want), \
-                    (type(mlp).__name__, dtype)
-                assert torch.equal(sl.silu_mul_linear(gate_up, m.down_proj.weight), want), (type(mlp).__name__, dtype)
-    assert not sl.gate_serves(gate_up, m.down_proj.weight)  # the CPU: op by op
+                views = copy.deepcopy(m)
+                w, b, widths = interleave_linears(views.gate_proj, views.up_proj)
+                assert widths is None and b is None and w.shape == (192, 64)
+                assert torch.equal(views(x), want)  # the module through its strided views
+                for glu in (sl.glu_linear_reference, sl.glu_linear):
+                    assert torch.equal(m.down_proj(glu(x, w)), want), (type(mlp).__name__, dtype, glu.__name__)
+    assert not sl.glu_serves(x, w)  # the CPU: op by op

@@ -148,3 +148,12 @@ def test_bench_cli_writes_reports(tmp_path, tiny_target_folder):
         assert 1 + sum(rates) == pytest.approx(r["accept_length"]) and r["ms_per_round"] > 0
     assert sweep["best"] in sweep["rows"]
     assert "--speculative-num-steps" in sweep["serve_flags"][0] and "num_speculative_tokens" in sweep["serve_flags"][1]
+    # Sampled, the sweep decodes every setting (rounds on the device, as greedy ones) and gives no chain estimate,
+    # which replays greedy rounds.
+    main(["bench", "--target", str(tiny_target_folder), f"out_dir={out}", "--sweep", "--temperature", "1.0",
+          "bench.limit=1", "bench.max_new_tokens=12", "bench.sweep_chains=[3]", "bench.sweep_trees=['3,2,6']",
+          f"bench.out={out / 'sampled'}"])
+    sampled = json.loads((out / "sampled" / "sweep.json").read_text())
+    assert sampled["estimated_chain_accept_length"] == {}
+    assert [r["estimated_accept_length"] for r in sampled["rows"]] == [None, None]
+    assert all(r["accept_length"] >= 1.0 for r in sampled["rows"])

@@ -128,9 +128,11 @@ def test_padding_the_time_axis_changes_nothing(tiny_target_folder):
         torch.testing.assert_close(b.accept, a.accept, rtol=1e-12, atol=1e-12)
 
 
-def test_cpu_autocast_runs_the_draft_step_in_bf16(tiny_target_folder):
+@pytest.mark.parametrize("eagle31", [False, True], ids=["eagle3", "eagle3.1"])
+def test_cpu_autocast_runs_the_draft_step_in_bf16(tiny_target_folder, eagle31):
     """train.cpu_autocast: the CPU step under bf16 autocast, as on CUDA. Its loss and gradients must stay within
-    bf16 rounding of the float64 step, and differ from the float32 step's (the matmuls did run in bf16)."""
+    bf16 rounding of the float64 step, and differ from the float32 step's (the matmuls did run in bf16). With
+    EAGLE 3.1's norms too (fc_norm; norm_output hands a norm's output to the next step, bf16 under autocast)."""
     import copy
     import dataclasses
 
@@ -139,8 +141,9 @@ def test_cpu_autocast_runs_the_draft_step_in_bf16(tiny_target_folder):
     from specforge.eagle3.train import OnlineFeatures, build_draft, run_batch
     from specforge.targets import TargetHead, load_target
 
+    flags = [f"target.draft.fc_norm={eagle31}", f"target.draft.norm_output={eagle31}"]
     cfg = load_config(str(tiny_target_folder), overrides=["device=cpu", "train.ttt_length=3",
-                                                          "target.draft.draft_vocab_size=512"])
+                                                          "target.draft.draft_vocab_size=512", *flags])
     targets = {dt: load_target(cfg.target, torch.device("cpu"), dt)[0] for dt in (torch.float32, torch.float64)}
 
     def step(autocast: bool, dtype: torch.dtype):
@@ -209,3 +212,45 @@ def test_host_made_index_equals_the_masks_bit_for_bit(packed, fused):
         assert all(torch.equal(x, y) for x, y in zip((a.loss, a.correct, a.accept, a.count),
                                                       (c.loss, c.correct, c.accept, c.count)))
     assert sum(int(a.count) for a in s0) > 10
+
+
+def test_draft_activations_travel_in_autocast_dtype():
+    """Under bf16 autocast (training: float32 weights), the draft's norms return bf16 and its embeddings and
+    features stay bf16: the values a projection reads are the same bits a float32 norm output cast by the
+    projection would give, without the float32 copy. Without autocast nothing changes (float32 stays float32,
+    float64 exact); under the deterministic switch the swapped formula keeps the rule."""
+    from specforge.kernels import batch_invariant as bi
+    from specforge.layers import RMSNorm
+
+    from .conftest import tiny_draft, tiny_target
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64) * 0.3 + 1)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(5, 64) * 4).to(dtype)
+        plain = norm(x)
+        assert plain.dtype == torch.float32 and torch.equal(plain, norm.formula(x))
+        for switch in (False, True):
+            with bi.batch_invariant(switch), torch.autocast("cpu", dtype=torch.bfloat16):
+                out = norm(x)
+            assert out.dtype == torch.bfloat16 and torch.equal(out, plain.to(torch.bfloat16)), (dtype, switch)
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # what a projection reads: the same bits
+                assert torch.equal(torch.nn.functional.linear(out, torch.eye(64)),
+                                   torch.nn.functional.linear(plain, torch.eye(64)))
+    x64 = torch.randn(3, 64, dtype=torch.float64)
+    ref = norm.weight.double() * (x64 / x64.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
+    torch.testing.assert_close(norm.double()(x64), ref, rtol=1e-14, atol=1e-14)
+
+    target = tiny_target().to(torch.bfloat16)
+    draft = tiny_draft(target, fc_norm=True, norm_output=True)  # every kind of norm the draft has
+    ids = torch.randint(0, 256, (2, 9))
+    aux = torch.randn(2, 9, 3 * target.config.hidden_size, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        embeds, hidden = draft.embed(ids), draft.project(aux)
+        hiddens = [h for _, h in ttt_unroll(draft, ids, aux, 3)]
+    assert embeds.dtype == hidden.dtype == torch.bfloat16
+    assert torch.equal(embeds, target.model.embed_tokens(ids))  # the target's bf16 rows as they are
+    assert all(h.dtype == torch.bfloat16 for h in hiddens)
+    assert draft.embed(ids).dtype == torch.float32 and draft.project(aux).dtype == torch.float32  # no autocast

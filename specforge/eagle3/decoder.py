@@ -6,12 +6,14 @@ the whole tree in one forward under an ancestor mask, and the longest path the t
 kept, plus the target's own next token (the bonus). Rejected entries are dropped from both KV caches by
 moving the accepted path's entries into place; the rest lie past the new length and are masked out.
 
-Greedy rounds keep their state on the device (the cache length, the features and tokens the draft has not
-read yet), so that a whole round (draft prefill, drafting, verification, acceptance, cache moves) is one
-function of fixed shapes: on a GPU one CUDA-graph replay and one host read per round. Plain greedy decoding
-likewise runs `plain_block` tokens per replay. Sampling runs the host-side reference path (`_propose`,
-`_verify`). With `compile`, the target and draft forwards inside those graphs are torch.compile'd (fewer,
-fused kernels per step).
+Rounds keep their state on the device (the cache length, the features and tokens the draft has not read
+yet), so that a whole round (draft prefill, drafting, verification, acceptance, cache moves) is one function of
+fixed shapes: on a GPU one CUDA-graph replay and one host read per round. Plain decoding likewise runs
+`plain_block` tokens per replay. Sampling draws its randomness from a hash of (the turn's seed, the position
+of the token decided, a lane) on the device, so sampled rounds replay from graphs too, and the host-side
+reference path (`_propose`, `_verify`), which the device rounds are tested against, draws exactly the same.
+With `compile`, the target and draft forwards inside those graphs are torch.compile'd (fewer, fused kernels
+per step).
 
 Plain decoding uses the same target forward one token at a time, so on the CPU in float32 greedy
 speculative output equals plain greedy output token for token."""
@@ -24,11 +26,20 @@ from typing import Optional
 
 import torch
 
+from ..generate import MASK32, gumbel_noise, mix32, row_seeds, uniform_noise
 from ..graphs import CapturedCall
 from ..layers import SlotMask, cache_mask, grouped_attention, slot_kernel_serves
 from ..log import say
 from ..static_target import StaticTarget
 from .draft import Eagle3Draft
+
+
+# Sampling's noise lanes: each random choice is a uniform hashed from (the turn's seed, the position of the token it
+# decides, its lane, a column: a token id, or a sibling's rank in a tree), never a generator's state. A choice thus
+# draws the same whatever the rounds around it, in a graph or on the host.
+TARGET_LANE = 0  # a token drawn from the target's distribution (plain decoding, a round's bonus or residual)
+DRAFT_LANE = 1  # a chain's draft token drawn from the draft's distribution
+ACCEPT_LANE = 2  # the uniform that accepts or rejects a draft token
 
 
 @dataclass
@@ -52,7 +63,7 @@ class SpecDecoder:
     a round's tokens). `spec_steps` draft forwards per round; `topk` children per expanded node;
     `num_draft_tokens` tree nodes verified per round (root included; chain: spec_steps + 1).
     `cuda_graphs`: replay rounds and steps from CUDA graphs (on a GPU, when the target's forward is capturable);
-    `compile`: torch.compile the target and draft forwards; `plain_block`: tokens per replay in plain greedy
+    `compile`: torch.compile the target and draft forwards; `plain_block`: tokens per replay in plain
     decoding (one host read per block); `span_step`: where attention takes a dense mask (the CPU, the
     deterministic switch, windowed layers), it reads the filled cache slots rounded up to a multiple of this,
     not the whole cache (with CUDA graphs, one graph per span). On CUDA otherwise (`whole_cache`) every
@@ -96,9 +107,17 @@ class SpecDecoder:
                 "the static forward does not know), so CUDA graphs cannot capture it: decoding eagerly")
             self.cuda_graphs = False
         self._graphs: dict = {}
-        # Greedy rounds (chain or tree) keep every token on the device: one host sync per round. The host-side
-        # path (`_propose` / `_verify`) serves sampling, and is the reference the device rounds are tested against.
-        self.device_rounds = device_rounds and temperature <= 0
+        # Rounds (chain or tree, greedy or sampled) keep every token on the device: one host sync per round. The
+        # host-side path (`_propose` / `_verify`) is the reference the device rounds are tested against.
+        self.device_rounds = device_rounds
+        # Sampling's noise (see the lanes above): token and sibling hashes, and the turn's seed, persistent on the
+        # device (captured graphs read them).
+        self._token_hash = mix32(torch.arange(draft.t2d.numel(), device=self.device))
+        self._draft_hash = self._token_hash[self.draft_ids]
+        self._sibling_hash = mix32(torch.arange(max(topk, 1), device=self.device))
+        self._lanes = torch.arange(3, device=self.device)
+        self._vocab = torch.arange(draft.t2d.numel(), device=self.device)
+        self._seed_t = torch.zeros(1, dtype=torch.long, device=self.device)
         self.plain_block = max(1, plain_block)
         # Greedy device rounds: launch the next round before reading this one's summary where one graph serves
         # every cache length (`_generate_on_device`).
@@ -130,9 +149,11 @@ class SpecDecoder:
         self._dw = draft.decode_weights() if draft_layout else None
         self._target_fwd, self._draft_fwd, self._logits = self.target, self._draft_rows, self._draft_logits
         self._next, self._top, self._accept = self._draft_next, self._draft_top, self._accept_chain
+        self._sample, self._accept_s = self._draft_sample, self._accept_chain_sampled
         self._tree_next, self._frontier = self._tree_next_state, self._tree_frontier
         self._children, self._keep = self._tree_children, self._tree_keep
         self._ancestors, self._tree_acc = self._tree_ancestors, self._tree_accept
+        self._tree_acc_s = self._tree_accept_sampled
         if compile:
             self.target.compile()  # sets dynamo's recompile limit high enough for the decoders of a sweep
             self._draft_fwd = torch.compile(self._draft_rows, dynamic=True)
@@ -140,9 +161,12 @@ class SpecDecoder:
             self._next = torch.compile(self._draft_next, dynamic=True)
             self._top = torch.compile(self._draft_top, dynamic=True)
             self._accept = torch.compile(self._accept_chain, dynamic=True)
+            self._sample = torch.compile(self._draft_sample, dynamic=True)
+            self._accept_s = torch.compile(self._accept_chain_sampled, dynamic=True)
             for name, fn in (("_tree_next", self._tree_next_state), ("_frontier", self._tree_frontier),
                              ("_children", self._tree_children), ("_keep", self._tree_keep),
-                             ("_ancestors", self._tree_ancestors), ("_tree_acc", self._tree_accept)):
+                             ("_ancestors", self._tree_ancestors), ("_tree_acc", self._tree_accept),
+                             ("_tree_acc_s", self._tree_accept_sampled)):
                 setattr(self, name, torch.compile(fn, dynamic=True))
 
     # ---- the forwards, each over its static cache; replayed from CUDA graphs where enabled ----
@@ -213,76 +237,91 @@ class SpecDecoder:
         top = torch.log_softmax(self.draft.logits(hidden, self._dw).float(), dim=-1).topk(k, dim=-1)
         return self.draft_ids[top.indices], top.values
 
+    def _draft_sample(self, hidden, pos):
+        """Sampling: a draft token for each row of hidden [R, H] at positions pos [R], drawn from the draft's
+        q = softmax(logits / T) over its vocab (Gumbel-max, `DRAFT_LANE`): its target id [R], and q [R, Vd]."""
+        scores = self.draft.logits(hidden, self._dw).float() / self.temperature
+        return self.draft_ids[self._gumbel_pick(scores, pos, DRAFT_LANE, self._draft_hash)], scores.softmax(-1)
+
     def _draft(self, tokens, hidden, positions, slots, mask, features: bool = False):
         return self._draft_fwd(tokens, hidden, positions, slots, mask, features)
+
+    # ---- sampling's noise ----
+
+    def _seed_turn(self, seed: Optional[int]) -> None:
+        """Root the noise of the turn that starts in `seed` (default: the decoder's)."""
+        self._seed_t.fill_(int(row_seeds(self.seed if seed is None else seed, [0])[0]))
+
+    def _rows(self, pos: torch.Tensor) -> torch.Tensor:
+        """The noise's row seeds [R] of the tokens at positions pos [R] in this turn."""
+        return mix32(self._seed_t ^ mix32(pos & MASK32))
+
+    def _uniforms(self, pos: torch.Tensor, lane: int, columns: torch.Tensor) -> torch.Tensor:
+        """Uniforms in (0, 1) [R, C] for the tokens at positions pos [R] in `lane`, one per column hash [C]: a
+        function of the turn's seed, the position, the lane and the column alone."""
+        return uniform_noise(self._rows(pos), self._lanes[lane:lane + 1], columns)
+
+    def _gumbel_pick(self, scores: torch.Tensor, pos: torch.Tensor, lane: int, columns: torch.Tensor) -> torch.Tensor:
+        """argmax(scores + Gumbel noise) per row [R]: a draw from softmax(scores) (scores [R, C]: logits / T, or
+        log-probabilities, over the tokens whose hashes are `columns`)."""
+        return (scores + gumbel_noise(self._rows(pos), self._lanes[lane:lane + 1], columns)).argmax(-1)
 
     # ---- plain decoding ----
 
     @torch.no_grad()
     def generate_plain(self, prompt: list[int], max_new_tokens: int, eos_id: Optional[int] = None,
                        seed: Optional[int] = None):
-        """The baseline: one target forward per token, same forward as verification. Greedy decoding runs
-        `plain_block` steps per replay and reads the host once per block (tokens past the end are dropped)."""
-        gen = torch.Generator().manual_seed(self.seed if seed is None else seed)
+        """The baseline: one target forward per token, same forward as verification, `plain_block` steps per
+        replay and one host read per block (tokens past the end are dropped); sampled tokens draw from the
+        noise of their positions, as a speculative turn's do."""
+        self._seed_turn(seed)
         t0 = time.perf_counter()
         logits, _ = self._prefill(prompt)
         out, stats = [], DecodeStats()
         n = len(prompt)
-        tok = self._pick(logits, gen)
+        tok = self._pick(logits, n)
         while True:
             out.append(tok)
             if tok == eos_id or len(out) >= max_new_tokens or n + 1 >= self.max_len:
                 break
-            if self.temperature <= 0:
-                block = min(self.plain_block, max_new_tokens - len(out), self.max_len - 1 - n)
-                span = self._fit(n + block)
-                toks = self._run(("plain", block, span), lambda t, n_t, b=block: self._plain_steps(t, n_t, b),
-                                 torch.tensor([tok], device=self.device), torch.tensor([n], device=self.device),
-                                 clone=False).tolist()
-                done = next((j for j, t in enumerate(toks) if t == eos_id), len(toks) - 1)
-                out += toks[:done]
-                stats.target_forwards += done + 1
-                stats.accept_lengths += [1] * (done + 1)
-                n += done + 1
-                tok = toks[done]
-                continue
-            logits = self._decode_step(tok, n)
-            stats.target_forwards += 1
-            stats.accept_lengths.append(1)
-            n += 1
-            tok = self._pick(logits, gen)
+            block = min(self.plain_block, max_new_tokens - len(out), self.max_len - 1 - n)
+            span = self._fit(n + block)
+            toks = self._run(("plain", block, span), lambda t, n_t, b=block: self._plain_steps(t, n_t, b),
+                             torch.tensor([tok], device=self.device), torch.tensor([n], device=self.device),
+                             clone=False).tolist()
+            done = next((j for j, t in enumerate(toks) if t == eos_id), len(toks) - 1)
+            out += toks[:done]
+            stats.target_forwards += done + 1
+            stats.accept_lengths += [1] * (done + 1)
+            n += done + 1
+            tok = toks[done]
         stats.new_tokens, stats.seconds = len(out), time.perf_counter() - t0
         self.cache_len = n
         return out, stats
 
     def _plain_steps(self, tok: torch.Tensor, n_t: torch.Tensor, block: int) -> torch.Tensor:
-        """`block` greedy steps from token `tok` [1] at position n_t [1], each step's argmax feeding the next
-        on the device; returns the `block` tokens they produce."""
+        """`block` steps from token `tok` [1] at position n_t [1], each step's token (argmax, or sampled at the
+        temperature) feeding the next on the device; returns the `block` tokens they produce."""
         out = []
         for j in range(block):
             pos = n_t + j
             logits, _ = self._target_fwd(tok[None], pos[None], pos, self._mask(pos, self._tril[:1, :1]),
                                          features=False)
-            tok = logits[0, -1:].argmax(-1)
+            if self.temperature <= 0:
+                tok = logits[0, -1:].argmax(-1)
+            else:
+                tok = self._gumbel_pick(logits[0, -1:].float() / self.temperature, pos + 1, TARGET_LANE,
+                                        self._token_hash)
             out.append(tok)
         return torch.cat(out)
 
-    def _decode_step(self, tok: int, n: int) -> torch.Tensor:
-        """One plain step: token `tok` at position n; returns the next-token logits."""
-
-        def step(tok_t, n_t):
-            logits, _ = self._target_fwd(tok_t[None], n_t[None], n_t, self._mask(n_t, self._tril[:1, :1]),
-                                         features=False)
-            return logits[0, -1]
-
-        return self._run(("decode", self._fit(n + 1)), step, torch.tensor([tok], device=self.device),
-                         torch.tensor([n], device=self.device))
-
-    def _pick(self, logits, gen) -> int:
+    def _pick(self, logits, pos: int) -> int:
+        """The token at position `pos` from the target's logits there: argmax, or drawn from softmax(logits / T)
+        (`TARGET_LANE`)."""
         if self.temperature <= 0:
             return int(logits.argmax())
-        probs = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=gen))
+        scores = logits.reshape(1, -1).float() / self.temperature
+        return int(self._gumbel_pick(scores, torch.tensor([pos], device=self.device), TARGET_LANE, self._token_hash))
 
     # ---- a prompt's prefill: from slot 0, padded to a multiple of prompt_step (one graph per padded length) ----
 
@@ -336,14 +375,14 @@ class SpecDecoder:
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new_tokens: int, eos_id: Optional[int] = None,
                  seed: Optional[int] = None):
+        self._seed_turn(seed)
         if self.device_rounds:
             return self._generate_on_device(prompt, max_new_tokens, eos_id)
-        gen = torch.Generator().manual_seed(self.seed if seed is None else seed)
         t0 = time.perf_counter()
         logits, aux = self._prefill(prompt)
         n = len(prompt)  # tokens in the target's cache
         seq = list(prompt)
-        first = self._pick(logits, gen)
+        first = self._pick(logits, n)
         out, stats = [first], DecodeStats()
         pending_aux, draft_len = aux, 0  # target features of positions draft_len..n-1, not yet read by the draft
         while first != eos_id and len(out) < max_new_tokens and n + self.num_draft_tokens + 1 < self.max_len:
@@ -351,8 +390,8 @@ class SpecDecoder:
             self._fit(self.round_slots(n))
             root_hidden = self._draft_prefill(pending_aux, tokens_after, draft_len, n)
             draft_len = n
-            tree = self._propose(out[-1], root_hidden, n, gen)
-            path, bonus, verify_aux = self._verify(tree, n, gen)
+            tree = self._propose(out[-1], root_hidden, n)
+            path, bonus, verify_aux = self._verify(tree, n)
             # Keep the accepted path in the target cache: slots n + path -> n, n+1, ...
             src = n + torch.tensor(path, device=self.device)
             dst = n + torch.arange(len(path), device=self.device)
@@ -400,7 +439,7 @@ class SpecDecoder:
         return host.tolist()
 
     def _generate_on_device(self, prompt: list[int], max_new_tokens: int, eos_id: Optional[int]):
-        """Greedy rounds whose state stays on the device: per round one call of `_round` (one graph replay
+        """Rounds whose state stays on the device: per round one call of `_round` (one graph replay
         on a GPU) and one host read of its summary [accepted a, bonus, path tokens].
 
         One round ahead: where the round's graph does not depend on the cache length (one span serves every
@@ -412,7 +451,7 @@ class SpecDecoder:
         t0 = time.perf_counter()
         logits, aux = self._prefill(prompt)
         m = len(prompt)
-        out, stats = [int(logits.argmax())], DecodeStats()
+        out, stats = [self._pick(logits, m)], DecodeStats()
         # The draft's step 0 over the prompt's positions but the last; the last (its features, and the first
         # new token after it) is the first round's pending row.
         if m > 1:
@@ -452,7 +491,7 @@ class SpecDecoder:
         return out, stats
 
     def capture(self, upto: Optional[int] = None) -> int:
-        """Capture, ahead of decoding, the graphs of every span a greedy decode up to `upto` cache slots (default
+        """Capture, ahead of decoding, the graphs of every span a decode up to `upto` cache slots (default
         max_len) meets: one round per span and plain blocks of every length, so that a timed decode never
         captures (a server likewise captures at start-up); and the prompt graphs (`capture_prompts`). Leaves
         nothing behind that matters: the dummy rounds write cache slots that a later generate overwrites from its
@@ -529,16 +568,22 @@ class SpecDecoder:
         return pend_tok.index_select(0, last), h.index_select(0, last)[0]
 
     def _chain_round(self, n_t, pend_aux, pend_tok, count):
-        """A greedy chain round in fixed shapes, on the device: draft prefill, S draft tokens, verification,
-        acceptance. Returns the next round's state (n, pending features, pending tokens, count) and the
-        summary [accepted a, bonus, d_1 .. d_S]."""
+        """A chain round in fixed shapes, on the device: draft prefill, S draft tokens, verification,
+        acceptance (greedy, or speculative sampling). Returns the next round's state (n, pending features,
+        pending tokens, count) and the summary [accepted a, bonus, d_1 .. d_S]."""
         root, root_hidden = self._draft_pending(n_t, pend_aux, pend_tok, count)
-        chain = self._propose_chain(root, root_hidden, n_t)
+        if self.temperature > 0:
+            chain, q = self._propose_chain_sampled(root, root_hidden, n_t)
+        else:
+            chain, q = self._propose_chain(root, root_hidden, n_t), None
         s = self.spec_steps
         rows = self._arange[:s + 1]
         pos = n_t + rows
         logits, aux = self._target_fwd(chain[None], pos[None], pos, self._mask(n_t, self._tril[:s + 1, :s + 1]))
-        n_next, after, count, summary = self._accept(chain, logits[0], n_t)
+        if q is None:
+            n_next, after, count, summary = self._accept(chain, logits[0], n_t)
+        else:
+            n_next, after, count, summary = self._accept_s(chain, q, logits[0], n_t)
         return n_next, aux[0], after, count, summary
 
     def _accept_chain(self, chain, logits, n_t):
@@ -553,6 +598,45 @@ class SpecDecoder:
         after = torch.where(rows == accepted, bonus, torch.cat([chain[1:], bonus]))
         summary = torch.cat([accepted[None], bonus, chain[1:]])
         return n_t + accepted + 1, after, (accepted + 1)[None], summary
+
+    def _accept_chain_sampled(self, chain, q, logits, n_t):
+        """Speculative sampling on chain [root, d_1 .. d_S] (d_k at position n+k, drawn from the draft's q [S, Vd])
+        against the target's logits over it [S+1, V]: d_k is accepted with probability min(1, p(d_k) / q(d_k));
+        after the first rejection the bonus is drawn from max(0, p - q) renormalised, after a full accept from p.
+        Returns what `_accept_chain` does."""
+        s = chain.numel() - 1
+        rows = self._arange[:s + 1]
+        p = torch.softmax(logits.float() / self.temperature, dim=-1)
+        q_all = torch.zeros_like(p)  # q over the target vocab; none after the last draft token
+        q_all[:s].index_copy_(1, self.draft_ids, q)
+        x = chain[1:, None]
+        u = self._uniforms(n_t + 1 + rows[:s], ACCEPT_LANE, self._sibling_hash[:1])[:, 0]
+        ok = u * q_all[:s].gather(1, x)[:, 0] < p[:s].gather(1, x)[:, 0]
+        accepted = ok.long().cumprod(0).sum()
+        at = accepted[None]
+        p_at = p.index_select(0, at)[0]
+        residual = (p_at - q_all.index_select(0, at)[0]).clamp(min=0)
+        residual = torch.where(residual.sum() > 0, residual, p_at)
+        bonus = self._gumbel_pick(residual.log()[None], n_t + accepted + 1, TARGET_LANE, self._token_hash)
+        after = torch.where(rows == accepted, bonus, torch.cat([chain[1:], bonus]))
+        summary = torch.cat([accepted[None], bonus, chain[1:]])
+        return n_t + accepted + 1, after, (accepted + 1)[None], summary
+
+    def _propose_chain_sampled(self, root: torch.Tensor, root_hidden: torch.Tensor, n_t: torch.Tensor):
+        """`_propose_chain` with each draft token drawn from the draft's distribution: [root, d_1 .. d_S] and the
+        draft's q [S, Vd] at each."""
+        s = self.spec_steps
+        at = n_t + self._arange[:s + 1]  # at[k]: position n+k, where d_k lies
+        tok, q = self._sample(root_hidden[None], at[1:2])
+        tokens, qs = [root, tok], [q]
+        hidden = root_hidden[None, None]
+        for depth in range(1, s):
+            pos = slot = at[depth - 1:depth]  # position n-1+depth, slot n+depth-1, as in `_propose_chain`
+            hidden = self._draft(tok, hidden, pos, slot, self._mask(n_t, self._tril[depth - 1:depth, :depth]))
+            tok, q = self._sample(hidden[0], at[depth + 1:depth + 2])
+            tokens.append(tok)
+            qs.append(q)
+        return torch.cat(tokens), torch.cat(qs)
 
     def _propose_chain(self, root: torch.Tensor, root_hidden: torch.Tensor, n_t: torch.Tensor) -> torch.Tensor:
         """[root, d_1 .. d_S] as a device tensor. Draft token d_k sits at position n-1+k, cache slot n+k-1;
@@ -570,7 +654,7 @@ class SpecDecoder:
         return torch.cat(tokens)
 
     def _tree_round(self, n_t, pend_aux, pend_tok, count):
-        """A greedy tree round in fixed shapes, on the device (the chain round's counterpart): draft prefill,
+        """A tree round in fixed shapes, on the device (the chain round's counterpart): draft prefill,
         propose, verify, pick the accepted path and move its cache entries. It builds the tree `_propose`
         builds and accepts the path `_verify` accepts. Returns the next round's state and the summary
         [accepted a, bonus, path tokens]."""
@@ -653,6 +737,38 @@ class SpecDecoder:
         path = torch.where(ancestors.index_select(0, best)[0], idx, t + idx).sort().values[:width].clamp(max=t - 1)
         return path, torch.cat([depths.index_select(0, best), choice.index_select(0, best), tokens[path[1:]]])
 
+    def _tree_accept_sampled(self, tokens, parents, depths, ancestors, logits, n_t):
+        """`_accept_sampled_tree` in fixed shapes: from the root, each depth tries the current node's children in
+        tree order, accepting child x with probability p(x) / sum(p) (p: the target's distribution after the
+        node, less the siblings already rejected); the walk ends at the first depth where none is accepted, and
+        the bonus is drawn from what p is left. Returns what `_tree_accept` does."""
+        t, k = tokens.numel(), self.topk
+        idx = self._arange[:t]
+        p_all = torch.softmax(logits.float() / self.temperature, dim=-1)
+        # children[i, r]: node i's r-th child in tree order (-1: none); a node's rank among its earlier siblings
+        rank = ((parents[:, None] == parents[None, :]) & (idx[None, :] < idx[:, None])).sum(-1)
+        children = torch.full((t, k), -1, dtype=torch.long, device=tokens.device)
+        children[parents[1:], rank[1:]] = idx[1:]
+        u = self._uniforms(n_t + 1 + self._arange[:self.spec_steps], ACCEPT_LANE, self._sibling_hash)  # [S, k]
+        node, p = idx[:1], p_all[0]
+        alive = torch.ones(1, dtype=torch.bool, device=tokens.device)
+        for depth in range(self.spec_steps):
+            found, nxt = ~alive, node  # a walk that has ended finds nothing more
+            for r in range(k):
+                child = children.index_select(0, node)[:, r]
+                x = tokens.index_select(0, child.clamp(min=0))
+                tried = ~found & (child >= 0)
+                take = tried & (u[depth, r] * p.sum() < p.index_select(0, x))
+                p = torch.where(tried & ~take & (self._vocab == x), 0.0, p)
+                found, nxt = found | take, torch.where(take, child, nxt)
+            alive = alive & found
+            node = nxt
+            p = torch.where(alive, p_all.index_select(0, node)[0], p)
+        bonus = self._gumbel_pick(p.log()[None], n_t + depths.index_select(0, node) + 1, TARGET_LANE, self._token_hash)
+        width = min(self.spec_steps + 1, t)
+        path = torch.where(ancestors.index_select(0, node)[0], idx, t + idx).sort().values[:width].clamp(max=t - 1)
+        return path, torch.cat([depths.index_select(0, node), bonus, tokens[path[1:]]])
+
     def _propose_on_device(self, root: torch.Tensor, root_hidden: torch.Tensor, n_t: torch.Tensor):
         """`_propose` in fixed shapes. Every depth after the first expands exactly `topk` nodes (the frontier);
         the candidate pool is laid out depth by depth, so "ties go to the lower pool index" (a stable sort)
@@ -685,15 +801,19 @@ class SpecDecoder:
         """`_verify` in fixed shapes: target forward under the ancestor mask; a node is accepted when it and
         every ancestor equal the target's choice after their parent; the deepest accepted node ends the path.
         Moves the path's cache entries into place. Returns ([accepted draft tokens a, bonus, path tokens],
-        target features along the path), padded to the longest path."""
+        target features along the path), padded to the longest path. Sampling accepts by
+        `_tree_accept_sampled`."""
         idx = self._arange[:tokens.numel()]
         ancestors = self._ancestors(parents)
         logits, aux = self.target(tokens[None], (n_t + depths)[None], n_t + idx, self._mask(n_t, ancestors))
-        path, summary = self._tree_acc(tokens, parents, depths, ancestors, logits[0])
+        if self.temperature > 0:
+            path, summary = self._tree_acc_s(tokens, parents, depths, ancestors, logits[0], n_t)
+        else:
+            path, summary = self._tree_acc(tokens, parents, depths, ancestors, logits[0])
         self.target.move_slots(n_t + path, n_t + self._arange[:path.numel()])
         return summary, aux[0][path]
 
-    def _propose(self, root_token: int, root_hidden: torch.Tensor, n: int, gen) -> Tree:
+    def _propose(self, root_token: int, root_hidden: torch.Tensor, n: int) -> Tree:
         """Best-first tree (EAGLE-2 style): expand the `topk` best frontier nodes per depth, then keep the
         `num_draft_tokens - 1` highest cumulative log-probability nodes."""
         k, steps = self.topk, self.spec_steps
@@ -705,21 +825,19 @@ class SpecDecoder:
         frontier = [-1]  # pool indices to expand; -1 = root
         hidden = root_hidden[None]  # [len(frontier), H]
         for depth in range(1, steps + 1):
-            logits = self._draft_logits(hidden).float()  # [F, Vd]
-            if sampled_chain:
-                q = torch.softmax(logits[0].cpu() / self.temperature, dim=-1)
-                choice = torch.multinomial(q, 1, generator=gen)
-                probs.append(q)
-                cand = [(-1.0, frontier[0], int(choice))]
+            if sampled_chain:  # the token at position n + depth, drawn from the draft's q
+                tok, q = self._draft_sample(hidden, torch.tensor([n + depth], device=self.device))
+                probs.append(q[0])
+                cand = [(-1.0, frontier[0], int(tok[0]))]
             else:
-                logp = torch.log_softmax(logits, dim=-1)
+                logp = torch.log_softmax(self._draft_logits(hidden).float(), dim=-1)  # [F, Vd]
                 top = logp.topk(k, dim=-1)
                 base = [0.0 if f < 0 else scores[f] for f in frontier]
-                cand = [(base[i] + float(top.values[i, j]), frontier[i], int(top.indices[i, j]))
+                cand = [(base[i] + float(top.values[i, j]), frontier[i], int(self.draft_ids[top.indices[i, j]]))
                         for i in range(len(frontier)) for j in range(k)]
             first_new = len(tokens)
-            for score, parent, draft_id in cand:
-                tokens.append(int(self.draft_ids[draft_id]))
+            for score, parent, token in cand:  # token: a target id
+                tokens.append(token)
                 parents.append(parent)
                 depths.append(depth)
                 scores.append(score)
@@ -757,7 +875,7 @@ class SpecDecoder:
         tree_depths = torch.tensor([0] + [depths[p] for p in keep], device=self.device)
         return Tree(tree_tokens, tree_parents, tree_depths, probs)
 
-    def _verify(self, tree: Tree, n: int, gen):
+    def _verify(self, tree: Tree, n: int):
         """Target forward over the tree; returns (accepted tree path from the root, bonus token, aux)."""
         t = len(tree.parents)
         slots = n + torch.arange(t, device=self.device)
@@ -772,7 +890,7 @@ class SpecDecoder:
         logits, aux = logits[0], aux[0]
         if self.temperature > 0:
             accept = self._accept_sampled if tree.draft_probs is not None else self._accept_sampled_tree
-            return accept(tree, logits, gen) + (aux,)
+            return accept(tree, logits, n) + (aux,)
         children: dict[int, list[int]] = {}
         for i, p in enumerate(tree.parents[1:], 1):
             children.setdefault(p, []).append(i)
@@ -786,45 +904,46 @@ class SpecDecoder:
             path.append(node)
         return path, choice[node], aux
 
-    def _accept_sampled(self, tree: Tree, logits, gen):
-        """Speculative sampling on a chain: accept draft token x with probability min(1, p(x)/q(x)); on
-        rejection sample from max(0, p - q) renormalised; after a full accept, sample the bonus from p."""
-        p_all = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
-        d2t = self.draft_ids.cpu()
+    def _accept_sampled(self, tree: Tree, logits, n: int):
+        """Speculative sampling on a chain (the token at tree index i lies at position n + i): accept draft token
+        x with probability min(1, p(x)/q(x)); on rejection draw from max(0, p - q) renormalised; after a full
+        accept, draw the bonus from p. One decision at a time, from the noise the device rounds read."""
+        p_all = torch.softmax(logits.float() / self.temperature, dim=-1)
         path = [0]
-        for i in range(1, len(tree.parents)):
-            p = p_all[i - 1]
-            q = torch.zeros_like(p)
-            q[d2t] = tree.draft_probs[i - 1]
-            x = int(tree.tokens[i])
-            r = float(torch.rand(1, generator=gen))
-            if r * float(q[x]) < float(p[x]):
-                path.append(i)
-                continue
+        for i in range(1, len(tree.parents) + 1):
+            p, q = p_all[i - 1], torch.zeros_like(p_all[0])
+            at = torch.tensor([n + i], device=self.device)
+            if i < len(tree.parents):
+                q[self.draft_ids] = tree.draft_probs[i - 1]
+                x = int(tree.tokens[i])
+                if self._uniforms(at, ACCEPT_LANE, self._sibling_hash[:1])[0, 0] * q[x] < p[x]:
+                    path.append(i)
+                    continue
             residual = (p - q).clamp(min=0)
-            return path, int(torch.multinomial(residual / residual.sum(), 1, generator=gen))
-        return path, int(torch.multinomial(p_all[len(path) - 1], 1, generator=gen))
+            if residual.sum() <= 0:
+                residual = p
+            return path, int(self._gumbel_pick(residual.log()[None], at, TARGET_LANE, self._token_hash))
 
-
-    def _accept_sampled_tree(self, tree: Tree, logits, gen):
+    def _accept_sampled_tree(self, tree: Tree, logits, n: int):
         """Speculative sampling on a tree of top-k candidates. A candidate chosen without sampling is a proposal
         that puts all its mass on one token, so rejection sampling against it reads: accept child x with
-        probability p(x); on rejection remove x from p and renormalise, then try the next sibling; when no
-        child is accepted, sample the bonus from what is left. Each emitted token is thus distributed as p."""
-        p_all = torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
+        probability p(x) / sum(p); on rejection remove x from p, then try the next sibling; when no child is
+        accepted, draw the bonus from what is left. Each emitted token is thus distributed as p."""
+        p_all = torch.softmax(logits.float() / self.temperature, dim=-1)
         children: dict[int, list[int]] = {}
         for i, parent in enumerate(tree.parents[1:], 1):
             children.setdefault(parent, []).append(i)
         tokens = tree.tokens.tolist()
         path, p = [0], p_all[0].clone()
         while True:
-            for child in children.get(path[-1], []):
+            at = torch.tensor([n + len(path)], device=self.device)  # the position of the children tried
+            u = self._uniforms(at, ACCEPT_LANE, self._sibling_hash)[0]
+            for rank, child in enumerate(children.get(path[-1], [])):
                 x = tokens[child]
-                if float(torch.rand(1, generator=gen)) < float(p[x]):
+                if u[rank] * p.sum() < p[x]:
                     path.append(child)
                     p = p_all[child].clone()
                     break
                 p[x] = 0.0
-                p = p / p.sum()
             else:
-                return path, int(torch.multinomial(p, 1, generator=gen))
+                return path, int(self._gumbel_pick(p.log()[None], at, TARGET_LANE, self._token_hash))

@@ -15,7 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedd
 
 from ..config import DraftConfig
 from ..kernels import batch_invariant, skinny_linear
-from ..layers import RMSNorm, apply_rope, rope_cos_sin
+from ..layers import RMSNorm, apply_rope, autocast_dtype, rope_cos_sin
 
 # attend(q [B, heads, T, D], k, v [B, kv_heads, T, D]) -> [B, heads, T, D]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -157,12 +157,14 @@ class Eagle3Draft(nn.Module):
         return draft_ids + self.d2t[draft_ids]
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(token_ids).to(self.fc.weight.dtype)
+        """The target's embeddings in the dtype the draft computes in (autocast's, where on)."""
+        return self.embed_tokens(token_ids).to(autocast_dtype(self.fc.weight))
 
     def project(self, aux: torch.Tensor, w: Optional[DecodeWeights] = None) -> torch.Tensor:
-        """Step 0's hidden state from the target's features [.., 3H]: fc (the features in the draft's dtype),
-        after a norm per aux chunk with fc_norm (EAGLE 3.1). `w`: decoding's layout (`decode_weights`)."""
-        aux = aux.to(self.fc.weight.dtype)
+        """Step 0's hidden state from the target's features [.., 3H]: fc (the features in the dtype the draft
+        computes in), after a norm per aux chunk with fc_norm (EAGLE 3.1). `w`: decoding's layout
+        (`decode_weights`)."""
+        aux = aux.to(autocast_dtype(self.fc.weight))
         if self.fc_norm is not None:
             aux = torch.cat([norm(chunk) for norm, chunk in zip(self.fc_norm, aux.chunk(3, dim=-1))], dim=-1)
         return skinny_linear.linear(aux, self.fc.weight) if _fast(w) else self.fc(aux)

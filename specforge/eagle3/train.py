@@ -27,8 +27,8 @@ from ..parallel.data import check_batch_size, dp_rows
 from ..parallel.draft import backward, full_state_dict, replicated, replicated_head, reshard, shard_draft
 from ..parallel.mesh import Dist, all_reduce_sum, barrier, init_distributed, is_main, shutdown
 from ..prepare import load_samples, open_dump, vocab_for
-from ..targets import (FeatureCapture, TargetHead, aux_layer_ids, config_sha256, default_aux_layers, document_mask,
-                       load_target, load_target_head, resolve_dtype, text_config)
+from ..targets import (FeatureCapture, TargetHead, aux_layer_ids, config_sha256, decoder_parts, default_aux_layers,
+                       document_mask, load_target, load_target_head, resolve_dtype, text_config)
 from .checkpoint import load_draft, save_draft, step_folders
 from .draft import Eagle3Draft, draft_config, init_draft_weights, param_count
 from .layouts import LAYOUTS, SGLANG, SPECULATORS
@@ -105,10 +105,12 @@ def lr_lambda(cfg: Config, total_steps: int):
 
 
 class OnlineFeatures:
-    """Features of a batch by running the target with hooks."""
+    """Features of a batch by running the target with hooks. `compile_layers`: each decoder layer's forward
+    torch.compiled (`compile_layers_of`; train.compile_target), undone by `close`."""
 
-    def __init__(self, target, layer_ids):
+    def __init__(self, target, layer_ids, compile_layers: bool = False):
         self.capture = FeatureCapture(target, layer_ids)
+        self.compiled = compile_layers_of(target) if compile_layers else []
 
     def __call__(self, batch):
         if batch.doc_ids is None:
@@ -119,6 +121,21 @@ class OnlineFeatures:
 
     def close(self):
         self.capture.remove()
+        for layer in self.compiled:
+            del layer.forward  # the class's forward again
+        self.compiled = []
+
+
+def compile_layers_of(target) -> list:
+    """torch.compile each decoder layer's forward, as an instance attribute, so the pre-hooks that capture the
+    features run outside the compiled code and `del layer.forward` undoes it. HF's eager layer runs its
+    RMSNorms (float32 statistics), rope, SiLU and residual adds as separate kernels, a read and a write of the
+    activations each; compiled, they fuse. The layers share one code object: the compiled code serves all of
+    them (their weights are inputs, not constants)."""
+    layers = list(decoder_parts(target)[1])
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)
+    return layers
 
 
 FEATURE_CACHE_BYTES = 4 << 30  # train.cache_features=None keeps float32 features up to this size
@@ -253,6 +270,10 @@ def online_setup(cfg: Config, device, dist: Optional[Dist] = None):
     if dist is not None and dist.tp > 1:
         from ..parallel.tensor_parallel import load_target_tp
 
+        if cfg.train.compile_target:
+            raise SystemExit("train.compile_target with parallel.tp_size > 1: the split target's layers are not "
+                             "compiled (untested with DTensor weights); set train.compile_target=false")
+
         target, tok = load_target_tp(cfg.target, dist.tp_mesh, device, resolve_dtype(cfg.target.dtype, device))
     else:
         target, tok = load_target(cfg.target, device)
@@ -265,7 +286,7 @@ def online_setup(cfg: Config, device, dist: Optional[Dist] = None):
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     source = MemorySource(train_samples, eval_samples, cfg.train.batch_size, cfg.train.seed, pad_id,
                           cfg.data.max_length if cfg.train.pack else None)
-    features = OnlineFeatures(target, ids)
+    features = OnlineFeatures(target, ids, cfg.train.compile_target)
     samples = train_samples + eval_samples
     if keeps_features(cfg, device, dist, samples, text_config(target.config).hidden_size,
                       source.steps_per_epoch()):
@@ -325,9 +346,10 @@ def train(cfg: Config) -> Path:
         raise SystemExit(f"train.mode={cfg.train.mode!r}: choose online or offline")
     if cfg.train.export_format not in (*LAYOUTS, "both"):
         raise SystemExit(f"train.export_format={cfg.train.export_format!r}: choose {', '.join(LAYOUTS)} or both")
-    if cfg.train.deterministic and cfg.train.compile:
-        raise SystemExit("train.deterministic and train.compile: torch.compile would replace the batch-invariant "
-                         "kernels with its own; set one of them to false")
+    for key in ("compile", "compile_target"):
+        if cfg.train.deterministic and getattr(cfg.train, key):
+            raise SystemExit(f"train.deterministic and train.{key}: torch.compile would replace the "
+                             "batch-invariant kernels with its own; set one of them to false")
     with batch_invariant(cfg.train.deterministic, training=True):
         return _train(cfg)
 

@@ -35,15 +35,16 @@ NORM_CLASSES = [("transformers.models.llama.modeling_llama", "LlamaRMSNorm"),
                 ("transformers.models.qwen3.modeling_qwen3", "Qwen3RMSNorm"),
                 ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeRMSNorm"),
                 ("transformers.models.llama4.modeling_llama4", "Llama4TextRMSNorm")]
-# This package's own RMSNorm classes, registered by the modules that define them (`register_norm_class`): a
-# kernel module never imports the model code above it.
-_registered_norms: list[type] = []
+# This package's own RMSNorm classes and the method holding the formula, registered by the modules that
+# define them (`register_norm_class`): a kernel module never imports the model code above it.
+_registered_norms: list[tuple[type, str]] = []
 
 
-def register_norm_class(cls: type) -> type:
-    """Have the switch swap `cls.forward` as it does HF's RMSNorms (same formula, a `weight` and `eps`)."""
-    if cls not in _registered_norms:
-        _registered_norms.append(cls)
+def register_norm_class(cls: type, method: str = "forward") -> type:
+    """Have the switch swap `cls.<method>` as it does HF's RMSNorms' forward (same formula, a `weight` and
+    `eps`); a forward that does more around the formula names the method that holds it."""
+    if (cls, method) not in _registered_norms:
+        _registered_norms.append((cls, method))
     return cls
 
 
@@ -124,16 +125,17 @@ def batch_invariant(enabled: bool = True, training: bool = False):
         for op, fn in (("mm", _mm), ("addmm", _addmm), ("bmm", _bmm), ("_softmax", _softmax),
                        ("_log_softmax", _log_softmax)):
             lib.impl(op, fn, "CUDA")
-    swaps = [(cls, _norm_forward) for cls in [*_norm_classes(), *_registered_norms]] + \
-        [(cls, _l2_norm_forward) for cls in _norm_classes(L2_NORM_CLASSES)]
-    saved = [(cls, cls.__dict__["forward"]) for cls, _ in swaps]
-    for cls, forward in swaps:
-        cls.forward = forward
+    swaps = [(cls, "forward", _norm_forward) for cls in _norm_classes()] + \
+        [(cls, method, _norm_forward) for cls, method in _registered_norms] + \
+        [(cls, "forward", _l2_norm_forward) for cls in _norm_classes(L2_NORM_CLASSES)]
+    saved = [(cls, method, cls.__dict__[method]) for cls, method, _ in swaps]
+    for cls, method, forward in swaps:
+        setattr(cls, method, forward)
     _active = True
     try:
         yield
     finally:
         _active, _training = False, False
-        for cls, fwd in saved:
-            cls.forward = fwd
+        for cls, method, fwd in saved:
+            setattr(cls, method, fwd)
         lib._destroy()

@@ -43,11 +43,13 @@ row count. `add_norm_linear_reference` is the same in plain PyTorch (the CPU fal
 (bf16) one K loop instead projects the unnormalised rows times the norm's weight and scales each row by its
 1/rms at the end: the same within bf16 rounding, without a pass over K before the weights stream.
 
-`silu_mul_linear(x, weight, bias)`: down(silu(gate) * up) for x = [gate | up] (a gated MLP's fused gate/up
-output), in the projection's launch (FUSE_GATE): each K step loads its gate and up tiles beside the weight's
-and forms the input there, so nothing runs before the weights stream (no pass over the row first: a fused
-GLU that took one, `glu-down` in docs/benchmarks.md, made the step 57% slower). The roundings are HF's eager
-MLP's (silu rounded to the input dtype, then the product), so the compiled and eager forwards agree."""
+`glu_linear(x, weight, bias)`: silu(gate) * up of a gated MLP, in its gate/up projection's launch
+(GLU_EPILOGUE): the weight's rows interleave gate and up (`interleave_rows`: gate 0, up 0, gate 1, ...), so each
+program's tile holds both halves of its columns and forms silu(gate) * up once per output element, after the K
+loop. Forming it in the down projection's K loop instead (FUSE_GATE, gone) recomputed it for the 16 rows of a
+tensor-core tile in each of the 18 programs, inside the loop: 45% slower steps on an H100 (docs/benchmarks.md,
+2026-12-05); `glu-down`, which took a pass over the row first, 57%. The roundings are HF's eager MLP's (gate and
+up rounded to the output dtype, silu rounded, then the product), so the compiled and eager forwards agree."""
 
 from __future__ import annotations
 
@@ -83,9 +85,10 @@ FUSE_NORM = False
 # twenty-first session; bench_decode.py --norm-passes times it). In fp16 the unnormalised product could
 # overflow, so fp16 always takes 2.
 NORM_PASSES = 2
-# silu_mul_linear's kernel: the gated MLP's silu(gate) * up formed inside the down projection's K loop, one kernel
-# fewer per layer. Off until timed on a GPU (bench_decode.py --fuse-gate 1; compare_decode.py for the spread).
-FUSE_GATE = False
+# glu_linear's kernel (the static target interleaves its gate/up weights for it): a gated MLP's silu(gate) * up in
+# the gate/up projection's epilogue, one kernel fewer per layer. Off until timed on a GPU (bench_decode.py --glu 1;
+# compare_decode.py for the spread).
+GLU_EPILOGUE = False
 
 
 def split_k(n: int, k: int, block_n: int, block_k: int, programs: int | None = None) -> int:
@@ -147,9 +150,9 @@ if triton is not None:
     @triton.jit(do_not_specialize=["M"])  # one binary for every row count: M == 1 must not compile apart
     def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr, M, N, K, KS, s_xm, s_wn, s_ym,
                        HAS_BIAS: tl.constexpr, DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr = False):
-        # Program (column block, K slice): columns rn, K from k_lo to k_hi (all of K without a split). GATED: x's
-        # rows are [gate | up] (2K long) and the input row is silu(gate) * up, formed tile by tile.
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GLU: tl.constexpr = False):
+        # Program (column block, K slice): columns rn, K from k_lo to k_hi (all of K without a split). GLU: the
+        # columns interleave gate and up (2j gate j, 2j + 1 up j), and y gets silu(gate) * up, N / 2 wide.
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
         rn_safe = tl.where(n_ok, rn, 0)  # columns past N read row 0 (in bounds) and are never stored
@@ -165,25 +168,16 @@ if triton is not None:
             else:
                 w = tl.load(w_ptrs, mask=rk[None, :] < k_hi, other=0.0)
             if DOT:
-                if GATED:
-                    x_ptrs = x_ptr + rm[:, None] * s_xm + rk[None, :]
-                    x_ok = (rm[:, None] < M) & (rk[None, :] < k_hi)
-                    x = _silu_mul(tl.load(x_ptrs, mask=x_ok, other=0.0), tl.load(x_ptrs + K, mask=x_ok, other=0.0))
-                else:  # the ungated load as it was written before GATED (the same machine code)
-                    x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :],
-                                mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
+                x = tl.load(x_ptr + rm[:, None] * s_xm + rk[None, :],
+                            mask=(rm[:, None] < M) & (rk[None, :] < k_hi), other=0.0)
                 acc = tl.dot(x, tl.trans(w), acc)
             else:
                 wf = w.to(tl.float32)
                 for m in range(0, M):  # each row against the loaded block, the same sums whatever M is
                     if EVEN_K:
                         x = tl.load(x_ptr + m * s_xm + rk)
-                        if GATED:
-                            x = _silu_mul(x, tl.load(x_ptr + m * s_xm + K + rk))
                     else:
                         x = tl.load(x_ptr + m * s_xm + rk, mask=rk < k_hi, other=0.0)
-                        if GATED:
-                            x = _silu_mul(x, tl.load(x_ptr + m * s_xm + K + rk, mask=rk < k_hi, other=0.0))
                     part = tl.sum(wf * x.to(tl.float32)[None, :], axis=1)
                     acc = tl.where(rm[:, None] == m, acc + part[None, :], acc)
         last = True
@@ -203,21 +197,24 @@ if triton is not None:
         if last:
             if HAS_BIAS:
                 acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                     mask=(rm[:, None] < M) & n_ok[None, :])
+            if GLU:  # gate and up rounded as their projection's outputs, then silu(gate) * up (`_silu_mul`)
+                gate, up = tl.split(tl.reshape(acc.to(y_ptr.dtype.element_ty), (16, BLOCK_N // 2, 2)))
+                rj = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+                tl.store(y_ptr + rm[:, None] * s_ym + rj[None, :], _silu_mul(gate, up),
+                         mask=(rm[:, None] < M) & (rj[None, :] < N // 2))
+            else:
+                tl.store(y_ptr + rm[:, None] * s_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                         mask=(rm[:, None] < M) & n_ok[None, :])
 
-    def skinny_linear_kernel(x2: torch.Tensor, weight: torch.Tensor, bias, cfg=None,
-                             gated: bool = False) -> torch.Tensor:
+    def skinny_linear_kernel(x2: torch.Tensor, weight: torch.Tensor, bias, cfg=None, glu: bool = False) -> torch.Tensor:
         """The kernel on x2 [M, K] (M <= MAX_ROWS, last dim contiguous); `cfg` overrides `launch` (timing):
-        (BLOCK_N, BLOCK_K, num_warps, num_stages, DOT[, SPLIT]). `gated`: x2 is [M, 2K], [gate | up], and the
-        input rows are silu(gate) * up."""
+        (BLOCK_N, BLOCK_K, num_warps, num_stages, DOT[, SPLIT]). `glu`: the weight's rows interleave gate and up
+        (`interleave_rows`), and y [M, N / 2] is silu(gate) * up."""
         m, k = x2.shape
         n = weight.shape[0]
-        if gated:
-            if k != 2 * weight.shape[1]:
-                raise ValueError(f"skinny_linear: a gated input of {k} columns for a weight of K={weight.shape[1]}")
-            k //= 2
-        y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+        if glu and n % 2:
+            raise ValueError(f"skinny_linear: a GLU weight of {n} rows (gate and up interleaved: an even count)")
+        y = torch.empty(m, n // 2 if glu else n, dtype=x2.dtype, device=x2.device)
         if m == 0:
             return y
         block_n, block_k, warps, stages, dot, *rest = cfg or launch(m, n, k, _sm_count(x2.device.index or 0))
@@ -233,7 +230,7 @@ if triton is not None:
         _skinny_kernel[(blocks, split)](
             x2, weight, bias if bias is not None else weight, y, part, count, m, n, k, ks, x2.stride(0),
             weight.stride(0), y.stride(0), HAS_BIAS=bias is not None, DOT=dot, EVEN_K=k % block_k == 0, SPLIT=split,
-            BLOCK_N=block_n, BLOCK_K=block_k, GATED=gated, num_warps=warps, num_stages=stages)
+            BLOCK_N=block_n, BLOCK_K=block_k, GLU=glu, num_warps=warps, num_stages=stages)
         return y
 
     def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -243,22 +240,19 @@ if triton is not None:
 
     @torch.library.custom_op("specforge::skinny_linear", mutates_args=())
     def _skinny_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        return skinny_linear_kernel(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return skinny_linear_kernel(_rows(x), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
     @_skinny_linear_op.register_fake
     def _(x, weight, bias):
         return x.new_empty(*x.shape[:-1], weight.shape[0])
 
-    @torch.library.custom_op("specforge::silu_mul_linear", mutates_args=())
-    def _silu_mul_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return skinny_linear_kernel(_rows(x), weight, bias, gated=True).view(*x.shape[:-1], weight.shape[0])
+    @torch.library.custom_op("specforge::glu_linear", mutates_args=())
+    def _glu_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return skinny_linear_kernel(_rows(x), weight, bias, glu=True).view(*x.shape[:-1], weight.shape[0] // 2)
 
-    @_silu_mul_linear_op.register_fake
+    @_glu_linear_op.register_fake
     def _(x, weight, bias):
-        return x.new_empty(*x.shape[:-1], weight.shape[0])
+        return x.new_empty(*x.shape[:-1], weight.shape[0] // 2)
 
     @triton.jit(do_not_specialize=["M"])
     def _add_norm_kernel(x_ptr, d_ptr, g_ptr, w_ptr, b_ptr, y_ptr, s_ptr, M, N, K, eps, s_xm, s_dm, s_wn, s_ym,
@@ -403,26 +397,36 @@ def add_norm_linear(x: torch.Tensor, delta: Optional[torch.Tensor], norm_weight:
     return linear(normed, weight, bias), s
 
 
-def gate_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `silu_mul_linear` takes the kernel: FUSE_GATE, x = [gate | up] of twice the weight's K, and the
-    rows `serves` takes."""
-    k = weight.shape[-1]
-    return FUSE_GATE and x.shape[-1] == 2 * k and serves(x[..., :k], weight)
+def interleave_rows(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """[2I, ...]: the rows (or bias entries) of a gated MLP's gate and up projections interleaved, gate 0, up 0,
+    gate 1, up 1, ...: the layout `glu_linear` reads, which puts both halves of an output in one program."""
+    return torch.stack([gate, up], dim=1).reshape(2 * gate.shape[0], *gate.shape[1:])
 
 
-def silu_mul_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
-    """down(silu(gate) * up) for x = [gate | up], op by op as HF's eager gated MLP computes it."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, weight, bias)
+def glu_serves(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `glu_linear` takes the kernel: GLU_EPILOGUE, an even row count, and the rows `serves` takes."""
+    return GLU_EPILOGUE and weight.shape[0] % 2 == 0 and serves(x, weight)
 
 
-def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """down(silu(gate) * up) for x = [gate | up]: one launch where it serves (`gate_serves`), else op by op
-    (the projection by `linear`)."""
-    if gate_serves(x, weight):
-        return _silu_mul_linear_op(x, weight, bias)
-    gate, up = x.chunk(2, dim=-1)
-    return linear(F.silu(gate) * up, weight, bias)
+def _silu_mul_halves(y: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up from an interleaved gate/up output, the halves made contiguous first (one copy): on a
+    strided view torch's CPU silu takes a scalar exp, whose float32 bits differ from the vectorised one HF's
+    module gets."""
+    gate, up = y.unflatten(-1, (-1, 2)).movedim(-1, 0).contiguous()
+    return F.silu(gate) * up
+
+
+def glu_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None):
+    """silu(gate) * up for interleaved gate/up rows (`interleave_rows`), op by op as HF's eager MLP computes it."""
+    return _silu_mul_halves(F.linear(x, weight, bias))
+
+
+def glu_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """silu(gate) * up for interleaved gate/up rows: one launch where it serves (`glu_serves`), else the
+    projection by `linear` and the rest op by op."""
+    if glu_serves(x, weight):
+        return _glu_linear_op(x, weight, bias)
+    return _silu_mul_halves(linear(x, weight, bias))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
