@@ -27,7 +27,7 @@ from specforge.config import load_config
 from specforge.data.batching import collate
 from specforge.data.template import Sample
 from specforge.data.vocab import build_vocab, count_tokens
-from specforge.eagle3.train import OnlineFeatures, build_draft, run_batch, set_deterministic
+from specforge.eagle3.train import OnlineFeatures, build_draft, compiles_target, run_batch, set_deterministic
 from specforge.files import write_text
 from specforge.kernels.batch_invariant import batch_invariant
 from specforge.model_shapes import random_target
@@ -71,7 +71,7 @@ def run_variant(name, shape, target, samples, overrides, args):
 
 def _run_variant(cfg, name, shape, target, samples, args):
     ids = aux_layer_ids(cfg.target, target)
-    features = OnlineFeatures(target, ids, cfg.train.compile_target)
+    features = OnlineFeatures(target, ids, compiles_target(cfg, torch.device("cuda")))
     try:  # the target's layers compiled for this variant (train.compile_target) go back to eager after it
         return _timed_variant(cfg, name, shape, target, samples, args, ids, features)
     finally:

@@ -188,8 +188,9 @@ class TrainConfig:
     loss_recompute: bool = False  # fused loss: recompute logits in backward (least memory, slower)
     compile: bool = False  # torch.compile the draft layer's halves around the attention (GPU)
     # torch.compile each decoder layer of the target in online training (its norms, rope, SiLU and residual
-    # adds fuse; the feature hooks stay outside). Not with train.deterministic or tensor parallelism.
-    compile_target: bool = False
+    # adds fuse; the feature hooks stay outside): 8-11% more tokens/s on an H100 (docs/benchmarks.md,
+    # 2026-12-05). None = on a GPU, unless train.deterministic or tensor parallelism (neither is compiled).
+    compile_target: Optional[bool] = None
     grad_checkpoint: bool = False  # recompute the draft layer's activations in backward (less memory)
     # Start from a draft checkpoint: ours or a published one, in SGLang's or the speculators layout.
     init_from: Optional[str] = None

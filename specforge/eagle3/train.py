@@ -126,6 +126,14 @@ class OnlineFeatures:
         self.compiled = []
 
 
+def compiles_target(cfg: Config, device, dist: Optional[Dist] = None) -> bool:
+    """train.compile_target, where unset: on a GPU, unless deterministic (torch.compile would replace the
+    batch-invariant kernels) or with the target split by tensor parallelism (its layers are not compiled)."""
+    if cfg.train.compile_target is not None:
+        return cfg.train.compile_target
+    return device.type == "cuda" and not cfg.train.deterministic and (dist is None or dist.tp == 1)
+
+
 def compile_layers_of(target) -> list:
     """torch.compile each decoder layer's forward, as an instance attribute, so the pre-hooks that capture the
     features run outside the compiled code and `del layer.forward` undoes it. HF's eager layer runs its
@@ -270,7 +278,7 @@ def online_setup(cfg: Config, device, dist: Optional[Dist] = None):
     if dist is not None and dist.tp > 1:
         from ..parallel.tensor_parallel import load_target_tp
 
-        if cfg.train.compile_target:
+        if cfg.train.compile_target is True:
             raise SystemExit("train.compile_target with parallel.tp_size > 1: the split target's layers are not "
                              "compiled (untested with DTensor weights); set train.compile_target=false")
 
@@ -286,7 +294,7 @@ def online_setup(cfg: Config, device, dist: Optional[Dist] = None):
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     source = MemorySource(train_samples, eval_samples, cfg.train.batch_size, cfg.train.seed, pad_id,
                           cfg.data.max_length if cfg.train.pack else None)
-    features = OnlineFeatures(target, ids, cfg.train.compile_target)
+    features = OnlineFeatures(target, ids, compiles_target(cfg, device, dist))
     samples = train_samples + eval_samples
     if keeps_features(cfg, device, dist, samples, text_config(target.config).hidden_size,
                       source.steps_per_epoch()):

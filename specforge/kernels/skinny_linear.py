@@ -86,9 +86,10 @@ FUSE_NORM = False
 # overflow, so fp16 always takes 2.
 NORM_PASSES = 2
 # glu_linear's kernel (the static target interleaves its gate/up weights for it): a gated MLP's silu(gate) * up in
-# the gate/up projection's epilogue, one kernel fewer per layer. Off until timed on a GPU (bench_decode.py --glu 1;
-# compare_decode.py for the spread).
-GLU_EPILOGUE = False
+# the gate/up projection's epilogue, one kernel fewer per layer: the SmolLM2 target step 0.990 ms against 1.038
+# op by op (H100, 2026-12-05, compare_decode.py --repeat 2; docs/benchmarks.md). bench_decode.py --glu 0 times
+# it off.
+GLU_EPILOGUE = True
 
 
 def split_k(n: int, k: int, block_n: int, block_k: int, programs: int | None = None) -> int:
