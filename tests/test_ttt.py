@@ -254,3 +254,54 @@ def test_draft_activations_travel_in_autocast_dtype():
     assert torch.equal(embeds, target.model.embed_tokens(ids))  # the target's bf16 rows as they are
     assert all(h.dtype == torch.bfloat16 for h in hiddens)
     assert draft.embed(ids).dtype == torch.float32 and draft.project(aux).dtype == torch.float32  # no autocast
+
+
+def _module_unroll(draft, ids, aux, steps):
+    """ttt_unroll's steps through the layer's modules (no unroll weights): the reference layout."""
+    from specforge.eagle3.ttt import TTTAttention
+
+    hidden, attend = draft.project(aux), TTTAttention("reference")
+    pos = torch.arange(ids.shape[1])[None].expand_as(ids)
+    for k in range(steps):
+        out = draft.layer(draft.embed(shift_left(ids, k + 1)), hidden, pos + k, attend)
+        yield k, out
+        hidden = draft.carry(out)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["kept", "recomputed"])
+def test_unroll_weights_give_the_modules_outputs_and_gradients(checkpointing):
+    """The unroll's one-per-batch layout of the projections (q/k/v and gate/up each one matrix) computes what
+    the modules compute: float64 outputs and every parameter's gradient to rounding, with activation
+    checkpointing too. Under bf16 autocast the layout is bf16 (the cast made once), and the gradients match the
+    modules' path to bf16 rounding."""
+    draft, ids, aux = unroll_inputs(2, 12, seed=3, fc_norm=True, norm_output=True)
+    draft.checkpointing = checkpointing
+
+    def run(unroll, autocast=False):
+        draft.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            outs = [h for _, h in unroll(draft, ids, aux, 4)]
+            loss = sum((h.double() * torch.linspace(-1, 1, h.shape[-1], dtype=torch.float64)).sin().sum()
+                       for h in outs)
+        loss.backward()
+        return torch.stack([h.double() for h in outs]), {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}
+
+    got, got_g = run(ttt_unroll)
+    ref, ref_g = run(_module_unroll)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert got_g.keys() == ref_g.keys() and len(got_g) == 15  # all but lm_head
+    for n in ref_g:
+        torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-10, atol=1e-12, msg=n)
+
+    draft.float()
+    aux = aux.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = draft.unroll_weights()
+    assert {t.dtype for t in (w.qkv, w.o, w.gate_up, w.down)} == {torch.bfloat16}
+    assert w.qkv.shape[0] == sum(w.widths) and w.gate_up.shape[0] == 2 * w.down.shape[1]
+    got, got_g = run(ttt_unroll, autocast=True)
+    ref, ref_g = run(_module_unroll, autocast=True)
+    torch.testing.assert_close(got, ref, rtol=0.02, atol=0.02)
+    for n in ref_g:
+        scale = ref_g[n].abs().max()
+        assert (got_g[n] - ref_g[n]).abs().max() <= 0.03 * scale, n

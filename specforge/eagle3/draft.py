@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaConfig
@@ -96,6 +97,21 @@ class DecodeWeights(NamedTuple):
     gate_up: torch.Tensor
 
 
+class UnrollWeights(NamedTuple):
+    """The layer's projections for one TTT unroll (`Eagle3Draft.unroll_weights`): q/k/v as one matrix and gate/up
+    as one, in the dtype the matmuls run in, made once per batch from the parameters (autograd carries their
+    gradients back through the cast and the concatenation). Every step reads these same tensors, so:
+    - each step casts no weight (autocast's cast cache does not reach into torch.compile'd halves, which cast
+      every weight at every step and then summed seven float32 gradients per weight in backward);
+    - a step runs three matmuls fewer forward, and its backward three fewer and two fewer adds of the input
+      gradients (q, k and v each had their own; gate and up too)."""
+    qkv: torch.Tensor
+    widths: tuple[int, int, int]
+    o: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
 class DraftLayer(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -178,36 +194,43 @@ class Eagle3Draft(nn.Module):
         return rope_cos_sin(self.rotary_emb, like, position_ids)
 
     def layer(self, embeds: torch.Tensor, hidden: torch.Tensor, position_ids: torch.Tensor,
-              attend: AttendFn, w: Optional[DecodeWeights] = None) -> torch.Tensor:
+              attend: AttendFn, w: Optional[DecodeWeights | UnrollWeights] = None) -> torch.Tensor:
         """One draft step. `hidden` is fc(features) at step 0 and the previous step's output after.
         Returns the new hidden state (pre-norm), which feeds the next step. `w`: decoding's layout of the
-        projections (`decode_weights`; the same values, fewer launches); training passes none."""
+        projections (`decode_weights`; the same values, fewer launches), or the TTT unroll's
+        (`unroll_weights`); None: the modules."""
         if _fast(w):
             return self._after_attention(hidden, attend(*self._before_attention(embeds, hidden, position_ids, w)), w)
+        w = w if isinstance(w, UnrollWeights) else None  # decoding's layout under the deterministic switch: modules
         if self.checkpointing and torch.is_grad_enabled():
             # Recompute the two halves in backward instead of keeping their activations (the MLP's
             # [T, intermediate] tensors are the largest). The attention is the caller's and keeps state
             # (the TTT keys), so it is not recomputed.
-            q, k, v = checkpoint(self._before_attention, embeds, hidden, position_ids, use_reentrant=False)
-            return checkpoint(self._after_attention, hidden, attend(q, k, v), use_reentrant=False)
-        q, k, v = self._before_attention(embeds, hidden, position_ids)
-        return self._after_attention(hidden, attend(q, k, v))
+            q, k, v = checkpoint(self._before_attention, embeds, hidden, position_ids, w, use_reentrant=False)
+            return checkpoint(self._after_attention, hidden, attend(q, k, v), w, use_reentrant=False)
+        q, k, v = self._before_attention(embeds, hidden, position_ids, w)
+        return self._after_attention(hidden, attend(q, k, v), w)
 
     # The layer in two halves around the attention, which belongs to the caller. `compile_halves` compiles
     # each half (norms, rope, projections, MLP fuse into few kernels) and leaves the attention as it is.
-    def _before_attention(self, embeds, hidden, position_ids, w: Optional[DecodeWeights] = None):
+    def _before_attention(self, embeds, hidden, position_ids, w: Optional[DecodeWeights | UnrollWeights] = None):
         m = self.midlayer
         cos, sin = self.rope(hidden, position_ids)
         x = torch.cat([m.input_layernorm(embeds), m.hidden_norm(hidden)], dim=-1)
         if w is None:
             return m.self_attn.qkv(x, cos, sin)
-        return m.self_attn.heads(*skinny_linear.linear(x, w.qkv).split(w.widths, dim=-1), cos, sin)
+        qkv = F.linear(x, w.qkv) if isinstance(w, UnrollWeights) else skinny_linear.linear(x, w.qkv)
+        return m.self_attn.heads(*qkv.split(w.widths, dim=-1), cos, sin)
 
-    def _after_attention(self, hidden, o, w: Optional[DecodeWeights] = None):
+    def _after_attention(self, hidden, o, w: Optional[DecodeWeights | UnrollWeights] = None):
         m = self.midlayer
         if w is None:
             h = hidden + m.self_attn.out(o)
             return h + m.mlp(m.post_attention_layernorm(h))
+        if isinstance(w, UnrollWeights):
+            h = hidden + F.linear(m.self_attn.merge(o), w.o)
+            gate, up = F.linear(m.post_attention_layernorm(h), w.gate_up).chunk(2, dim=-1)
+            return h + F.linear(m.mlp.act_fn(gate) * up, w.down)
         # the residual add and the norm in the gate/up projection's launch where the kernel serves
         norm = m.post_attention_layernorm
         gate_up, h = skinny_linear.add_norm_linear(
@@ -226,6 +249,16 @@ class Eagle3Draft(nn.Module):
         widths = (a.q_proj.weight.shape[0], a.k_proj.weight.shape[0], a.v_proj.weight.shape[0])
         return DecodeWeights(qkv, widths, gate_up)
 
+    def unroll_weights(self) -> UnrollWeights:
+        """The TTT unroll's layout of the projections (see `UnrollWeights`): made per batch, in autograd, in the
+        dtype autocast would cast the weights to (theirs without autocast)."""
+        a, f = self.midlayer.self_attn, self.midlayer.mlp
+        dt = autocast_dtype(a.q_proj.weight)
+        qkv = torch.cat([a.q_proj.weight.to(dt), a.k_proj.weight.to(dt), a.v_proj.weight.to(dt)])
+        widths = (a.q_proj.weight.shape[0], a.k_proj.weight.shape[0], a.v_proj.weight.shape[0])
+        return UnrollWeights(qkv, widths, a.o_proj.weight.to(dt),
+                             torch.cat([f.gate_proj.weight.to(dt), f.up_proj.weight.to(dt)]), f.down_proj.weight.to(dt))
+
     def compile_halves(self) -> None:
         """torch.compile the two halves of `layer` (training: `train.compile`). Instance attributes, so the
         state_dict and the decoder's copy of the class are untouched."""
@@ -239,10 +272,10 @@ class Eagle3Draft(nn.Module):
         return self.lm_head(self.norm(hidden))
 
 
-def _fast(w: Optional[DecodeWeights]) -> bool:
+def _fast(w: Optional[DecodeWeights | UnrollWeights]) -> bool:
     """Whether a forward takes decoding's layout: given one, and not under the deterministic switch, whose
     decoding keeps the layout (and the bits) it has always had."""
-    return w is not None and not batch_invariant.active()
+    return isinstance(w, DecodeWeights) and not batch_invariant.active()
 
 
 def init_draft_weights(draft: Eagle3Draft, seed: Optional[int] = None, std: float = 0.02) -> None:

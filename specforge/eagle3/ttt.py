@@ -126,12 +126,13 @@ def ttt_unroll(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Te
     `position_ids` (rope position at step k: position_ids + k)."""
     b, t = input_ids.shape
     hidden = draft.project(aux_hidden)
+    weights = draft.unroll_weights()  # cast and laid out once for all the steps
     attend = TTTAttention(attention, doc_ids)
     positions = position_ids if position_ids is not None else \
         torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
     for k in range(steps):
         embeds = draft.embed(shift_left(input_ids, k + 1))
-        out = draft.layer(embeds, hidden, positions + k, attend)
+        out = draft.layer(embeds, hidden, positions + k, attend, weights)
         yield k, out
         hidden = draft.carry(out)
 
