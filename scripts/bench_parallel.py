@@ -62,7 +62,7 @@ def main():
         mask[args.seq // 16:] = True
         samples.append(Sample(tok, mask, id=str(i)))
     d2t, t2d = build_vocab(count_tokens(samples, vocab), min(cfg.target.draft.draft_vocab_size, vocab))
-    draft = shard_draft(build_draft(cfg, head, ids, d2t, t2d), dist)
+    draft = shard_draft(build_draft(cfg, head, ids, d2t, t2d, dist), dist)
     draft_ids = torch.arange(draft.d2t.numel(), device=dev) + draft.d2t
     features = OnlineFeatures(target, ids)
     params = [p for p in draft.parameters() if p.requires_grad]

@@ -186,7 +186,10 @@ class TrainConfig:
     fused_loss: bool = True  # chunked lm_head + soft cross-entropy (never all [tokens, draft_vocab] logits alive)
     loss_chunk: Optional[int] = None  # rows of logits per chunk of the fused loss; None = 256 MB worth
     loss_recompute: bool = False  # fused loss: recompute logits in backward (least memory, slower)
-    compile: bool = False  # torch.compile the draft layer's halves around the attention (GPU)
+    # torch.compile the draft layer's halves around the attention: 6% more tokens/s on the 8B shape beside the
+    # compiled target (H100, docs/benchmarks.md, 2026-12-06). None = on a GPU in one process, unless
+    # train.deterministic.
+    compile: Optional[bool] = None
     # torch.compile each decoder layer of the target in online training (its norms, rope, SiLU and residual
     # adds fuse; the feature hooks stay outside): 8-11% more tokens/s on an H100 (docs/benchmarks.md,
     # 2026-12-05). None = on a GPU, unless train.deterministic or tensor parallelism (neither is compiled).

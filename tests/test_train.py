@@ -157,3 +157,26 @@ def test_bench_cli_writes_reports(tmp_path, tiny_target_folder):
     assert sampled["estimated_chain_accept_length"] == {}
     assert [r["estimated_accept_length"] for r in sampled["rows"]] == [None, None]
     assert all(r["accept_length"] >= 1.0 for r in sampled["rows"])
+
+
+def test_compile_defaults_resolve_by_device_and_mode():
+    """train.compile and train.compile_target unset: on for one process on a GPU; off on the CPU, under
+    train.deterministic (the batch-invariant kernels are not compiled), for the target under tensor parallelism,
+    and for the draft under FSDP; a value given is kept as given."""
+    import torch
+
+    from specforge.eagle3.train import compiles_draft, compiles_target
+    from specforge.parallel.mesh import Dist
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    cfg = load_config("smollm2-135m")
+    assert cfg.train.compile is None and cfg.train.compile_target is None
+    one = Dist(1, 0, 0, 1, 1, 0, 0, gpu)
+    assert compiles_draft(cfg, gpu) and compiles_target(cfg, gpu) and compiles_draft(cfg, gpu, one)
+    assert not compiles_draft(cfg, cpu) and not compiles_target(cfg, cpu)
+    assert not compiles_target(cfg, gpu, Dist(2, 0, 0, 1, 2, 0, 0, gpu))
+    assert not compiles_draft(cfg, gpu, Dist(2, 0, 0, 2, 1, 0, 0, gpu))
+    det = load_config("smollm2-135m", overrides=["train.deterministic=true"])
+    assert not compiles_draft(det, gpu) and not compiles_target(det, gpu)
+    given = load_config("smollm2-135m", overrides=["train.compile=false", "train.compile_target=true"])
+    assert not compiles_draft(given, gpu) and compiles_target(given, cpu)

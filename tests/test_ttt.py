@@ -284,7 +284,8 @@ def test_unroll_weights_give_the_modules_outputs_and_gradients(checkpointing):
             loss = sum((h.double() * torch.linspace(-1, 1, h.shape[-1], dtype=torch.float64)).sin().sum()
                        for h in outs)
         loss.backward()
-        return torch.stack([h.double() for h in outs]), {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}
+        grads = {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}
+        return torch.stack([h.double() for h in outs]), grads
 
     got, got_g = run(ttt_unroll)
     ref, ref_g = run(_module_unroll)

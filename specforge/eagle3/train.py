@@ -35,7 +35,8 @@ from .layouts import LAYOUTS, SGLANG, SPECULATORS
 from .ttt import StepStats, scored_index, soft_labels, step_weights, ttt_loss
 
 
-def build_draft(cfg: Config, head: TargetHead, aux_ids: list[int], d2t, t2d) -> Eagle3Draft:
+def build_draft(cfg: Config, head: TargetHead, aux_ids: list[int], d2t, t2d,
+                dist: Optional[Dist] = None) -> Eagle3Draft:
     embed = head.embed
     device = embed.weight.device
     if cfg.train.init_from:
@@ -52,7 +53,7 @@ def build_draft(cfg: Config, head: TargetHead, aux_ids: list[int], d2t, t2d) -> 
                 draft.norm.weight.copy_(head.norm.weight.float())
         draft = draft.to(device, dtype=torch.float32)
     draft.checkpointing = cfg.train.grad_checkpoint
-    if cfg.train.compile:
+    if compiles_draft(cfg, device, dist):
         draft.compile_halves()
     return draft
 
@@ -124,6 +125,15 @@ class OnlineFeatures:
         for layer in self.compiled:
             del layer.forward  # the class's forward again
         self.compiled = []
+
+
+def compiles_draft(cfg: Config, device, dist: Optional[Dist] = None) -> bool:
+    """train.compile, where unset: on a GPU in one process, unless deterministic (torch.compile would replace the
+    batch-invariant kernels). Not by default under FSDP (several processes): the compiled halves with sharded
+    parameters have not run on GPUs."""
+    if cfg.train.compile is not None:
+        return cfg.train.compile
+    return device.type == "cuda" and not cfg.train.deterministic and (dist is None or dist.world == 1)
 
 
 def compiles_target(cfg: Config, device, dist: Optional[Dist] = None) -> bool:
@@ -377,7 +387,7 @@ def _train(cfg: Config) -> Path:
     head, ids, features, source, vocab_samples = setup(cfg, device, dist)
     vocab_size = head.embed.weight.shape[0]
     d2t, t2d = vocab_for(cfg, vocab_samples, vocab_size, min(cfg.target.draft.draft_vocab_size, vocab_size), dist)
-    draft = shard_draft(build_draft(cfg, head, ids, d2t, t2d), dist)
+    draft = shard_draft(build_draft(cfg, head, ids, d2t, t2d, dist), dist)
     draft_ids = torch.arange(draft.d2t.numel(), device=draft.d2t.device) + draft.d2t
 
     total = cfg.train.max_steps or source.steps_per_epoch() * cfg.train.epochs
