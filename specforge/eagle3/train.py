@@ -127,21 +127,24 @@ class OnlineFeatures:
         self.compiled = []
 
 
+def _compiles(given: Optional[bool], cfg: Config, device, parallel_ok: bool) -> bool:
+    """A compile switch: as given, or where unset on a GPU, unless deterministic (torch.compile would replace the
+    batch-invariant kernels) or `parallel_ok` is false."""
+    if given is not None:
+        return given
+    return device.type == "cuda" and not cfg.train.deterministic and parallel_ok
+
+
 def compiles_draft(cfg: Config, device, dist: Optional[Dist] = None) -> bool:
-    """train.compile, where unset: on a GPU in one process, unless deterministic (torch.compile would replace the
-    batch-invariant kernels). Not by default under FSDP (several processes): the compiled halves with sharded
-    parameters have not run on GPUs."""
-    if cfg.train.compile is not None:
-        return cfg.train.compile
-    return device.type == "cuda" and not cfg.train.deterministic and (dist is None or dist.world == 1)
+    """train.compile: by default in one process only. Under FSDP (several processes) the compiled halves with
+    sharded parameters have not run on GPUs."""
+    return _compiles(cfg.train.compile, cfg, device, dist is None or dist.world == 1)
 
 
 def compiles_target(cfg: Config, device, dist: Optional[Dist] = None) -> bool:
-    """train.compile_target, where unset: on a GPU, unless deterministic (torch.compile would replace the
-    batch-invariant kernels) or with the target split by tensor parallelism (its layers are not compiled)."""
-    if cfg.train.compile_target is not None:
-        return cfg.train.compile_target
-    return device.type == "cuda" and not cfg.train.deterministic and (dist is None or dist.tp == 1)
+    """train.compile_target: by default unless tensor parallelism splits the target (its layers are not
+    compiled)."""
+    return _compiles(cfg.train.compile_target, cfg, device, dist is None or dist.tp == 1)
 
 
 def compile_layers_of(target) -> list:
