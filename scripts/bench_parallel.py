@@ -22,7 +22,7 @@ from specforge.config import load_config
 from specforge.data.batching import collate
 from specforge.data.template import Sample
 from specforge.data.vocab import build_vocab, count_tokens
-from specforge.eagle3.train import OnlineFeatures, build_draft, run_batch
+from specforge.eagle3.train import OnlineFeatures, build_draft, compiles_target, run_batch
 from specforge.model_shapes import random_target
 from specforge.parallel.data import dp_rows
 from specforge.parallel.draft import backward, replicated, replicated_head, shard_draft
@@ -64,7 +64,7 @@ def main():
     d2t, t2d = build_vocab(count_tokens(samples, vocab), min(cfg.target.draft.draft_vocab_size, vocab))
     draft = shard_draft(build_draft(cfg, head, ids, d2t, t2d, dist), dist)
     draft_ids = torch.arange(draft.d2t.numel(), device=dev) + draft.d2t
-    features = OnlineFeatures(target, ids)
+    features = OnlineFeatures(target, ids, compiles_target(cfg, dev, dist))  # as `specforge train` builds it
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
     if cuda:

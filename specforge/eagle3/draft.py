@@ -239,25 +239,27 @@ class Eagle3Draft(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         return h + skinny_linear.linear(m.mlp.act_fn(gate) * up, m.mlp.down_proj.weight)
 
+    def _joined(self, dt: torch.dtype) -> tuple[torch.Tensor, tuple[int, int, int], torch.Tensor]:
+        """q/k/v as one matrix (and their widths) and gate/up as one, in dtype `dt`: the layout both
+        `decode_weights` and `unroll_weights` give."""
+        a, f = self.midlayer.self_attn, self.midlayer.mlp
+        qkv = torch.cat([a.q_proj.weight.to(dt), a.k_proj.weight.to(dt), a.v_proj.weight.to(dt)])
+        widths = (a.q_proj.weight.shape[0], a.k_proj.weight.shape[0], a.v_proj.weight.shape[0])
+        return qkv, widths, torch.cat([f.gate_proj.weight.to(dt), f.up_proj.weight.to(dt)])
+
     def decode_weights(self) -> DecodeWeights:
         """Decoding's layout of the projections (see `DecodeWeights`). A copy: build it after training, once
         per decoder."""
-        a, f = self.midlayer.self_attn, self.midlayer.mlp
         with torch.no_grad():
-            qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).contiguous()
-            gate_up = torch.cat([f.gate_proj.weight, f.up_proj.weight]).contiguous()
-        widths = (a.q_proj.weight.shape[0], a.k_proj.weight.shape[0], a.v_proj.weight.shape[0])
-        return DecodeWeights(qkv, widths, gate_up)
+            return DecodeWeights(*self._joined(self.midlayer.self_attn.q_proj.weight.dtype))
 
     def unroll_weights(self) -> UnrollWeights:
         """The TTT unroll's layout of the projections (see `UnrollWeights`): made per batch, in autograd, in the
         dtype autocast would cast the weights to (theirs without autocast)."""
         a, f = self.midlayer.self_attn, self.midlayer.mlp
         dt = autocast_dtype(a.q_proj.weight)
-        qkv = torch.cat([a.q_proj.weight.to(dt), a.k_proj.weight.to(dt), a.v_proj.weight.to(dt)])
-        widths = (a.q_proj.weight.shape[0], a.k_proj.weight.shape[0], a.v_proj.weight.shape[0])
-        return UnrollWeights(qkv, widths, a.o_proj.weight.to(dt),
-                             torch.cat([f.gate_proj.weight.to(dt), f.up_proj.weight.to(dt)]), f.down_proj.weight.to(dt))
+        qkv, widths, gate_up = self._joined(dt)
+        return UnrollWeights(qkv, widths, a.o_proj.weight.to(dt), gate_up, f.down_proj.weight.to(dt))
 
     def compile_halves(self) -> None:
         """torch.compile the two halves of `layer` (training: `train.compile`). Instance attributes, so the
