@@ -1,6 +1,7 @@
 """Conversation formats, the assistant-only loss mask, truncation, and the draft vocab."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -79,6 +80,23 @@ def test_vocab_round_trip_and_frequency_order():
     assert coverage(counts, t2d) == 1.0
     d2t2, _ = build_vocab(counts, 2)
     assert (torch.arange(2) + d2t2).tolist() == [5, 9]
+
+
+def test_count_tokens_over_chunks_equals_a_counter():
+    """Counts across chunk boundaries (and samples with nothing masked) equal a plain Counter's; ids at or
+    above vocab_size are not counted."""
+    g = torch.Generator().manual_seed(0)
+    samples, ref = [], Counter()
+    for i in range(23):
+        n = int(torch.randint(1, 30, (1,), generator=g))
+        ids = torch.randint(0, 40, (n,), generator=g)
+        mask = torch.rand(n, generator=g) < (0.0 if i % 7 == 3 else 0.6)
+        samples.append(Sample(ids, mask, id=str(i)))
+        ref.update(t for t, m in zip(ids.tolist(), mask.tolist()) if m and t < 37)
+    want = [ref[t] for t in range(37)]
+    for chunk in (1, 4, 5, 100):
+        assert count_tokens(samples, 37, chunk=chunk).tolist() == want
+    assert count_tokens([], 37).tolist() == [0] * 37
 
 
 def test_batches_are_seeded_and_cover_every_sample():
