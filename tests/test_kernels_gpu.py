@@ -19,12 +19,14 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.mark.parametrize("impl", ["flex", "sdpa"])
 @pytest.mark.parametrize("t", [2048, 777])
-def test_ttt_attention_flex_matches_reference_bf16(t):
+def test_ttt_attention_flex_matches_reference_bf16(t, impl):
     """Every step k = 0..6 at Llama-8B draft shapes, forward and gradients; both bf16 results are compared
     with the float32 reference on the same (bf16-valued) inputs, and flex must be as close as the bf16
-    reference is (it keeps scores in float32, so it is usually closer)."""
-    from specforge.kernels.ttt_attention import ttt_attention_flex, ttt_attention_reference
+    reference is (it keeps scores in float32, so it is usually closer). `impl` sdpa: the causal flash kernel
+    merged with the diagonal, held to the same bound."""
+    from specforge.kernels.ttt_attention import ttt_attention, ttt_attention_reference
 
     b, hq, hkv, d, steps = 1, 32, 8, 128, 7
     qs, keys, values = _ttt_attention_leaves(b, hq, hkv, t, d, steps, torch.bfloat16)
@@ -37,25 +39,26 @@ def test_ttt_attention_flex_matches_reference_bf16(t):
         g_gold = torch.autograd.grad(gold, gold_leaves, grad)
         ref = ttt_attention_reference(q, ks, vs)
         g_ref = torch.autograd.grad(ref, leaves, grad.to(ref.dtype))
-        out = ttt_attention_flex(q, ks, vs)
+        out = ttt_attention(q, ks, vs, impl)
         assert out.dtype == torch.bfloat16 and out.shape == (b, hq, t, d)
         g_out = torch.autograd.grad(out, leaves, grad.to(out.dtype))
         errs = [(_rel(out, gold), _rel(ref, gold))]
         errs += [(_rel(a, g), _rel(r, g)) for a, r, g in zip(g_out, g_ref, g_gold)]
-        print(f"T={t} k={k} rel err (flex, bf16 reference) out/dq/dk.../dv...: "
+        print(f"T={t} k={k} rel err ({impl}, bf16 reference) out/dq/dk.../dv...: "
               + " ".join(f"{a:.1e}/{r:.1e}" for a, r in errs))
         for flex_err, ref_err in errs:
             assert flex_err < max(2 * ref_err, 1e-2)
 
 
-def test_ttt_attention_flex_under_autocast():
-    """The training path: float32 leaves, bf16 autocast (q/k/v reach flex in bf16)."""
-    from specforge.kernels.ttt_attention import ttt_attention_flex, ttt_attention_reference
+@pytest.mark.parametrize("impl", ["flex", "sdpa"])
+def test_ttt_attention_flex_under_autocast(impl):
+    """The training path: float32 leaves, bf16 autocast (q/k/v reach the kernel in bf16)."""
+    from specforge.kernels.ttt_attention import ttt_attention, ttt_attention_reference
 
     qs, keys, values = _ttt_attention_leaves(2, 8, 2, 300, 64, 3, torch.float32, seed=1)
     gold = ttt_attention_reference(qs[2], keys, values)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = ttt_attention_flex(qs[2], keys, values)
+        out = ttt_attention(qs[2], keys, values, impl)
     assert out.dtype == torch.bfloat16
     assert _rel(out, gold) < 1e-2
     out.float().sum().backward()
@@ -76,15 +79,16 @@ def _ttt_attention_peak(fn, t, steps=7, b=1, hq=32, hkv=8, d=128):
 
 
 def test_ttt_attention_flex_peak_memory_below_reference():
-    from specforge.kernels.ttt_attention import ttt_attention_flex, ttt_attention_reference
+    from specforge.kernels.ttt_attention import ttt_attention_flex, ttt_attention_reference, ttt_attention_sdpa
 
     t = 2048
     _ttt_attention_peak(ttt_attention_flex, t)  # compile outside the measurement
     flex = _ttt_attention_peak(ttt_attention_flex, t)
+    sdpa = _ttt_attention_peak(ttt_attention_sdpa, t)
     ref = _ttt_attention_peak(ttt_attention_reference, t)
     print(f"TTT attention, 7 steps fwd+bwd, B=1 Hq=32 Hkv=8 T={t} D=128 bf16: peak above inputs "
-          f"reference {ref / 2**20:.0f} MiB, flex {flex / 2**20:.0f} MiB")
-    assert flex < ref / 4
+          f"reference {ref / 2**20:.0f} MiB, flex {flex / 2**20:.0f} MiB, sdpa {sdpa / 2**20:.0f} MiB")
+    assert flex < ref / 4 and sdpa < ref / 4
 
 
 def test_ttt_attention_flex_lengths_do_not_recompile_forever():

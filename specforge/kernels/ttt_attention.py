@@ -7,7 +7,12 @@ backward for every step of the unroll: at T=2048 with 32 heads that is gigabytes
 (`ttt_attention_flex`) runs FlexAttention over the step keys laid end to end, [K0; K1; ...; Kk] of length
 T*(k+1), with a block-sparse mask; its fused kernel keeps only the output and a log-sum-exp per row, and
 skips the key blocks that the mask empties (off the diagonal of every block j > 0, above the diagonal of
-block 0). `ttt_attention` picks one: flex on CUDA, the reference on CPU.
+block 0). The sdpa form (`ttt_attention_sdpa`) runs aten's causal flash attention over the step-0 keys only
+and merges the diagonal keys in through the log-sum-exps: the causal part is almost all the work, and in the
+8B training step's profile on an H200 the target's causal cuDNN attention took 0.08 ms a layer against flex's
+0.42 ms a TTT step (forward; docs/benchmarks.md, twenty-seventh session). Whether the merged form keeps that
+gain is what scripts/bench_ttt_attention.py measures. `ttt_attention` picks one: flex on CUDA, the reference
+on CPU.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["ttt_attention", "ttt_attention_reference", "ttt_attention_flex", "ttt_block_mask"]
+__all__ = ["ttt_attention", "ttt_attention_reference", "ttt_attention_flex", "ttt_attention_sdpa", "ttt_block_mask"]
 
 
 def ttt_attention_reference(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
@@ -126,8 +131,8 @@ def _compiled_flex_attention():
 
 def _flex_eager_with_grad(q, k, v, block_mask, scale):
     """CPU (tests only). The public flex_attention raises NotImplementedError on CPU whenever an input
-    requires grad, even under no_grad (its `_validate_device` check: the CPU kernel has no backward). The operator under it
-    (torch._higher_order_ops.flex_attention) has a dense eager implementation with autograd, the same
+    requires grad, even under no_grad (its `_validate_device` check: the CPU kernel has no backward). The
+    operator under it (torch._higher_order_ops.flex_attention) has a dense eager implementation with autograd, the same
     math the public eager path runs, so call it directly: it checks this module's mask and math, not
     the fused kernel. Kernel options are the public defaults (the dense path reads none of them)."""
     from torch._higher_order_ops.flex_attention import flex_attention as flex_hop
@@ -163,7 +168,115 @@ def ttt_attention_flex(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Se
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
-IMPLS = ("auto", "flex", "reference")
+# ---------------------------------------------------------------------------------------------------------
+# Causal flash attention merged with the diagonal
+
+
+def _flash_forward(q, k, v, scale):
+    """Causal flash attention of q, k, v [B, H, T, D] (one head count): output, log-sum-exp [B, H, T]
+    (float32 for 16-bit inputs), and what its backward needs."""
+    if q.device.type == "cuda":
+        r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+        return r[0], r[1], r[2:8]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+    return out, lse, None
+
+
+def _flash_backward(grad_out, q, k, v, out, lse, scale, state):
+    if q.device.type == "cuda":
+        cum_q, cum_k, max_q, max_k, seed, offset = state
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_out, q, k, v, out, lse, 0.0, True, scale=scale)
+
+
+class _CausalPlusDiagonal(torch.autograd.Function):
+    """TTT attention as causal flash attention over the step-0 keys, merged with the k diagonal scores of steps
+    1..k through the log-sum-exps. Backward runs flash's backward with the merged output and log-sum-exp in
+    place of the causal part's own: its probabilities exp(s - lse) are then the merged softmax's, and its row
+    term sum(dO * O) the merged one, so dq, dK0 and dV0 are exact (how ring attention joins key blocks). The
+    diagonal's gradients are row-wise products. q [B, Hq, T, D]; k0, v0 [B, Hk, T, D]; kd, vd [B, Hk, k, T, D]."""
+
+    @staticmethod
+    def forward(ctx, q, k0, v0, kd, vd, scale):
+        b, hq, t, d = q.shape
+        hk, steps = k0.shape[1], kd.shape[2]
+        g = hq // hk
+        with torch.autocast(q.device.type, enabled=False):
+            k0e, v0e = k0.repeat_interleave(g, dim=1), v0.repeat_interleave(g, dim=1)
+            out0, lse0, state = _flash_forward(q, k0e, v0e, scale)
+            if steps:
+                f = torch.promote_types(q.dtype, torch.float32)
+                s = _diagonal_scores(q, kd, scale, f)  # [B, Hk, k, G, T]
+                lse0 = lse0.to(f).reshape(b, hk, g, t)
+                lse = torch.logaddexp(lse0, torch.logsumexp(s, dim=2))
+                p = torch.exp(s - lse.unsqueeze(2))
+                out = (torch.exp(lse0 - lse).unsqueeze(-1) * out0.to(f).reshape(b, hk, g, t, d)
+                       + torch.einsum("bhkgt,bhktd->bhgtd", p, vd.to(f)))
+                out, lse = out.to(q.dtype).reshape(b, hq, t, d), lse.reshape(b, hq, t).to(lse0.dtype)
+            else:
+                out, lse = out0, lse0
+        ctx.save_for_backward(q, k0, v0, kd, vd, out, lse)
+        # flash's varlen offsets, max lengths (ints) and RNG state: small, and not all tensors
+        ctx.scale, ctx.state = scale, state
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k0, v0, kd, vd, out, lse = ctx.saved_tensors
+        scale = ctx.scale
+        b, hq, t, d = q.shape
+        hk, steps = k0.shape[1], kd.shape[2]
+        g = hq // hk
+        with torch.autocast(q.device.type, enabled=False):
+            grad_out = grad_out.contiguous()
+            k0e, v0e = k0.repeat_interleave(g, dim=1), v0.repeat_interleave(g, dim=1)
+            dq, dk0, dv0 = _flash_backward(grad_out, q, k0e, v0e, out, lse, scale, ctx.state)
+            dk0 = dk0.reshape(b, hk, g, t, d).sum(2)
+            dv0 = dv0.reshape(b, hk, g, t, d).sum(2)
+            if not steps:
+                return dq, dk0, dv0, torch.zeros_like(kd), torch.zeros_like(vd), None
+            f = torch.promote_types(q.dtype, torch.float32)
+            p = torch.exp(_diagonal_scores(q, kd, scale, f) - lse.to(f).reshape(b, hk, 1, g, t))
+            go = grad_out.to(f).reshape(b, hk, g, t, d)
+            row = (go * out.to(f).reshape(b, hk, g, t, d)).sum(-1)  # sum(dO * O) per row
+            dv = torch.einsum("bhkgt,bhgtd->bhktd", p, go)
+            ds = p * (torch.einsum("bhgtd,bhktd->bhkgt", go, vd.to(f)) - row.unsqueeze(2)) * scale
+            dq = dq.to(f) + torch.einsum("bhkgt,bhktd->bhgtd", ds, kd.to(f)).reshape(b, hq, t, d)
+            dk = torch.einsum("bhkgt,bhgtd->bhktd", ds, q.to(f).reshape(b, hk, g, t, d))
+        return dq.to(q.dtype), dk0, dv0, dk.to(kd.dtype), dv.to(vd.dtype), None
+
+
+def _diagonal_scores(q, kd, scale, dtype):
+    """[B, Hk, k, G, T]: each query's score against step j's key at its own position, j = 1..k."""
+    b, hq, t, d = q.shape
+    hk = kd.shape[1]
+    return torch.einsum("bhgtd,bhktd->bhkgt", q.to(dtype).reshape(b, hk, hq // hk, t, d), kd.to(dtype)) * scale
+
+
+def ttt_attention_sdpa(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                       doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Same result as `ttt_attention_reference`: causal flash attention (aten's, CUDA or CPU) over the step-0
+    keys, merged with the diagonal keys of the later steps (`_CausalPlusDiagonal`). Unpacked rows only. Under
+    autocast all take the autocast dtype, as in `ttt_attention_flex`."""
+    if doc_ids is not None:
+        raise ValueError("TTT attention 'sdpa' has no packed rows (doc_ids); use 'flex' or 'reference'")
+    dtype = q.dtype
+    if torch.is_autocast_enabled(q.device.type) and q.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.get_autocast_dtype(q.device.type)
+    q = q.to(dtype)
+    k0, v0 = keys[0].to(dtype), values[0].to(dtype)
+    b, hk, t, d = k0.shape
+    if len(keys) > 1:
+        kd = torch.stack([k.to(dtype) for k in keys[1:]], dim=2)
+        vd = torch.stack([v.to(dtype) for v in values[1:]], dim=2)
+    else:
+        kd = vd = k0.new_zeros(b, hk, 0, t, d)
+    return _CausalPlusDiagonal.apply(q, k0, v0, kd, vd, d ** -0.5)
+
+
+IMPLS = ("auto", "flex", "reference", "sdpa")
 
 
 def ttt_attention(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
@@ -177,4 +290,6 @@ def ttt_attention(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequenc
         return ttt_attention_flex(q, keys, values, doc_ids)
     if impl == "reference":
         return ttt_attention_reference(q, keys, values, doc_ids)
+    if impl == "sdpa":
+        return ttt_attention_sdpa(q, keys, values, doc_ids)
     raise ValueError(f"unknown TTT attention impl {impl!r}; one of {IMPLS}")
