@@ -259,7 +259,9 @@ def ttt_attention_sdpa(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Se
                        doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Same result as `ttt_attention_reference`: causal flash attention (aten's, CUDA or CPU) over the step-0
     keys, merged with the diagonal keys of the later steps (`_CausalPlusDiagonal`). Unpacked rows only. Under
-    autocast all take the autocast dtype, as in `ttt_attention_flex`."""
+    autocast all take the autocast dtype, as in `ttt_attention_flex`. Not the default: on CUDA its backward is
+    FlashAttention-2's, which sums dQ with atomic adds, so its losses may not repeat bit for bit
+    (`scripts/bench_train.py --repeat` checks), and its speed against flex is measured, not assumed."""
     if doc_ids is not None:
         raise ValueError("TTT attention 'sdpa' has no packed rows (doc_ids); use 'flex' or 'reference'")
     dtype = q.dtype
