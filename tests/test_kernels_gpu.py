@@ -65,6 +65,27 @@ def test_ttt_attention_flex_under_autocast(impl):
     assert all(x.grad is not None and x.grad.dtype == torch.float32 for x in [qs[2], *keys, *values])
 
 
+def test_ttt_attention_auto_picks_sdpa_flex_when_deterministic_or_packed():
+    """"auto" on CUDA: the same result, bit for bit, as sdpa by default, and as flex under deterministic
+    algorithms and for packed rows (doc_ids)."""
+    from specforge.kernels.ttt_attention import ttt_attention
+
+    qs, keys, values = _ttt_attention_leaves(1, 8, 2, 256, 64, 3, torch.bfloat16, seed=3)
+    q = qs[2].detach()
+    ks, vs = [k.detach() for k in keys], [v.detach() for v in values]
+    assert torch.equal(ttt_attention(q, ks, vs, "auto"), ttt_attention(q, ks, vs, "sdpa"))
+    assert not torch.equal(ttt_attention(q, ks, vs, "flex"), ttt_attention(q, ks, vs, "sdpa"))
+    doc_ids = torch.zeros(1, 256, dtype=torch.long, device="cuda")
+    doc_ids[:, 100:] = 1
+    assert torch.equal(ttt_attention(q, ks, vs, "auto", doc_ids), ttt_attention(q, ks, vs, "flex", doc_ids))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(ttt_attention(q, ks, vs, "auto"), ttt_attention(q, ks, vs, "flex"))
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 def _ttt_attention_peak(fn, t, steps=7, b=1, hq=32, hkv=8, d=128):
     qs, keys, values = _ttt_attention_leaves(b, hq, hkv, t, d, steps, torch.bfloat16, seed=2)
     torch.cuda.synchronize()

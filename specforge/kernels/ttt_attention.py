@@ -259,9 +259,9 @@ def ttt_attention_sdpa(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Se
                        doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Same result as `ttt_attention_reference`: causal flash attention (aten's, CUDA or CPU) over the step-0
     keys, merged with the diagonal keys of the later steps (`_CausalPlusDiagonal`). Unpacked rows only. Under
-    autocast all take the autocast dtype, as in `ttt_attention_flex`. Not the default: on CUDA its backward is
-    FlashAttention-2's, which sums dQ with atomic adds, so its losses may not repeat bit for bit
-    (`scripts/bench_train.py --repeat` checks), and its speed against flex is measured, not assumed."""
+    autocast all take the autocast dtype, as in `ttt_attention_flex`. On CUDA its backward is FlashAttention-2's,
+    which sums dQ with atomic adds, so its losses need not repeat bit for bit (`scripts/bench_train.py
+    --repeat` checks); "auto" takes flex under deterministic algorithms."""
     if doc_ids is not None:
         raise ValueError("TTT attention 'sdpa' has no packed rows (doc_ids); use 'flex' or 'reference'")
     dtype = q.dtype
@@ -283,11 +283,17 @@ IMPLS = ("auto", "flex", "reference", "sdpa")
 
 def ttt_attention(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
                   impl: str = "auto", doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """TTT attention of step len(keys)-1. impl: "flex", "reference", or "auto" = flex on CUDA (memory
-    O(T) per step instead of O(T^2)), reference elsewhere (flex has no fused CPU training kernel).
-    `doc_ids` [B, T]: packed rows, whose conversations do not see each other."""
+    """TTT attention of step len(keys)-1. impl: "flex", "reference", "sdpa", or "auto": on CUDA "sdpa"
+    (the fastest measured, memory O(T) per step), but "flex" for packed rows (sdpa has no document mask) and
+    under deterministic algorithms (flash's backward sums dQ with atomic adds); "reference" elsewhere (flex has
+    no fused CPU training kernel). `doc_ids` [B, T]: packed rows, whose conversations do not see each other."""
     if impl == "auto":
-        impl = "flex" if q.device.type == "cuda" else "reference"
+        if q.device.type != "cuda":
+            impl = "reference"
+        elif doc_ids is None and not torch.are_deterministic_algorithms_enabled():
+            impl = "sdpa"
+        else:
+            impl = "flex"
     if impl == "flex":
         return ttt_attention_flex(q, keys, values, doc_ids)
     if impl == "reference":
