@@ -843,7 +843,7 @@ def run_ours_features(spec: dict, args) -> dict:
         norm.weight.copy_(feats["norm"])  # read by train.init_head_from_target only (the features come normed)
     head = TargetHead(tcfg, embed, norm, feats["lm_head"].to(dev))
     torch.manual_seed(spec["seed"])
-    draft = build_draft(cfg, head, spec["aux_layer_ids"], feats["d2t"].to(dev), feats["t2d"].to(dev))
+    draft = build_draft(cfg, head, spec["aux_layer_ids"], feats["d2t"], feats["t2d"])  # host tensors, as in train
     if draft.config.draft_vocab_size != spec["draft_vocab_size"]:
         raise RuntimeError(f"our draft vocab {draft.config.draft_vocab_size}, the spec {spec['draft_vocab_size']}")
     draft_ids = torch.arange(draft.d2t.numel(), device=dev) + draft.d2t
@@ -956,6 +956,8 @@ def run_upstream_features(spec: dict, args) -> dict:
 # ----------------------------------------------------------------------------------------- the parent
 def side_main(args) -> int:
     spec = json.loads(Path(args.spec).read_text())
+    if args.side == "ours":  # the sides run from a temporary folder: ours is this checkout's, installed or not
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     try:
         if spec.get("mode") == "features":
             result = (run_ours_features if args.side == "ours" else run_upstream_features)(spec, args)
