@@ -80,7 +80,7 @@ def outputs_and_grads(fn, q, keys, values, grad_out):
 
 
 def max_difference(a, b) -> float:
-    return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b))
+    return max((x.cpu().double() - y.cpu().double()).abs().max().item() for x, y in zip(a, b))
 
 
 def check(name, device, dtype, shape, step) -> str:

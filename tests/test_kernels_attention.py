@@ -89,6 +89,22 @@ def test_sdpa_in_bfloat16_is_as_close_as_the_reference():
         assert sdpa_err < max(2 * ref_err, 1e-2), errs
 
 
+def test_sdpa_with_kv_heads_repeated_equals_reference(monkeypatch):
+    """Where the flash kernel lacks grouped-query heads, k0/v0 go in repeated and their gradients come back
+    summed over each group: the same numbers as the kernel's own GQA."""
+    from specforge.kernels import ttt_attention as mod
+
+    monkeypatch.setitem(mod._flash_gqa, "cpu", False)
+    q, keys, values = _inputs(2, 6, 2, 33, 8, 2, torch.float64)
+    want = ttt_attention_reference(q, keys, values)
+    got = ttt_attention_sdpa(q, keys, values)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    grad = torch.randn_like(want)
+    leaves = [q, *keys, *values]
+    for a, e in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, leaves, grad)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
 def test_sdpa_refuses_packed_rows():
     q, keys, values = _inputs(1, 2, 2, 9, 8, 1, torch.float64)
     with pytest.raises(ValueError, match="packed rows"):

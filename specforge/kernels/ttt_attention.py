@@ -171,24 +171,101 @@ def ttt_attention_flex(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Se
 # ---------------------------------------------------------------------------------------------------------
 # Causal flash attention merged with the diagonal
 
+_flash_gqa: dict = {}  # device type -> whether aten's flash kernel takes fewer kv heads than q heads
+
 
 def _flash_forward(q, k, v, scale):
-    """Causal flash attention of q, k, v [B, H, T, D] (one head count): output, log-sum-exp [B, H, T]
-    (float32 for 16-bit inputs), and what its backward needs."""
-    if q.device.type == "cuda":
-        r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
-        return r[0], r[1], r[2:8]
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
-    return out, lse, None
+    """Causal flash attention of q [B, Hq, T, D] and k, v [B, Hk, T, D]: output, log-sum-exp [B, Hq, T]
+    (float32 for 16-bit inputs), what its backward needs, and whether k, v went in repeated to Hq heads (only
+    where the kernel lacks grouped-query heads; tried once per device type)."""
+    repeat = q.shape[1] // k.shape[1]
+    native = repeat == 1 or _flash_gqa.get(q.device.type, True)
+    if not native:
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    try:
+        if q.device.type == "cuda":
+            r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+            out, lse, state = r[0], r[1], r[2:8]
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+            state = None
+    except RuntimeError:
+        if not native or repeat == 1 or q.device.type in _flash_gqa:
+            raise
+        _flash_gqa[q.device.type] = False
+        return _flash_forward(q, k, v, scale)
+    if repeat > 1:
+        _flash_gqa[q.device.type] = native
+    return out, lse, state, not native
 
 
-def _flash_backward(grad_out, q, k, v, out, lse, scale, state):
+def _flash_backward(grad_out, q, k, v, out, lse, scale, state, repeated):
+    """dq, dk, dv of `_flash_forward`, with dk, dv at k's head count."""
+    hk = k.shape[1]
+    g = q.shape[1] // hk
+    if repeated:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     if q.device.type == "cuda":
         cum_q, cum_k, max_q, max_k, seed, offset = state
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             grad_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale)
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out, q, k, v, out, lse, 0.0, True, scale=scale)
+    else:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse, 0.0, True, scale=scale)
+    if repeated:
+        b, _, t, d = dk.shape
+        dk, dv = dk.reshape(b, hk, g, t, d).sum(2), dv.reshape(b, hk, g, t, d).sum(2)
+    return dq, dk, dv
+
+
+def _merge_diagonal(q, kd, vd, out0, lse0, scale):
+    """The causal part's output and log-sum-exp joined with the scores of each query against steps 1..k's keys
+    at its own position: (output [B, Hq, T, D] in q's dtype, log-sum-exp [B, Hq, T] in float32 or wider).
+    Written as broadcasts and sums, which torch.compile fuses into a few kernels (on CUDA it runs compiled)."""
+    b, hq, t, d = q.shape
+    hk = kd.shape[1]
+    g = hq // hk
+    f = torch.promote_types(q.dtype, torch.float32)
+    s = (q.to(f).reshape(b, hk, 1, g, t, d) * kd.to(f).unsqueeze(3)).sum(-1) * scale  # [B, Hk, k, G, T]
+    lse0 = lse0.to(f).reshape(b, hk, g, t)
+    lse = torch.logaddexp(lse0, torch.logsumexp(s, dim=2))
+    p = torch.exp(s - lse.unsqueeze(2))
+    out = (torch.exp(lse0 - lse).unsqueeze(-1) * out0.to(f).reshape(b, hk, g, t, d)
+           + (p.unsqueeze(-1) * vd.to(f).unsqueeze(3)).sum(2))
+    return out.to(q.dtype).reshape(b, hq, t, d), lse.reshape(b, hq, t)
+
+
+def _diagonal_backward(q, kd, vd, out, lse, grad_out, dq, scale):
+    """Gradients through the diagonal: dq (flash's dq plus the diagonal's, in q's dtype), dkd, dvd. The
+    softmax is the merged one: p = exp(s - lse), and the row term sum(dO * O) is over the merged output."""
+    b, hq, t, d = q.shape
+    hk = kd.shape[1]
+    g = hq // hk
+    f = torch.promote_types(q.dtype, torch.float32)
+    qf = q.to(f).reshape(b, hk, 1, g, t, d)
+    kf, vf = kd.to(f).unsqueeze(3), vd.to(f).unsqueeze(3)  # [B, Hk, k, 1, T, D]
+    p = torch.exp((qf * kf).sum(-1) * scale - lse.to(f).reshape(b, hk, 1, g, t))  # [B, Hk, k, G, T]
+    go = grad_out.to(f).reshape(b, hk, 1, g, t, d)
+    row = (go * out.to(f).reshape(b, hk, 1, g, t, d)).sum(-1)
+    dv = (p.unsqueeze(-1) * go).sum(3)
+    ds = p * ((go * vf).sum(-1) - row) * scale
+    dq = dq.to(f) + (ds.unsqueeze(-1) * kf).sum(2).reshape(b, hq, t, d)
+    dk = (ds.unsqueeze(-1) * qf).sum(3)
+    return dq.to(q.dtype), dk.to(kd.dtype), dv.to(vd.dtype)
+
+
+_compiled_merge = {}
+
+
+def _fused(fn, device_type: str):
+    """`fn` compiled (dynamic shapes: T and k change) on CUDA, as it is elsewhere: eager it runs a dozen
+    kernels a step where compiled it runs a few."""
+    if device_type != "cuda":
+        return fn
+    if fn not in _compiled_merge:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        _compiled_merge[fn] = torch.compile(fn, dynamic=True)
+    return _compiled_merge[fn]
 
 
 class _CausalPlusDiagonal(torch.autograd.Function):
@@ -200,59 +277,25 @@ class _CausalPlusDiagonal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k0, v0, kd, vd, scale):
-        b, hq, t, d = q.shape
-        hk, steps = k0.shape[1], kd.shape[2]
-        g = hq // hk
         with torch.autocast(q.device.type, enabled=False):
-            k0e, v0e = k0.repeat_interleave(g, dim=1), v0.repeat_interleave(g, dim=1)
-            out0, lse0, state = _flash_forward(q, k0e, v0e, scale)
-            if steps:
-                f = torch.promote_types(q.dtype, torch.float32)
-                s = _diagonal_scores(q, kd, scale, f)  # [B, Hk, k, G, T]
-                lse0 = lse0.to(f).reshape(b, hk, g, t)
-                lse = torch.logaddexp(lse0, torch.logsumexp(s, dim=2))
-                p = torch.exp(s - lse.unsqueeze(2))
-                out = (torch.exp(lse0 - lse).unsqueeze(-1) * out0.to(f).reshape(b, hk, g, t, d)
-                       + torch.einsum("bhkgt,bhktd->bhgtd", p, vd.to(f)))
-                out, lse = out.to(q.dtype).reshape(b, hq, t, d), lse.reshape(b, hq, t).to(lse0.dtype)
-            else:
-                out, lse = out0, lse0
+            out, lse, state, repeated = _flash_forward(q, k0, v0, scale)
+            if kd.shape[2]:
+                out, lse = _fused(_merge_diagonal, q.device.type)(q, kd, vd, out, lse, scale)
         ctx.save_for_backward(q, k0, v0, kd, vd, out, lse)
         # flash's varlen offsets, max lengths (ints) and RNG state: small, and not all tensors
-        ctx.scale, ctx.state = scale, state
+        ctx.scale, ctx.state, ctx.repeated = scale, state, repeated
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k0, v0, kd, vd, out, lse = ctx.saved_tensors
-        scale = ctx.scale
-        b, hq, t, d = q.shape
-        hk, steps = k0.shape[1], kd.shape[2]
-        g = hq // hk
         with torch.autocast(q.device.type, enabled=False):
             grad_out = grad_out.contiguous()
-            k0e, v0e = k0.repeat_interleave(g, dim=1), v0.repeat_interleave(g, dim=1)
-            dq, dk0, dv0 = _flash_backward(grad_out, q, k0e, v0e, out, lse, scale, ctx.state)
-            dk0 = dk0.reshape(b, hk, g, t, d).sum(2)
-            dv0 = dv0.reshape(b, hk, g, t, d).sum(2)
-            if not steps:
+            dq, dk0, dv0 = _flash_backward(grad_out, q, k0, v0, out, lse, ctx.scale, ctx.state, ctx.repeated)
+            if not kd.shape[2]:
                 return dq, dk0, dv0, torch.zeros_like(kd), torch.zeros_like(vd), None
-            f = torch.promote_types(q.dtype, torch.float32)
-            p = torch.exp(_diagonal_scores(q, kd, scale, f) - lse.to(f).reshape(b, hk, 1, g, t))
-            go = grad_out.to(f).reshape(b, hk, g, t, d)
-            row = (go * out.to(f).reshape(b, hk, g, t, d)).sum(-1)  # sum(dO * O) per row
-            dv = torch.einsum("bhkgt,bhgtd->bhktd", p, go)
-            ds = p * (torch.einsum("bhgtd,bhktd->bhkgt", go, vd.to(f)) - row.unsqueeze(2)) * scale
-            dq = dq.to(f) + torch.einsum("bhkgt,bhktd->bhgtd", ds, kd.to(f)).reshape(b, hq, t, d)
-            dk = torch.einsum("bhkgt,bhgtd->bhktd", ds, q.to(f).reshape(b, hk, g, t, d))
-        return dq.to(q.dtype), dk0, dv0, dk.to(kd.dtype), dv.to(vd.dtype), None
-
-
-def _diagonal_scores(q, kd, scale, dtype):
-    """[B, Hk, k, G, T]: each query's score against step j's key at its own position, j = 1..k."""
-    b, hq, t, d = q.shape
-    hk = kd.shape[1]
-    return torch.einsum("bhgtd,bhktd->bhkgt", q.to(dtype).reshape(b, hk, hq // hk, t, d), kd.to(dtype)) * scale
+            dq, dk, dv = _fused(_diagonal_backward, q.device.type)(q, kd, vd, out, lse, grad_out, dq, ctx.scale)
+        return dq, dk0, dv0, dk, dv, None
 
 
 def ttt_attention_sdpa(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
