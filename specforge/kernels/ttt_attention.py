@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .ttt_diagonal import diagonal_backward, merge_diagonal
+
 __all__ = ["ttt_attention", "ttt_attention_reference", "ttt_attention_flex", "ttt_attention_sdpa", "ttt_block_mask"]
 
 
@@ -218,56 +220,6 @@ def _flash_backward(grad_out, q, k, v, out, lse, scale, state, repeated):
     return dq, dk, dv
 
 
-def _merge_diagonal(q, kd, vd, out0, lse0, scale):
-    """The causal part's output and log-sum-exp joined with the scores of each query against steps 1..k's keys
-    at its own position: (output [B, Hq, T, D] in q's dtype, log-sum-exp [B, Hq, T] in float32 or wider).
-    Written as broadcasts and sums, which torch.compile fuses into a few kernels (on CUDA it runs compiled)."""
-    b, hq, t, d = q.shape
-    hk = kd.shape[1]
-    g = hq // hk
-    f = torch.promote_types(q.dtype, torch.float32)
-    s = (q.to(f).reshape(b, hk, 1, g, t, d) * kd.to(f).unsqueeze(3)).sum(-1) * scale  # [B, Hk, k, G, T]
-    lse0 = lse0.to(f).reshape(b, hk, g, t)
-    lse = torch.logaddexp(lse0, torch.logsumexp(s, dim=2))
-    p = torch.exp(s - lse.unsqueeze(2))
-    out = (torch.exp(lse0 - lse).unsqueeze(-1) * out0.to(f).reshape(b, hk, g, t, d)
-           + (p.unsqueeze(-1) * vd.to(f).unsqueeze(3)).sum(2))
-    return out.to(q.dtype).reshape(b, hq, t, d), lse.reshape(b, hq, t)
-
-
-def _diagonal_backward(q, kd, vd, out, lse, grad_out, dq, scale):
-    """Gradients through the diagonal: dq (flash's dq plus the diagonal's, in q's dtype), dkd, dvd. The
-    softmax is the merged one: p = exp(s - lse), and the row term sum(dO * O) is over the merged output."""
-    b, hq, t, d = q.shape
-    hk = kd.shape[1]
-    g = hq // hk
-    f = torch.promote_types(q.dtype, torch.float32)
-    qf = q.to(f).reshape(b, hk, 1, g, t, d)
-    kf, vf = kd.to(f).unsqueeze(3), vd.to(f).unsqueeze(3)  # [B, Hk, k, 1, T, D]
-    p = torch.exp((qf * kf).sum(-1) * scale - lse.to(f).reshape(b, hk, 1, g, t))  # [B, Hk, k, G, T]
-    go = grad_out.to(f).reshape(b, hk, 1, g, t, d)
-    row = (go * out.to(f).reshape(b, hk, 1, g, t, d)).sum(-1)
-    dv = (p.unsqueeze(-1) * go).sum(3)
-    ds = p * ((go * vf).sum(-1) - row) * scale
-    dq = dq.to(f) + (ds.unsqueeze(-1) * kf).sum(2).reshape(b, hq, t, d)
-    dk = (ds.unsqueeze(-1) * qf).sum(3)
-    return dq.to(q.dtype), dk.to(kd.dtype), dv.to(vd.dtype)
-
-
-_compiled_merge = {}
-
-
-def _fused(fn, device_type: str):
-    """`fn` compiled (dynamic shapes: T and k change) on CUDA, as it is elsewhere: eager it runs a dozen
-    kernels a step where compiled it runs a few."""
-    if device_type != "cuda":
-        return fn
-    if fn not in _compiled_merge:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        _compiled_merge[fn] = torch.compile(fn, dynamic=True)
-    return _compiled_merge[fn]
-
-
 class _CausalPlusDiagonal(torch.autograd.Function):
     """TTT attention as causal flash attention over the step-0 keys, merged with the k diagonal scores of steps
     1..k through the log-sum-exps. Backward runs flash's backward with the merged output and log-sum-exp in
@@ -280,7 +232,7 @@ class _CausalPlusDiagonal(torch.autograd.Function):
         with torch.autocast(q.device.type, enabled=False):
             out, lse, state, repeated = _flash_forward(q, k0, v0, scale)
             if kd.shape[2]:
-                out, lse = _fused(_merge_diagonal, q.device.type)(q, kd, vd, out, lse, scale)
+                out, lse = merge_diagonal(q, kd, vd, out, lse, scale)
         ctx.save_for_backward(q, k0, v0, kd, vd, out, lse)
         # flash's varlen offsets, max lengths (ints) and RNG state: small, and not all tensors
         ctx.scale, ctx.state, ctx.repeated = scale, state, repeated
@@ -294,7 +246,7 @@ class _CausalPlusDiagonal(torch.autograd.Function):
             dq, dk0, dv0 = _flash_backward(grad_out, q, k0, v0, out, lse, ctx.scale, ctx.state, ctx.repeated)
             if not kd.shape[2]:
                 return dq, dk0, dv0, torch.zeros_like(kd), torch.zeros_like(vd), None
-            dq, dk, dv = _fused(_diagonal_backward, q.device.type)(q, kd, vd, out, lse, grad_out, dq, ctx.scale)
+            dq, dk, dv = diagonal_backward(q, kd, vd, out, lse, grad_out, dq, ctx.scale)
         return dq, dk0, dv0, dk, dv, None
 
 
