@@ -117,7 +117,7 @@ def diagonal_backward_kernel(q, kd, vd, out, lse, grad_out, dq, scale):
         q, kd, vd, out, lse, grad_out, dq, dq_out, row, *q.stride()[:3], *out.stride()[:3],
         *grad_out.stride()[:3], *dq.stride()[:3], t, k, hq, hk, d, scale, BLOCK_T=BLOCK_T, BLOCK_D=block_d,
         num_warps=4)
-    _diag_bwd_dkv[(triton.cdiv(t, BLOCK_T), b * hk * k)](
+    _diag_bwd_dkv[(k, triton.cdiv(t, BLOCK_T), b * hk)](
         q, kd, vd, lse, grad_out, row, dk, dv, *q.stride()[:3], *grad_out.stride()[:3], t, k, hq, hk, d,
         scale, BLOCK_T=BLOCK_T, BLOCK_D=block_d, num_warps=4)
     return dq_out, dk, dv
@@ -194,8 +194,9 @@ if triton is not None:
     def _diag_bwd_dkv(q_ptr, kd_ptr, vd_ptr, lse_ptr, go_ptr, row_ptr, dk_ptr, dv_ptr,
                       sq_b, sq_h, sq_t, sg_b, sg_h, sg_t,
                       T, K, HQ, HK, D, scale, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid_t, bkj = tl.program_id(0), tl.program_id(1)  # bkj = (b * HK + hk) * K + j
-        bk = bkj // K
+        # the diagonal step j varies fastest: the K programs of a row block read the same q and dO rows (cache)
+        j, pid_t, bk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        bkj = bk * K + j
         bi, hk = bk // HK, bk % HK
         group = HQ // HK
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
