@@ -11,8 +11,9 @@ block 0). The sdpa form (`ttt_attention_sdpa`) runs aten's causal flash attentio
 and merges the diagonal keys in through the log-sum-exps: the causal part is almost all the work, and in the
 8B training step's profile on an H200 the target's causal cuDNN attention took 0.08 ms a layer against flex's
 0.42 ms a TTT step (forward; docs/benchmarks.md, twenty-seventh session). Whether the merged form keeps that
-gain is what scripts/bench_ttt_attention.py measures. `ttt_attention` picks one: flex on CUDA, the reference
-on CPU.
+gain is what scripts/bench_ttt_attention.py measures: with the merge compiled by torch.compile it did not (an
+H100, twenty-ninth session), so the merge is Triton kernels (`ttt_diagonal`). `ttt_attention` picks one: "auto"
+is sdpa on CUDA (flex for packed rows and under deterministic algorithms), the reference on the CPU.
 """
 
 from __future__ import annotations
