@@ -190,6 +190,7 @@ def test_glu_kernel_differs_from_the_projection_only_in_its_epilogue_in_sm90_cod
     assert skinny["instructions"] < glu["instructions"] <= 1.25 * skinny["instructions"], (skinny, glu)
 
 
+@old_interpreter  # triton 3.6's interpreter fails here as on the kernels above (its sm_90 compile works)
 def test_ttt_diagonal_kernels_interpreted():
     """The TTT attention's diagonal merge (specforge/kernels/ttt_diagonal.py), forward and both backward
     kernels, against the float64 reference: grouped-query heads, row counts not a multiple of BLOCK_T, a head
