@@ -197,3 +197,28 @@ def test_ttt_diagonal_kernels_interpreted():
     size not a power of two, q, the causal output and dO as strided views of [B, T, H, D], float32 within its
     rounding, 16-bit within theirs."""
     _interpreted(DIAGONAL_CHECK)
+
+
+def test_ttt_diagonal_kernels_compile_for_sm90():
+    """The diagonal merge's three kernels compiled for sm_90 on the CPU (scripts/kernel_sass.py's
+    `compile_sm90`) at the Llama-8B draft's shape, as a launch binds them: they build with the triton at hand
+    (the GPU machine's is 3.6, whose interpreter cannot run them), from registers alone (no shared memory), at
+    most 128 a thread at four warps."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "kernel_sass.py"
+    spec = importlib.util.spec_from_file_location("kernel_sass", script)
+    ks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ks)
+    from specforge.kernels import ttt_diagonal as td
+
+    for fn in (td._merge_fwd, td._diag_bwd_dq, td._diag_bwd_dkv):
+        sig = {}
+        for name in fn.arg_names:
+            if name in ("BLOCK_T", "BLOCK_D"):
+                continue
+            if name.endswith("_ptr"):
+                sig[name] = "*fp32" if name.startswith(("lse", "row")) else "*bf16"
+            else:
+                sig[name] = "fp32" if name == "scale" else "i32"
+        kernel = ks.compile_sm90(fn, sig, {"BLOCK_T": td.BLOCK_T, "BLOCK_D": 128}, {"T": 2048, "D": 128}, 4, 3)
+        profile = ks.sass_profile(kernel)
+        assert profile["smem"] == 0 and 0 < profile["regs"] <= 128, (fn, profile)
