@@ -956,8 +956,6 @@ def run_upstream_features(spec: dict, args) -> dict:
 # ----------------------------------------------------------------------------------------- the parent
 def side_main(args) -> int:
     spec = json.loads(Path(args.spec).read_text())
-    if args.side == "ours":  # the sides run from a temporary folder: ours is this checkout's, installed or not
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     try:
         if spec.get("mode") == "features":
             result = (run_ours_features if args.side == "ours" else run_upstream_features)(spec, args)
@@ -975,6 +973,16 @@ def side_main(args) -> int:
     return 0 if result["ok"] else 1
 
 
+def side_env() -> dict:
+    """The environment of a side's process. It runs in a temporary folder, so relative PYTHONPATH entries
+    (`PYTHONPATH=.` on a machine without an install) are made absolute: the side then imports what the parent
+    did."""
+    env = dict(os.environ)
+    if env.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in env["PYTHONPATH"].split(os.pathsep) if p)
+    return env
+
+
 def run_side(side: str, spec_file: Path, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / f"{side}.json"
@@ -990,7 +998,7 @@ def run_side(side: str, spec_file: Path, args) -> dict:
             cmd += ["--ours", *args.ours]
         print(f"[{side}] running ...", file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              cwd=tempfile.gettempdir())
+                              cwd=tempfile.gettempdir(), env=side_env())
         if args.verbose or proc.returncode:
             print("\n".join(f"[{side}] {line}" for line in proc.stdout.splitlines()[-(10**6 if args.verbose else 25):]),
                   file=sys.stderr, flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,14 @@ def test_acc_from_logits_is_our_definition():
         got = compare_upstream.acc_from_logits(logits, final, lm_head, loss_mask, draft.d2t, k)
         assert got == (int(stats[k].correct), int(stats[k].count)), k
     assert sum(int(s.count) for s in stats) > 0 and sum(int(s.correct) for s in stats) > 0
+
+
+def test_side_env_makes_pythonpath_absolute(monkeypatch, tmp_path):
+    """A side runs in a temporary folder: `PYTHONPATH=.` (a GPU machine without an install) must still name the
+    folder the parent was started from, or the side cannot import our package."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("PYTHONPATH", f".{os.pathsep}{tmp_path}")
+    assert compare_upstream.side_env()["PYTHONPATH"].split(os.pathsep) == [str(REPO), str(tmp_path)]
+    monkeypatch.delenv("PYTHONPATH")
+    assert "PYTHONPATH" not in compare_upstream.side_env()
+
