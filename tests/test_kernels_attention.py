@@ -111,6 +111,29 @@ def test_sdpa_refuses_packed_rows():
         ttt_attention(q, keys, values, impl="sdpa", doc_ids=torch.zeros(1, 9, dtype=torch.long))
 
 
+@pytest.mark.parametrize("state", [(False, False), (True, True), (True, False)])
+def test_deterministic_algorithms_around_flash_backward_restores_the_caller(state):
+    """The sdpa form's flash backward runs with deterministic algorithms on (fixed-order dQ sums on CUDA), and
+    the caller's setting, warn-only included, is what it was afterwards, also when the call raises."""
+    from specforge.kernels.ttt_attention import _deterministic_algorithms
+
+    def now():
+        return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+    was = now()
+    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+    try:
+        with _deterministic_algorithms():
+            assert now() == (True, False)
+        assert now() == state
+        with pytest.raises(RuntimeError, match="inside"):
+            with _deterministic_algorithms():
+                raise RuntimeError("inside")
+        assert now() == state
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+
+
 def test_block_mask_pattern_and_cache():
     t, k = 37, 2
     bm = ttt_block_mask(t, k, "cpu")

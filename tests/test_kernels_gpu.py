@@ -65,12 +65,16 @@ def test_ttt_attention_flex_under_autocast(impl):
     assert all(x.grad is not None and x.grad.dtype == torch.float32 for x in [qs[2], *keys, *values])
 
 
-def test_ttt_attention_auto_picks_sdpa_flex_when_deterministic_or_packed():
-    """"auto" on CUDA: the same result, bit for bit, as sdpa by default, and as flex under deterministic
-    algorithms and for packed rows (doc_ids)."""
-    from specforge.kernels.ttt_attention import ttt_attention
+def test_ttt_attention_auto_picks_sdpa_flex_when_narrow_deterministic_or_packed():
+    """"auto" on CUDA: the same result, bit for bit, as sdpa for queries of SDPA_MIN_WIDTH (heads x head size),
+    and as flex for narrower ones, under deterministic algorithms and for packed rows (doc_ids)."""
+    from specforge.kernels.ttt_attention import SDPA_MIN_WIDTH, ttt_attention
 
-    qs, keys, values = _ttt_attention_leaves(1, 8, 2, 256, 64, 3, torch.bfloat16, seed=3)
+    narrow = _ttt_attention_leaves(1, 8, 2, 256, 64, 3, torch.bfloat16, seed=3)
+    q, ks, vs = narrow[0][2].detach(), [k.detach() for k in narrow[1]], [v.detach() for v in narrow[2]]
+    assert q.shape[1] * q.shape[-1] < SDPA_MIN_WIDTH
+    assert torch.equal(ttt_attention(q, ks, vs, "auto"), ttt_attention(q, ks, vs, "flex"))
+    qs, keys, values = _ttt_attention_leaves(1, SDPA_MIN_WIDTH // 128, 4, 256, 128, 3, torch.bfloat16, seed=3)
     q = qs[2].detach()
     ks, vs = [k.detach() for k in keys], [v.detach() for v in values]
     assert torch.equal(ttt_attention(q, ks, vs, "auto"), ttt_attention(q, ks, vs, "sdpa"))
@@ -84,6 +88,21 @@ def test_ttt_attention_auto_picks_sdpa_flex_when_deterministic_or_packed():
         assert torch.equal(ttt_attention(q, ks, vs, "auto"), ttt_attention(q, ks, vs, "flex"))
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+def test_ttt_attention_sdpa_gradients_repeat_bitwise():
+    """Flash's backward sums dQ with atomic adds unless deterministic algorithms are on; the sdpa form turns
+    them on around that call: at the 8B draft's shape (32 q / 8 kv heads of 128, 2048 positions, step 6) two
+    backward passes give the same gradients bit for bit, and the caller's setting is back afterwards."""
+    from specforge.kernels.ttt_attention import ttt_attention
+
+    qs, keys, values = _ttt_attention_leaves(1, 32, 8, 2048, 128, 7, torch.bfloat16, seed=4)
+    leaves = [qs[6], *keys, *values]
+    grad = torch.randn(qs[6].shape, generator=torch.Generator().manual_seed(5)).to("cuda", torch.bfloat16)
+    runs = [torch.autograd.grad(ttt_attention(qs[6], keys, values, "sdpa"), leaves, grad) for _ in range(3)]
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])

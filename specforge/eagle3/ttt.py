@@ -100,8 +100,9 @@ def step_mask(pred_mask: torch.Tensor, k: int, doc_ids: torch.Tensor | None = No
 class TTTAttention:
     """Keys and values of every unrolled step; scores against step 0 are causal, against later steps
     diagonal. The math is `specforge.kernels.ttt_attention.ttt_attention` with `impl`: "sdpa" (causal flash
-    attention merged with the diagonal; the CUDA default via "auto"), "flex" (no [T, T] scores per head; "auto"
-    on CUDA for packed rows and deterministic runs), "reference" (plain PyTorch; CPU default).
+    attention merged with the diagonal; "auto" on CUDA for wide drafts), "flex" (no [T, T] scores per head;
+    "auto" on CUDA for narrow drafts, packed rows and deterministic runs), "reference" (plain PyTorch; CPU
+    default).
     `doc_ids` [B, T]: packed rows, the causal part stays inside each conversation."""
 
     def __init__(self, impl: str = "auto", doc_ids: torch.Tensor | None = None):

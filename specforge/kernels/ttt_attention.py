@@ -13,11 +13,13 @@ and merges the diagonal keys in through the log-sum-exps: the causal part is alm
 0.42 ms a TTT step (forward; docs/benchmarks.md, twenty-seventh session). Whether the merged form keeps that
 gain is what scripts/bench_ttt_attention.py measures: with the merge compiled by torch.compile it did not (an
 H100, twenty-ninth session), so the merge is Triton kernels (`ttt_diagonal`). `ttt_attention` picks one: "auto"
-is sdpa on CUDA (flex for packed rows and under deterministic algorithms), the reference on the CPU.
+is sdpa on CUDA for wide queries (flex for narrow ones, packed rows and under deterministic algorithms), the
+reference on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Optional, Sequence
 
@@ -202,16 +204,34 @@ def _flash_forward(q, k, v, scale):
     return out, lse, state, not native
 
 
+@contextlib.contextmanager
+def _deterministic_algorithms():
+    """aten's flash backward sums dQ over key blocks with atomic adds, so its gradients need not repeat bit for
+    bit, unless deterministic algorithms are on: then it sums in a fixed order. They are turned on around that
+    one call, so that the sdpa form's losses repeat like flex's (what `scripts/bench_train.py --repeat`
+    checks), and the caller's setting comes back after it."""
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if was and not warn_only:
+        yield
+        return
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
 def _flash_backward(grad_out, q, k, v, out, lse, scale, state, repeated):
-    """dq, dk, dv of `_flash_forward`, with dk, dv at k's head count."""
+    """dq, dk, dv of `_flash_forward`, with dk, dv at k's head count, in a fixed order of sums."""
     hk = k.shape[1]
     g = q.shape[1] // hk
     if repeated:
         k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     if q.device.type == "cuda":
         cum_q, cum_k, max_q, max_k, seed, offset = state
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale)
+        with _deterministic_algorithms():
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                grad_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale)
     else:
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, k, v, out, lse, 0.0, True, scale=scale)
@@ -255,9 +275,8 @@ def ttt_attention_sdpa(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Se
                        doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Same result as `ttt_attention_reference`: causal flash attention (aten's, CUDA or CPU) over the step-0
     keys, merged with the diagonal keys of the later steps (`_CausalPlusDiagonal`). Unpacked rows only. Under
-    autocast all take the autocast dtype, as in `ttt_attention_flex`. On CUDA its backward is FlashAttention-2's,
-    which sums dQ with atomic adds, so its losses need not repeat bit for bit (`scripts/bench_train.py
-    --repeat` checks); "auto" takes flex under deterministic algorithms."""
+    autocast all take the autocast dtype, as in `ttt_attention_flex`. On CUDA its backward is FlashAttention-2's
+    in its deterministic mode (`_deterministic_algorithms`), so losses repeat bit for bit."""
     if doc_ids is not None:
         raise ValueError("TTT attention 'sdpa' has no packed rows (doc_ids); use 'flex' or 'reference'")
     dtype = q.dtype
@@ -275,18 +294,24 @@ def ttt_attention_sdpa(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Se
 
 
 IMPLS = ("auto", "flex", "reference", "sdpa")
+# "auto" takes sdpa for query widths (heads x head size) from this on. On an H100 (docs/benchmarks.md,
+# 2026-12-06) the sdpa form made the 8B shape's step (32 x 128) about 2% faster and the 135M default's (9 x 64)
+# 15-30% slower: the attention's GPU time halved there too, but that step waits on the host (its GPU is busy
+# for some 30 of about 170 ms) and the sdpa form launches more kernels. Widths in between are unmeasured.
+SDPA_MIN_WIDTH = 2048
 
 
 def ttt_attention(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
                   impl: str = "auto", doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """TTT attention of step len(keys)-1. impl: "flex", "reference", "sdpa", or "auto": on CUDA "sdpa"
-    (the fastest measured, memory O(T) per step), but "flex" for packed rows (sdpa has no document mask) and
-    under deterministic algorithms (flash's backward sums dQ with atomic adds); "reference" elsewhere (flex has
-    no fused CPU training kernel). `doc_ids` [B, T]: packed rows, whose conversations do not see each other."""
+    """TTT attention of step len(keys)-1. impl: "flex", "reference", "sdpa", or "auto": on CUDA "sdpa" for
+    wide queries (`SDPA_MIN_WIDTH`), "flex" for narrow ones, for packed rows (sdpa has no document mask) and
+    under deterministic algorithms (whose figures stay those of flex); "reference" elsewhere (flex has no fused
+    CPU training kernel). `doc_ids` [B, T]: packed rows, whose conversations do not see each other."""
     if impl == "auto":
         if q.device.type != "cuda":
             impl = "reference"
-        elif doc_ids is None and not torch.are_deterministic_algorithms_enabled():
+        elif (doc_ids is None and not torch.are_deterministic_algorithms_enabled()
+              and q.shape[1] * q.shape[-1] >= SDPA_MIN_WIDTH):
             impl = "sdpa"
         else:
             impl = "flex"
