@@ -178,7 +178,10 @@ class TrainConfig:
     # Deterministic algorithms and the batch-invariant kernels on the GPU (bitwise-repeatable losses, at a
     # measured cost); the CPU always is deterministic.
     deterministic: bool = False
-    attention: str = "auto"  # TTT attention: auto (flex on GPU, reference on CPU) | flex | reference
+    # TTT attention: auto | flex | reference | sdpa (causal flash attention + the diagonal). auto: on the GPU
+    # sdpa for drafts of 2048 query width (heads x head size) or more, else flex, and flex for packed rows or
+    # train.deterministic; reference on the CPU.
+    attention: str = "auto"
     # The draft's step under bf16 autocast on the CPU too (on CUDA it always is). On CPUs with AMX or
     # AVX512-BF16 its matmuls run several times faster than in float32; elsewhere slower. Pair it with
     # target.dtype=bfloat16 for the target's forward.

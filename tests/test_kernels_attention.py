@@ -1,5 +1,6 @@
-"""TTT attention: the FlexAttention form (flex's eager path on CPU) equals the plain PyTorch reference,
-forward and gradients, and the draft unrolled with either gives the same hidden states."""
+"""TTT attention: the FlexAttention form (flex's eager path on CPU) and the causal flash attention merged with
+the diagonal ('sdpa', aten's CPU flash kernel here) equal the plain PyTorch reference, forward and gradients,
+and the draft unrolled with any of them gives the same hidden states."""
 
 import shutil
 import warnings
@@ -9,7 +10,7 @@ import torch
 
 from specforge.eagle3.ttt import TTTAttention, ttt_unroll
 from specforge.kernels.ttt_attention import (ttt_attention, ttt_attention_flex, ttt_attention_reference,
-                                             ttt_block_mask)
+                                             ttt_attention_sdpa, ttt_block_mask)
 
 from .conftest import unroll_inputs
 
@@ -43,11 +44,12 @@ CASES = [  # (B, Hq, Hkv, T, D, k)
 ]
 
 
+@pytest.mark.parametrize("impl", [ttt_attention_flex, ttt_attention_sdpa], ids=["flex", "sdpa"])
 @pytest.mark.parametrize("b,hq,hkv,t,d,k", CASES)
-def test_flex_equals_reference_forward_and_grads(b, hq, hkv, t, d, k):
+def test_impl_equals_reference_forward_and_grads(b, hq, hkv, t, d, k, impl):
     q, keys, values = _inputs(b, hq, hkv, t, d, k, torch.float64)
     want = ttt_attention_reference(q, keys, values)
-    got = ttt_attention_flex(q, keys, values)
+    got = impl(q, keys, values)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(want, _dense_ttt(q, keys, values), rtol=1e-10, atol=1e-12)
     grad = torch.randn_like(want)
@@ -65,6 +67,71 @@ def test_flex_float32_without_grad():
     q, keys, values = q.detach(), [x.detach() for x in keys], [x.detach() for x in values]
     torch.testing.assert_close(ttt_attention_flex(q, keys, values), ttt_attention_reference(q, keys, values),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_sdpa_in_bfloat16_is_as_close_as_the_reference():
+    """16-bit inputs: flash keeps its statistics in float32 and the merge runs in float32, so the output and
+    the gradients are about as close to the float64 result as the bf16 reference's (which rounds its
+    probabilities to bf16)."""
+    q, keys, values = _inputs(2, 4, 2, 70, 16, 3, torch.float64, seed=5)
+    leaves64 = [q, *keys, *values]
+    gold = ttt_attention_reference(q, keys, values)
+    grad = torch.randn_like(gold)
+    g_gold = torch.autograd.grad(gold, leaves64, grad)
+    leaves = [x.detach().bfloat16().requires_grad_() for x in leaves64]
+    errs = []
+    for fn in (ttt_attention_sdpa, ttt_attention_reference):
+        out = fn(leaves[0], leaves[1:5], leaves[5:])
+        assert out.dtype == torch.bfloat16
+        got = [out, *torch.autograd.grad(out, leaves, grad.bfloat16())]
+        errs.append([((a.double() - b).norm() / b.norm()).item() for a, b in zip(got, [gold, *g_gold])])
+    for sdpa_err, ref_err in zip(*errs):
+        assert sdpa_err < max(2 * ref_err, 1e-2), errs
+
+
+def test_sdpa_with_kv_heads_repeated_equals_reference(monkeypatch):
+    """Where the flash kernel lacks grouped-query heads, k0/v0 go in repeated and their gradients come back
+    summed over each group: the same numbers as the kernel's own GQA."""
+    from specforge.kernels import ttt_attention as mod
+
+    monkeypatch.setitem(mod._flash_gqa, "cpu", False)
+    q, keys, values = _inputs(2, 6, 2, 33, 8, 2, torch.float64)
+    want = ttt_attention_reference(q, keys, values)
+    got = ttt_attention_sdpa(q, keys, values)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    grad = torch.randn_like(want)
+    leaves = [q, *keys, *values]
+    for a, e in zip(torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, leaves, grad)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_sdpa_refuses_packed_rows():
+    q, keys, values = _inputs(1, 2, 2, 9, 8, 1, torch.float64)
+    with pytest.raises(ValueError, match="packed rows"):
+        ttt_attention(q, keys, values, impl="sdpa", doc_ids=torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("state", [(False, False), (True, True), (True, False)])
+def test_deterministic_algorithms_around_flash_backward_restores_the_caller(state):
+    """The sdpa form's flash backward runs with deterministic algorithms on (fixed-order dQ sums on CUDA), and
+    the caller's setting, warn-only included, is what it was afterwards, also when the call raises."""
+    from specforge.kernels.ttt_attention import _deterministic_algorithms
+
+    def now():
+        return torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+    was = now()
+    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+    try:
+        with _deterministic_algorithms():
+            assert now() == (True, False)
+        assert now() == state
+        with pytest.raises(RuntimeError, match="inside"):
+            with _deterministic_algorithms():
+                raise RuntimeError("inside")
+        assert now() == state
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
 def test_block_mask_pattern_and_cache():
@@ -90,11 +157,12 @@ def test_dispatch_and_bad_impl():
         TTTAttention("nope")
 
 
-def test_ttt_unroll_flex_equals_reference():
+@pytest.mark.parametrize("impl", ["flex", "sdpa"])
+def test_ttt_unroll_impl_equals_reference(impl):
     b, t, steps = 2, 19, 4
     draft, ids, aux = unroll_inputs(b, t)
     ref = [h for _, h in ttt_unroll(draft, ids, aux, steps, attention="reference")]
-    flex = [h for _, h in ttt_unroll(draft, ids, aux, steps, attention="flex")]
+    flex = [h for _, h in ttt_unroll(draft, ids, aux, steps, attention=impl)]
     for a, e in zip(flex, ref):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
     # Gradients of the draft's weights through all steps agree too.

@@ -19,12 +19,14 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+@pytest.mark.parametrize("impl", ["flex", "sdpa"])
 @pytest.mark.parametrize("t", [2048, 777])
-def test_ttt_attention_flex_matches_reference_bf16(t):
+def test_ttt_attention_flex_matches_reference_bf16(t, impl):
     """Every step k = 0..6 at Llama-8B draft shapes, forward and gradients; both bf16 results are compared
     with the float32 reference on the same (bf16-valued) inputs, and flex must be as close as the bf16
-    reference is (it keeps scores in float32, so it is usually closer)."""
-    from specforge.kernels.ttt_attention import ttt_attention_flex, ttt_attention_reference
+    reference is (it keeps scores in float32, so it is usually closer). `impl` sdpa: the causal flash kernel
+    merged with the diagonal, held to the same bound."""
+    from specforge.kernels.ttt_attention import ttt_attention, ttt_attention_reference
 
     b, hq, hkv, d, steps = 1, 32, 8, 128, 7
     qs, keys, values = _ttt_attention_leaves(b, hq, hkv, t, d, steps, torch.bfloat16)
@@ -37,29 +39,100 @@ def test_ttt_attention_flex_matches_reference_bf16(t):
         g_gold = torch.autograd.grad(gold, gold_leaves, grad)
         ref = ttt_attention_reference(q, ks, vs)
         g_ref = torch.autograd.grad(ref, leaves, grad.to(ref.dtype))
-        out = ttt_attention_flex(q, ks, vs)
+        out = ttt_attention(q, ks, vs, impl)
         assert out.dtype == torch.bfloat16 and out.shape == (b, hq, t, d)
         g_out = torch.autograd.grad(out, leaves, grad.to(out.dtype))
         errs = [(_rel(out, gold), _rel(ref, gold))]
         errs += [(_rel(a, g), _rel(r, g)) for a, r, g in zip(g_out, g_ref, g_gold)]
-        print(f"T={t} k={k} rel err (flex, bf16 reference) out/dq/dk.../dv...: "
+        print(f"T={t} k={k} rel err ({impl}, bf16 reference) out/dq/dk.../dv...: "
               + " ".join(f"{a:.1e}/{r:.1e}" for a, r in errs))
         for flex_err, ref_err in errs:
             assert flex_err < max(2 * ref_err, 1e-2)
 
 
-def test_ttt_attention_flex_under_autocast():
-    """The training path: float32 leaves, bf16 autocast (q/k/v reach flex in bf16)."""
-    from specforge.kernels.ttt_attention import ttt_attention_flex, ttt_attention_reference
+@pytest.mark.parametrize("impl", ["flex", "sdpa"])
+def test_ttt_attention_flex_under_autocast(impl):
+    """The training path: float32 leaves, bf16 autocast (q/k/v reach the kernel in bf16)."""
+    from specforge.kernels.ttt_attention import ttt_attention, ttt_attention_reference
 
     qs, keys, values = _ttt_attention_leaves(2, 8, 2, 300, 64, 3, torch.float32, seed=1)
     gold = ttt_attention_reference(qs[2], keys, values)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = ttt_attention_flex(qs[2], keys, values)
+        out = ttt_attention(qs[2], keys, values, impl)
     assert out.dtype == torch.bfloat16
     assert _rel(out, gold) < 1e-2
     out.float().sum().backward()
     assert all(x.grad is not None and x.grad.dtype == torch.float32 for x in [qs[2], *keys, *values])
+
+
+def test_ttt_attention_auto_picks_sdpa_flex_when_narrow_deterministic_or_packed():
+    """"auto" on CUDA: the same result, bit for bit, as sdpa for queries of SDPA_MIN_WIDTH (heads x head size),
+    and as flex for narrower ones, under deterministic algorithms and for packed rows (doc_ids)."""
+    from specforge.kernels.ttt_attention import SDPA_MIN_WIDTH, ttt_attention
+
+    narrow = _ttt_attention_leaves(1, 8, 2, 256, 64, 3, torch.bfloat16, seed=3)
+    q, ks, vs = narrow[0][2].detach(), [k.detach() for k in narrow[1]], [v.detach() for v in narrow[2]]
+    assert q.shape[1] * q.shape[-1] < SDPA_MIN_WIDTH
+    assert torch.equal(ttt_attention(q, ks, vs, "auto"), ttt_attention(q, ks, vs, "flex"))
+    qs, keys, values = _ttt_attention_leaves(1, SDPA_MIN_WIDTH // 128, 4, 256, 128, 3, torch.bfloat16, seed=3)
+    q = qs[2].detach()
+    ks, vs = [k.detach() for k in keys], [v.detach() for v in values]
+    assert torch.equal(ttt_attention(q, ks, vs, "auto"), ttt_attention(q, ks, vs, "sdpa"))
+    assert not torch.equal(ttt_attention(q, ks, vs, "flex"), ttt_attention(q, ks, vs, "sdpa"))
+    doc_ids = torch.zeros(1, 256, dtype=torch.long, device="cuda")
+    doc_ids[:, 100:] = 1
+    assert torch.equal(ttt_attention(q, ks, vs, "auto", doc_ids), ttt_attention(q, ks, vs, "flex", doc_ids))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(ttt_attention(q, ks, vs, "auto"), ttt_attention(q, ks, vs, "flex"))
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def test_ttt_attention_sdpa_gradients_repeat_bitwise():
+    """Flash's backward sums dQ with atomic adds unless deterministic algorithms are on; the sdpa form turns
+    them on around that call: at the 8B draft's shape (32 q / 8 kv heads of 128, 2048 positions, step 6) two
+    backward passes give the same gradients bit for bit, and the caller's setting is back afterwards."""
+    from specforge.kernels.ttt_attention import ttt_attention
+
+    qs, keys, values = _ttt_attention_leaves(1, 32, 8, 2048, 128, 7, torch.bfloat16, seed=4)
+    leaves = [qs[6], *keys, *values]
+    grad = torch.randn(qs[6].shape, generator=torch.Generator().manual_seed(5)).to("cuda", torch.bfloat16)
+    runs = [torch.autograd.grad(ttt_attention(qs[6], keys, values, "sdpa"), leaves, grad) for _ in range(3)]
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_ttt_diagonal_kernels_match_reference(k):
+    """The diagonal merge's Triton kernels at the Llama-8B draft's shape, bf16 and q strided as the draft's:
+    as close to the float64 reference as the float32 reference computed from the same bf16 inputs, to a bf16
+    rounding, forward and backward."""
+    from specforge.kernels import ttt_diagonal as td
+
+    gen = torch.Generator(device="cuda").manual_seed(k)
+    rnd = lambda *s: torch.randn(*s, generator=gen, device="cuda").to(torch.bfloat16)  # noqa: E731
+    b, hq, hk, t, d = 1, 32, 8, 2048, 128
+    q, out0, go = (rnd(b, t, hq, d).transpose(1, 2) for _ in range(3))
+    kd, vd, dq0 = rnd(b, hk, k, t, d), rnd(b, hk, k, t, d), rnd(b, hq, t, d)
+    lse0 = torch.randn(b, hq, t, generator=gen, device="cuda") + 5
+    scale = d ** -0.5
+    f64 = lambda xs: [x.double() for x in xs]  # noqa: E731
+    got = td.merge_diagonal(q, kd, vd, out0, lse0, scale)
+    ref = td.merge_diagonal_reference(q, kd, vd, out0, lse0, scale)
+    gold = td.merge_diagonal_reference(*f64([q, kd, vd, out0, lse0]), scale)
+    for g, r, w in zip(got, ref, gold):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        assert _rel(g.double(), w) <= 2 * _rel(r.double(), w) + 1e-6, (_rel(g.double(), w), _rel(r.double(), w))
+    out, lse = ref
+    got = td.diagonal_backward(q, kd, vd, out, lse, go, dq0, scale)
+    ref = td.diagonal_backward_reference(q, kd, vd, out, lse, go, dq0, scale)
+    gold = td.diagonal_backward_reference(*f64([q, kd, vd, out, lse, go, dq0]), scale)
+    for g, r, w in zip(got, ref, gold):
+        assert g.dtype == r.dtype and g.shape == r.shape
+        assert _rel(g.double(), w) <= 2 * _rel(r.double(), w) + 1e-6, (_rel(g.double(), w), _rel(r.double(), w))
 
 
 def _ttt_attention_peak(fn, t, steps=7, b=1, hq=32, hkv=8, d=128):
@@ -76,15 +149,16 @@ def _ttt_attention_peak(fn, t, steps=7, b=1, hq=32, hkv=8, d=128):
 
 
 def test_ttt_attention_flex_peak_memory_below_reference():
-    from specforge.kernels.ttt_attention import ttt_attention_flex, ttt_attention_reference
+    from specforge.kernels.ttt_attention import ttt_attention_flex, ttt_attention_reference, ttt_attention_sdpa
 
     t = 2048
     _ttt_attention_peak(ttt_attention_flex, t)  # compile outside the measurement
     flex = _ttt_attention_peak(ttt_attention_flex, t)
+    sdpa = _ttt_attention_peak(ttt_attention_sdpa, t)
     ref = _ttt_attention_peak(ttt_attention_reference, t)
     print(f"TTT attention, 7 steps fwd+bwd, B=1 Hq=32 Hkv=8 T={t} D=128 bf16: peak above inputs "
-          f"reference {ref / 2**20:.0f} MiB, flex {flex / 2**20:.0f} MiB")
-    assert flex < ref / 4
+          f"reference {ref / 2**20:.0f} MiB, flex {flex / 2**20:.0f} MiB, sdpa {sdpa / 2**20:.0f} MiB")
+    assert flex < ref / 4 and sdpa < ref / 4
 
 
 def test_ttt_attention_flex_lengths_do_not_recompile_forever():

@@ -97,6 +97,49 @@ old_interpreter = pytest.mark.skipif(importlib.util.find_spec("triton") is not N
                                      reason="triton before 3.9: its interpreter cannot run these kernels")
 
 
+DIAGONAL_CHECK = r'''
+import torch
+from specforge.kernels import ttt_diagonal as td
+
+torch.manual_seed(0)
+for b, hq, hk, t, d, k, dt in [(1, 4, 2, 37, 16, 1, torch.float32), (2, 6, 3, 20, 24, 3, torch.float32),
+                                (1, 4, 1, 33, 16, 2, torch.bfloat16), (1, 2, 2, 16, 8, 6, torch.float16)]:
+    q = torch.randn(b, t, hq, d).to(dt).transpose(1, 2)  # strided, as the draft's q
+    kd, vd = torch.randn(b, hk, k, t, d).to(dt), torch.randn(b, hk, k, t, d).to(dt)
+    out0 = torch.randn(b, t, hq, d).to(dt).transpose(1, 2)
+    lse0 = torch.randn(b, hq, t) + 2
+    out, lse = td.merge_diagonal_kernel(q, kd, vd, out0, lse0, d ** -0.5)
+    ro, rl = td.merge_diagonal_reference(q.double(), kd.double(), vd.double(), out0.double(), lse0.double(), d ** -0.5)
+    tol = 1e-5 if dt == torch.float32 else 2e-2
+    assert out.dtype == dt and lse.dtype == torch.float32
+    e1, e2 = (out.double() - ro).abs().max().item(), (lse.double() - rl).abs().max().item()
+    assert e1 < tol and e2 < 1e-5, (e1, e2)
+    go = torch.randn(b, t, hq, d).to(dt).transpose(1, 2)
+    dq0 = torch.randn(b, hq, t, d).to(dt)
+    got = td.diagonal_backward_kernel(q, kd, vd, out, lse, go, dq0, d ** -0.5)
+    want = td.diagonal_backward_reference(q.double(), kd.double(), vd.double(), out.double(), lse.double(),
+                                          go.double(), dq0.double(), d ** -0.5)
+    errs = [((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want)]
+    assert all(g.dtype == dt for g in got) and max(errs) < (1e-5 if dt == torch.float32 else 2e-2), errs
+
+# the whole sdpa form through autograd with the kernels in place of the reference merge (float32)
+from specforge.kernels.ttt_attention import ttt_attention_reference, ttt_attention_sdpa
+
+td._kernel_ok = lambda q: True
+b, hq, hk, t, d = 2, 8, 2, 45, 16
+for k in range(4):
+    q = torch.randn(b, t, hq, d).transpose(1, 2).requires_grad_()
+    keys = [torch.randn(b, hk, t, d, requires_grad=True) for _ in range(k + 1)]
+    vals = [torch.randn(b, hk, t, d, requires_grad=True) for _ in range(k + 1)]
+    got, want = ttt_attention_sdpa(q, keys, vals), ttt_attention_reference(q, keys, vals)
+    g, leaves = torch.randn_like(want), [q, *keys, *vals]
+    pairs = zip([got, *torch.autograd.grad(got, leaves, g)], [want, *torch.autograd.grad(want, leaves, g)])
+    err = max((a - w).abs().max().item() for a, w in pairs)
+    assert err < 1e-4, (k, err)
+print("ok")
+'''
+
+
 @old_interpreter
 def test_glu_projection_kernel_interpreted():
     """GLU_EPILOGUE's kernel (gate/up rows interleaved, silu(gate) * up in the epilogue), interpreted in fp16:
@@ -145,3 +188,37 @@ def test_glu_kernel_differs_from_the_projection_only_in_its_epilogue_in_sm90_cod
     assert glu["regs"] <= skinny["regs"] + 16, (skinny, glu)
     assert skinny["mufu"] == 0 and 0 < glu["mufu"] <= 8
     assert skinny["instructions"] < glu["instructions"] <= 1.25 * skinny["instructions"], (skinny, glu)
+
+
+@old_interpreter  # triton 3.6's interpreter fails here as on the kernels above (its sm_90 compile works)
+def test_ttt_diagonal_kernels_interpreted():
+    """The TTT attention's diagonal merge (specforge/kernels/ttt_diagonal.py), forward and both backward
+    kernels, against the float64 reference: grouped-query heads, row counts not a multiple of BLOCK_T, a head
+    size not a power of two, q, the causal output and dO as strided views of [B, T, H, D], float32 within its
+    rounding, 16-bit within theirs."""
+    _interpreted(DIAGONAL_CHECK)
+
+
+def test_ttt_diagonal_kernels_compile_for_sm90():
+    """The diagonal merge's three kernels compiled for sm_90 on the CPU (scripts/kernel_sass.py's
+    `compile_sm90`) at the Llama-8B draft's shape, as a launch binds them: they build with the triton at hand
+    (the GPU machine's is 3.6, whose interpreter cannot run them), from registers alone (no shared memory), at
+    most 128 a thread at four warps."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "kernel_sass.py"
+    spec = importlib.util.spec_from_file_location("kernel_sass", script)
+    ks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ks)
+    from specforge.kernels import ttt_diagonal as td
+
+    for fn in (td._merge_fwd, td._diag_bwd_dq, td._diag_bwd_dkv):
+        sig = {}
+        for name in fn.arg_names:
+            if name in ("BLOCK_T", "BLOCK_D"):
+                continue
+            if name.endswith("_ptr"):
+                sig[name] = "*fp32" if name.startswith(("lse", "row")) else "*bf16"
+            else:
+                sig[name] = "fp32" if name == "scale" else "i32"
+        kernel = ks.compile_sm90(fn, sig, {"BLOCK_T": td.BLOCK_T, "BLOCK_D": 128}, {"T": 2048, "D": 128}, 4, 3)
+        profile = ks.sass_profile(kernel)
+        assert profile["smem"] == 0 and 0 < profile["regs"] <= 128, (fn, profile)

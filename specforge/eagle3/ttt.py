@@ -99,8 +99,10 @@ def step_mask(pred_mask: torch.Tensor, k: int, doc_ids: torch.Tensor | None = No
 
 class TTTAttention:
     """Keys and values of every unrolled step; scores against step 0 are causal, against later steps
-    diagonal. The math is `specforge.kernels.ttt_attention.ttt_attention` with `impl`: "flex" (no
-    [T, T] scores per head; the default on CUDA via "auto"), "reference" (plain PyTorch; CPU default).
+    diagonal. The math is `specforge.kernels.ttt_attention.ttt_attention` with `impl`: "sdpa" (causal flash
+    attention merged with the diagonal; "auto" on CUDA for wide drafts), "flex" (no [T, T] scores per head;
+    "auto" on CUDA for narrow drafts, packed rows and deterministic runs), "reference" (plain PyTorch; CPU
+    default).
     `doc_ids` [B, T]: packed rows, the causal part stays inside each conversation."""
 
     def __init__(self, impl: str = "auto", doc_ids: torch.Tensor | None = None):
@@ -122,7 +124,7 @@ def ttt_unroll(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Te
                position_ids: torch.Tensor | None = None):
     """Yields (k, hidden_k) for k = 0..steps-1; hidden_k[:, t] is the draft's state for the token it
     predicts at position t + 2 + k. Logits are `draft.logits(hidden_k)`. `attention`: the TTTAttention
-    impl ("auto", "flex", "reference"). Packed rows pass `doc_ids` and the per-conversation
+    impl ("auto", "sdpa", "flex", "reference"). Packed rows pass `doc_ids` and the per-conversation
     `position_ids` (rope position at step k: position_ids + k)."""
     b, t = input_ids.shape
     hidden = draft.project(aux_hidden)

@@ -7,17 +7,27 @@ backward for every step of the unroll: at T=2048 with 32 heads that is gigabytes
 (`ttt_attention_flex`) runs FlexAttention over the step keys laid end to end, [K0; K1; ...; Kk] of length
 T*(k+1), with a block-sparse mask; its fused kernel keeps only the output and a log-sum-exp per row, and
 skips the key blocks that the mask empties (off the diagonal of every block j > 0, above the diagonal of
-block 0). `ttt_attention` picks one: flex on CUDA, the reference on CPU.
+block 0). The sdpa form (`ttt_attention_sdpa`) runs aten's causal flash attention over the step-0 keys only
+and merges the diagonal keys in through the log-sum-exps: the causal part is almost all the work, and in the
+8B training step's profile on an H200 the target's causal cuDNN attention took 0.08 ms a layer against flex's
+0.42 ms a TTT step (forward; docs/benchmarks.md, twenty-seventh session). Whether the merged form keeps that
+gain is what scripts/bench_ttt_attention.py measures: with the merge compiled by torch.compile it did not (an
+H100, twenty-ninth session), so the merge is Triton kernels (`ttt_diagonal`). `ttt_attention` picks one: "auto"
+is sdpa on CUDA for wide queries (flex for narrow ones, packed rows and under deterministic algorithms), the
+reference on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["ttt_attention", "ttt_attention_reference", "ttt_attention_flex", "ttt_block_mask"]
+from .ttt_diagonal import diagonal_backward, merge_diagonal
+
+__all__ = ["ttt_attention", "ttt_attention_reference", "ttt_attention_flex", "ttt_attention_sdpa", "ttt_block_mask"]
 
 
 def ttt_attention_reference(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
@@ -126,8 +136,8 @@ def _compiled_flex_attention():
 
 def _flex_eager_with_grad(q, k, v, block_mask, scale):
     """CPU (tests only). The public flex_attention raises NotImplementedError on CPU whenever an input
-    requires grad, even under no_grad (its `_validate_device` check: the CPU kernel has no backward). The operator under it
-    (torch._higher_order_ops.flex_attention) has a dense eager implementation with autograd, the same
+    requires grad, even under no_grad (its `_validate_device` check: the CPU kernel has no backward). The
+    operator under it (torch._higher_order_ops.flex_attention) has a dense eager implementation with autograd, the same
     math the public eager path runs, so call it directly: it checks this module's mask and math, not
     the fused kernel. Kernel options are the public defaults (the dense path reads none of them)."""
     from torch._higher_order_ops.flex_attention import flex_attention as flex_hop
@@ -163,18 +173,152 @@ def ttt_attention_flex(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Se
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
-IMPLS = ("auto", "flex", "reference")
+# ---------------------------------------------------------------------------------------------------------
+# Causal flash attention merged with the diagonal
+
+_flash_gqa: dict = {}  # device type -> whether aten's flash kernel takes fewer kv heads than q heads
+
+
+def _flash_forward(q, k, v, scale):
+    """Causal flash attention of q [B, Hq, T, D] and k, v [B, Hk, T, D]: output, log-sum-exp [B, Hq, T]
+    (float32 for 16-bit inputs), what its backward needs, and whether k, v went in repeated to Hq heads (only
+    where the kernel lacks grouped-query heads; tried once per device type)."""
+    repeat = q.shape[1] // k.shape[1]
+    native = repeat == 1 or _flash_gqa.get(q.device.type, True)
+    if not native:
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    try:
+        if q.device.type == "cuda":
+            r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
+            out, lse, state = r[0], r[1], r[2:8]
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+            state = None
+    except RuntimeError:
+        if not native or repeat == 1 or q.device.type in _flash_gqa:
+            raise
+        _flash_gqa[q.device.type] = False
+        return _flash_forward(q, k, v, scale)
+    if repeat > 1:
+        _flash_gqa[q.device.type] = native
+    return out, lse, state, not native
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms():
+    """aten's flash backward sums dQ over key blocks with atomic adds, so its gradients need not repeat bit for
+    bit, unless deterministic algorithms are on: then it sums in a fixed order. They are turned on around that
+    one call, so that the sdpa form's losses repeat like flex's (what `scripts/bench_train.py --repeat`
+    checks), and the caller's setting comes back after it."""
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if was and not warn_only:
+        yield
+        return
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
+def _flash_backward(grad_out, q, k, v, out, lse, scale, state, repeated):
+    """dq, dk, dv of `_flash_forward`, with dk, dv at k's head count, in a fixed order of sums."""
+    hk = k.shape[1]
+    g = q.shape[1] // hk
+    if repeated:
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    if q.device.type == "cuda":
+        cum_q, cum_k, max_q, max_k, seed, offset = state
+        with _deterministic_algorithms():
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+                grad_out, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale)
+    else:
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse, 0.0, True, scale=scale)
+    if repeated:
+        b, _, t, d = dk.shape
+        dk, dv = dk.reshape(b, hk, g, t, d).sum(2), dv.reshape(b, hk, g, t, d).sum(2)
+    return dq, dk, dv
+
+
+class _CausalPlusDiagonal(torch.autograd.Function):
+    """TTT attention as causal flash attention over the step-0 keys, merged with the k diagonal scores of steps
+    1..k through the log-sum-exps. Backward runs flash's backward with the merged output and log-sum-exp in
+    place of the causal part's own: its probabilities exp(s - lse) are then the merged softmax's, and its row
+    term sum(dO * O) the merged one, so dq, dK0 and dV0 are exact (how ring attention joins key blocks). The
+    diagonal's gradients are row-wise products. q [B, Hq, T, D]; k0, v0 [B, Hk, T, D]; kd, vd [B, Hk, k, T, D]."""
+
+    @staticmethod
+    def forward(ctx, q, k0, v0, kd, vd, scale):
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse, state, repeated = _flash_forward(q, k0, v0, scale)
+            if kd.shape[2]:
+                out, lse = merge_diagonal(q, kd, vd, out, lse, scale)
+        ctx.save_for_backward(q, k0, v0, kd, vd, out, lse)
+        # flash's varlen offsets, max lengths (ints) and RNG state: small, and not all tensors
+        ctx.scale, ctx.state, ctx.repeated = scale, state, repeated
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k0, v0, kd, vd, out, lse = ctx.saved_tensors
+        with torch.autocast(q.device.type, enabled=False):
+            grad_out = grad_out.contiguous()
+            dq, dk0, dv0 = _flash_backward(grad_out, q, k0, v0, out, lse, ctx.scale, ctx.state, ctx.repeated)
+            if not kd.shape[2]:
+                return dq, dk0, dv0, torch.zeros_like(kd), torch.zeros_like(vd), None
+            dq, dk, dv = diagonal_backward(q, kd, vd, out, lse, grad_out, dq, ctx.scale)
+        return dq, dk0, dv0, dk, dv, None
+
+
+def ttt_attention_sdpa(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                       doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Same result as `ttt_attention_reference`: causal flash attention (aten's, CUDA or CPU) over the step-0
+    keys, merged with the diagonal keys of the later steps (`_CausalPlusDiagonal`). Unpacked rows only. Under
+    autocast all take the autocast dtype, as in `ttt_attention_flex`. On CUDA its backward is FlashAttention-2's
+    in its deterministic mode (`_deterministic_algorithms`), so losses repeat bit for bit."""
+    if doc_ids is not None:
+        raise ValueError("TTT attention 'sdpa' has no packed rows (doc_ids); use 'flex' or 'reference'")
+    dtype = q.dtype
+    if torch.is_autocast_enabled(q.device.type) and q.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        dtype = torch.get_autocast_dtype(q.device.type)
+    q = q.to(dtype)
+    k0, v0 = keys[0].to(dtype), values[0].to(dtype)
+    b, hk, t, d = k0.shape
+    if len(keys) > 1:
+        kd = torch.stack([k.to(dtype) for k in keys[1:]], dim=2)
+        vd = torch.stack([v.to(dtype) for v in values[1:]], dim=2)
+    else:
+        kd = vd = k0.new_zeros(b, hk, 0, t, d)
+    return _CausalPlusDiagonal.apply(q, k0, v0, kd, vd, d ** -0.5)
+
+
+IMPLS = ("auto", "flex", "reference", "sdpa")
+# "auto" takes sdpa for query widths (heads x head size) from this on. On an H100 (docs/benchmarks.md,
+# 2026-12-06) the sdpa form made the 8B shape's step (32 x 128) about 2% faster and the 135M default's (9 x 64)
+# 15-30% slower: the attention's GPU time halved there too, but that step waits on the host (its GPU is busy
+# for some 30 of about 170 ms) and the sdpa form launches more kernels. Widths in between are unmeasured.
+SDPA_MIN_WIDTH = 2048
 
 
 def ttt_attention(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
                   impl: str = "auto", doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """TTT attention of step len(keys)-1. impl: "flex", "reference", or "auto" = flex on CUDA (memory
-    O(T) per step instead of O(T^2)), reference elsewhere (flex has no fused CPU training kernel).
-    `doc_ids` [B, T]: packed rows, whose conversations do not see each other."""
+    """TTT attention of step len(keys)-1. impl: "flex", "reference", "sdpa", or "auto": on CUDA "sdpa" for
+    wide queries (`SDPA_MIN_WIDTH`), "flex" for narrow ones, for packed rows (sdpa has no document mask) and
+    under deterministic algorithms (whose figures stay those of flex); "reference" elsewhere (flex has no fused
+    CPU training kernel). `doc_ids` [B, T]: packed rows, whose conversations do not see each other."""
     if impl == "auto":
-        impl = "flex" if q.device.type == "cuda" else "reference"
+        if q.device.type != "cuda":
+            impl = "reference"
+        elif (doc_ids is None and not torch.are_deterministic_algorithms_enabled()
+              and q.shape[1] * q.shape[-1] >= SDPA_MIN_WIDTH):
+            impl = "sdpa"
+        else:
+            impl = "flex"
     if impl == "flex":
         return ttt_attention_flex(q, keys, values, doc_ids)
     if impl == "reference":
         return ttt_attention_reference(q, keys, values, doc_ids)
+    if impl == "sdpa":
+        return ttt_attention_sdpa(q, keys, values, doc_ids)
     raise ValueError(f"unknown TTT attention impl {impl!r}; one of {IMPLS}")
