@@ -85,7 +85,7 @@ def _timed_variant(cfg, name, shape, target, samples, args, ids, features):
     vocab = head.embed.weight.shape[0]
     d2t, t2d = build_vocab(count_tokens(samples, vocab), min(cfg.target.draft.draft_vocab_size, vocab))
     draft = build_draft(cfg, head, ids, d2t, t2d)
-    draft_ids = torch.arange(draft.d2t.numel(), device=dev) + draft.d2t
+    draft_ids = draft.target_ids().to(dev)
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
     spent = dict.fromkeys(PHASES, 0.0)

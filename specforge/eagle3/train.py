@@ -48,7 +48,7 @@ def build_draft(cfg: Config, head: TargetHead, aux_ids: list[int], d2t, t2d,
         draft.set_vocab(d2t, t2d)
         if cfg.train.init_head_from_target:
             with torch.no_grad():
-                draft_ids = (torch.arange(d2t.numel()) + d2t).to(head.lm_head_weight.device)
+                draft_ids = draft.target_ids().to(head.lm_head_weight.device)
                 draft.lm_head.weight.copy_(head.lm_head_weight[draft_ids].float())
                 draft.norm.weight.copy_(head.norm.weight.float())
         draft = draft.to(device, dtype=torch.float32)
@@ -391,7 +391,7 @@ def _train(cfg: Config) -> Path:
     vocab_size = head.embed.weight.shape[0]
     d2t, t2d = vocab_for(cfg, vocab_samples, vocab_size, min(cfg.target.draft.draft_vocab_size, vocab_size), dist)
     draft = shard_draft(build_draft(cfg, head, ids, d2t, t2d, dist), dist)
-    draft_ids = torch.arange(draft.d2t.numel(), device=draft.d2t.device) + draft.d2t
+    draft_ids = draft.target_ids()
 
     total = cfg.train.max_steps or source.steps_per_epoch() * cfg.train.epochs
     params = [p for p in draft.parameters() if p.requires_grad]
