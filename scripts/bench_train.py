@@ -215,6 +215,25 @@ def phase_split(kernels, phases=PHASES, mark: str = MARK):
     return out
 
 
+def idle_gaps(kernels, phases=PHASES, mark: str = MARK, top: int = 6):
+    """Where the GPU waits: `kernels` as for `phase_split` (one stream). Returns ({phase: idle us}, the `top`
+    longest gaps as (us, phase, kernel before, kernel after)). A gap is the time between the end of all work
+    so far and the next kernel's start; it goes to the phase of that next kernel (whose launch came late)."""
+    idle = collections.Counter()
+    gaps = []
+    seen, end, before = 0, None, None
+    for name, start, dur in sorted(kernels, key=lambda k: k[1]):
+        seen += mark in name  # a mark opens the next phase, and the wait for it belongs there
+        slot = (seen - 1) % (len(phases) + 1)
+        phase = "before" if seen == 0 else phases[slot] if slot < len(phases) else "between steps"
+        if end is not None and start > end:
+            idle[phase] += start - end
+            gaps.append((start - end, phase, before, name))
+        end = start + dur if end is None else max(end, start + dur)
+        before = name
+    return idle, sorted(gaps, key=lambda g: -g[0])[:top]
+
+
 def phase_table(split, steps: int) -> str:
     """Milliseconds per step of each phase by kind of kernel (the kinds as columns), as markdown."""
     spent = collections.Counter()
@@ -260,6 +279,11 @@ def profile_step(label, cfg, draft, features, head, draft_ids, samples, params, 
     timed = [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in prof.events()
              if e.device_type.name == "CUDA"]
     print(f"\nby phase, ms per step:\n{phase_table(phase_split(timed), steps)}")
+    idle, longest = idle_gaps(timed)
+    print(f"\nGPU idle between kernels, ms per step: {sum(idle.values()) / steps / 1e3:.2f} ("
+          + ", ".join(f"{p} {us / steps / 1e3:.2f}" for p, us in idle.most_common()) + "); longest gaps:")
+    for us, phase, before, after in longest:
+        print(f"- {us / 1e3:.2f} ms in {phase}: after {(before or '')[:60]}, before {after[:60]}")
     print("\ncostliest kernels:")
     for e in sorted(kernels, key=lambda e: -e.device_time_total)[:15]:
         ms = e.device_time_total / steps / 1e3
