@@ -80,3 +80,31 @@ def test_compiled_target_layers_give_the_eager_features():
     assert not any("forward" in vars(layer) for layer in target.model.layers)
     assert not any(layer._forward_pre_hooks for layer in target.model.layers)
     torch._dynamo.reset()
+
+
+def test_right_padded_rows_need_no_mask():
+    """OnlineFeatures passes no attention mask for collated (right-padded) rows, so transformers has nothing to
+    read on the host: each row's features at its real tokens are those of the row run alone, and those of the
+    target given the mask (float64)."""
+    from specforge.data.batching import collate
+    from specforge.data.template import Sample
+    from specforge.eagle3.train import OnlineFeatures
+
+    target = tiny_target(dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(0, 256, (n,), generator=g) for n in (12, 7, 3)]
+    batch = collate([Sample(r, torch.ones(len(r), dtype=torch.bool)) for r in rows])
+    assert batch.attention_mask[1:].eq(0).any()  # padding to ignore
+    features = OnlineFeatures(target, [2, 4, 5])
+    aux, final = features(batch)
+    capture = FeatureCapture(target, [2, 4, 5])
+    masked = capture.run(batch.input_ids, batch.attention_mask)
+    capture.remove()
+    for i, r in enumerate(rows):
+        n = len(r)
+        alone_aux, alone_final = features(collate([Sample(r, torch.ones(n, dtype=torch.bool))]))
+        torch.testing.assert_close(aux[i, :n], alone_aux[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(final[i, :n], alone_final[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(aux[i, :n], masked.aux[i, :n], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(final[i, :n], masked.final[i, :n], rtol=1e-12, atol=1e-12)
+    features.close()
