@@ -59,3 +59,35 @@ def test_repeated_nonfinite_steps_stop_one_step_late(tmp_path, nan_target_folder
     (ckpt,) = step_folders(out / "checkpoints")
     assert ckpt.name == "step_0000004"
     assert all(torch.isfinite(p).all() for p in load_draft(ckpt).parameters())
+
+
+def test_online_features_wait_for_nothing_on_the_host():
+    """A right-padded batch's target forward (OnlineFeatures, as training runs it) makes no host read: under
+    CUDA's sync debug mode "error" any wait for the GPU raises. The features equal the masked forward's at the
+    real tokens."""
+    from specforge.data.batching import collate
+    from specforge.data.template import Sample
+    from specforge.eagle3.train import OnlineFeatures
+    from specforge.targets import FeatureCapture
+
+    from .conftest import tiny_target
+
+    target = tiny_target().cuda()
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 256, (n,), generator=g) for n in (16, 9)]
+    batch = collate([Sample(r, torch.ones(len(r), dtype=torch.bool)) for r in rows]).to("cuda")
+    features = OnlineFeatures(target, [2, 4, 5])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        aux, final = features(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    features.close()
+    capture = FeatureCapture(target, [2, 4, 5])
+    masked = capture.run(batch.input_ids, batch.attention_mask)
+    capture.remove()
+    for i, r in enumerate(rows):
+        n = len(r)
+        torch.testing.assert_close(aux[i, :n], masked.aux[i, :n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(final[i, :n], masked.final[i, :n], rtol=1e-5, atol=1e-5)
