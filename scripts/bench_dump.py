@@ -40,7 +40,7 @@ def cuda_time(fn) -> float:
 def train_speed(cfg, draft, features, head, source, steps: int) -> tuple[float, float]:
     """tokens/s over `steps` optimizer steps (after 2 warm-up steps), and peak GPU memory in GiB."""
     device = torch.device("cuda")
-    draft_ids = torch.arange(draft.d2t.numel(), device=device) + draft.d2t
+    draft_ids = draft.target_ids().to(device)
     opt = torch.optim.AdamW(draft.parameters(), lr=1e-4)
     batches = source.train_batches(0)
     torch.cuda.reset_peak_memory_stats()

@@ -63,7 +63,7 @@ def main():
         samples.append(Sample(tok, mask, id=str(i)))
     d2t, t2d = build_vocab(count_tokens(samples, vocab), min(cfg.target.draft.draft_vocab_size, vocab))
     draft = shard_draft(build_draft(cfg, head, ids, d2t, t2d, dist), dist)
-    draft_ids = torch.arange(draft.d2t.numel(), device=dev) + draft.d2t
+    draft_ids = draft.target_ids().to(dev)
     features = OnlineFeatures(target, ids, compiles_target(cfg, dev, dist))  # as `specforge train` builds it
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)

@@ -27,7 +27,8 @@ from specforge.config import load_config
 from specforge.data.batching import collate
 from specforge.data.template import Sample
 from specforge.data.vocab import build_vocab, count_tokens
-from specforge.eagle3.train import OnlineFeatures, build_draft, compiles_target, run_batch, set_deterministic
+from specforge.eagle3.train import (OnlineFeatures, apply_update, build_draft, compiles_target, defers_reads, run_batch,
+                                   set_deterministic)
 from specforge.files import write_text
 from specforge.kernels.batch_invariant import batch_invariant
 from specforge.model_shapes import random_target
@@ -85,30 +86,34 @@ def _timed_variant(cfg, name, shape, target, samples, args, ids, features):
     vocab = head.embed.weight.shape[0]
     d2t, t2d = build_vocab(count_tokens(samples, vocab), min(cfg.target.draft.draft_vocab_size, vocab))
     draft = build_draft(cfg, head, ids, d2t, t2d)
-    draft_ids = torch.arange(draft.d2t.numel(), device=dev) + draft.d2t
+    draft_ids = draft.target_ids().to(dev)
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    spent = dict.fromkeys(PHASES, 0.0)
+    defer = defers_reads(cfg, dev)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    tokens, t0, losses = 0, 0.0, []
+    tokens, t0, losses, timed = 0, 0.0, [], []
+    prev = None
     for i in range(args.steps + args.warmup):
         if i == args.warmup:
             torch.cuda.synchronize()
-            t0, tokens, spent = time.perf_counter(), 0, dict.fromkeys(PHASES, 0.0)
+            t0, tokens, timed = time.perf_counter(), 0, []
         rows = samples[(i * args.batch) % len(samples):][:args.batch]
         batch = collate(rows)  # on the host: run_batch moves it (and the index of its scored positions)
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(len(PHASES) + 1)]
         marks = iter(ev)  # one event at each phase's start and one at the end
         loss = train_step(cfg, draft, features, head, draft_ids, batch, params, opt, dev,
                           mark=lambda: next(marks).record())
-        ev[-1].synchronize()
-        for k, p in enumerate(PHASES):
-            spent[p] += ev[k].elapsed_time(ev[k + 1]) / 1e3
+        # The host's read of a step, as the loop makes it (train.defer_reads): the step before, once this one is
+        # queued; else this one, at its end.
+        (prev if defer and prev is not None else ev)[-1].synchronize()
+        prev = ev
+        timed.append(ev)
         tokens += batch.num_tokens
         losses.append(loss.detach())
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
+    spent = {p: sum(e[k].elapsed_time(e[k + 1]) for e in timed) / 1e3 for k, p in enumerate(PHASES)}
     tps = tokens / elapsed
     if args.sync_debug:
         print(f"{shape} {name}: {host_syncs(cfg, draft, features, head, draft_ids, samples, params, opt, dev, args)}",
@@ -143,8 +148,8 @@ def train_step(cfg, draft, features, head, draft_ids, batch, params, opt, dev, m
     mark()
     loss.backward()
     mark()
-    torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-    opt.step()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+    apply_update(opt, loss.detach(), grad_norm, defers_reads(cfg, dev))  # the loop's skip of a non-finite step
     opt.zero_grad(set_to_none=True)
     mark()
     return loss
@@ -210,6 +215,25 @@ def phase_split(kernels, phases=PHASES, mark: str = MARK):
     return out
 
 
+def idle_gaps(kernels, phases=PHASES, mark: str = MARK, top: int = 6):
+    """Where the GPU waits: `kernels` as for `phase_split` (one stream). Returns ({phase: idle us}, the `top`
+    longest gaps as (us, phase, kernel before, kernel after)). A gap is the time between the end of all work
+    so far and the next kernel's start; it goes to the phase of that next kernel (whose launch came late)."""
+    idle = collections.Counter()
+    gaps = []
+    seen, end, before = 0, None, None
+    for name, start, dur in sorted(kernels, key=lambda k: k[1]):
+        seen += mark in name  # a mark opens the next phase, and the wait for it belongs there
+        slot = (seen - 1) % (len(phases) + 1)
+        phase = "before" if seen == 0 else phases[slot] if slot < len(phases) else "between steps"
+        if end is not None and start > end:
+            idle[phase] += start - end
+            gaps.append((start - end, phase, before, name))
+        end = start + dur if end is None else max(end, start + dur)
+        before = name
+    return idle, sorted(gaps, key=lambda g: -g[0])[:top]
+
+
 def phase_table(split, steps: int) -> str:
     """Milliseconds per step of each phase by kind of kernel (the kinds as columns), as markdown."""
     spent = collections.Counter()
@@ -255,6 +279,11 @@ def profile_step(label, cfg, draft, features, head, draft_ids, samples, params, 
     timed = [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in prof.events()
              if e.device_type.name == "CUDA"]
     print(f"\nby phase, ms per step:\n{phase_table(phase_split(timed), steps)}")
+    idle, longest = idle_gaps(timed)
+    print(f"\nGPU idle between kernels, ms per step: {sum(idle.values()) / steps / 1e3:.2f} ("
+          + ", ".join(f"{p} {us / steps / 1e3:.2f}" for p, us in idle.most_common()) + "); longest gaps:")
+    for us, phase, before, after in longest:
+        print(f"- {us / 1e3:.2f} ms in {phase}: after {(before or '')[:60]}, before {after[:60]}")
     print("\ncostliest kernels:")
     for e in sorted(kernels, key=lambda e: -e.device_time_total)[:15]:
         ms = e.device_time_total / steps / 1e3

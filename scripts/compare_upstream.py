@@ -368,7 +368,7 @@ def run_ours(spec: dict, args) -> dict:
                     "vocab_size", "draft_vocab_size"):
             if getattr(dc, key) != spec[key]:
                 raise RuntimeError(f"our draft has {key}={getattr(dc, key)}, the spec {spec[key]}")
-        draft_ids = torch.arange(draft.d2t.numel(), device=dev) + draft.d2t
+        draft_ids = draft.target_ids().to(dev)
 
         def features(batch):  # the target's features, as the hooks would give them (padded like the batch)
             extra = batch.input_ids.shape[1] - inp["aux"].shape[1]
@@ -846,7 +846,7 @@ def run_ours_features(spec: dict, args) -> dict:
     draft = build_draft(cfg, head, spec["aux_layer_ids"], feats["d2t"], feats["t2d"])  # host tensors, as in train
     if draft.config.draft_vocab_size != spec["draft_vocab_size"]:
         raise RuntimeError(f"our draft vocab {draft.config.draft_vocab_size}, the spec {spec['draft_vocab_size']}")
-    draft_ids = torch.arange(draft.d2t.numel(), device=dev) + draft.d2t
+    draft_ids = draft.target_ids().to(dev)
     params = [p for p in draft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec["lr"], betas=tuple(cfg.train.betas),
                             weight_decay=cfg.train.weight_decay, fused=dev.type == "cuda")

@@ -175,6 +175,10 @@ class TrainConfig:
     resume: Optional[str] = None
     stop_after: Optional[int] = None  # leave (with a checkpoint) at this step; the schedule still spans max_steps
     max_nonfinite: int = 20  # non-finite steps in a row (skipped, counted) before the run stops
+    # Read each step's loss and finiteness on the host one step late, so the GPU never idles while the host
+    # waits for them; a non-finite step's update is then skipped on the device (fused AdamW's found_inf).
+    # None = on a GPU in one process; true on the CPU takes fused AdamW there too.
+    defer_reads: Optional[bool] = None
     # Deterministic algorithms and the batch-invariant kernels on the GPU (bitwise-repeatable losses, at a
     # measured cost); the CPU always is deterministic.
     deterministic: bool = False

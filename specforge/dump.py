@@ -108,7 +108,7 @@ def _features(capture: FeatureCapture, chunk: list[Sample], batch_size: int, dev
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
         batch = collate([chunk[i] for i in idx]).to(device)
-        f = capture.run(batch.input_ids, batch.attention_mask)
+        f = capture.run(batch.input_ids)  # right-padded rows: causal attention needs no mask (as OnlineFeatures)
         aux, prenorm = _to_host(f.aux, cuda), _to_host(f.prenorm, cuda)
         for r, i in enumerate(idx):
             n = len(chunk[i].input_ids)

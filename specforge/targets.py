@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import shutil
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -332,6 +333,47 @@ def config_sha256(config) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+# A row attended causally over all of it (no padding, or right padding) needs no mask. Given none, transformers
+# still reads the position ids on the host (to find packed rows), and given an all-ones mask it reads that (to
+# drop it): either way a wait for the GPU that drains its queue at every forward. The same SDPA function, under a
+# name that has no mask builder, skips mask creation (`create_causal_mask` returns None at once) and then runs
+# causal, as SDPA does after that host read: the same kernel, the same bits.
+UNMASKED_SDPA = "specforge_sdpa_unmasked"
+
+
+def _register_unmasked_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if UNMASKED_SDPA not in ALL_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(UNMASKED_SDPA, ALL_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def causal_only(config) -> bool:
+    """Whether every layer attends causally over the whole row (no sliding window, no chunks), so that an
+    absent mask means the same as a causal one."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return set(types) == {"full_attention"}
+    return getattr(config, "sliding_window", None) is None and getattr(config, "attention_chunk_size", None) is None
+
+
+@contextmanager
+def unmasked_sdpa(base: nn.Module):
+    """Within: a decoder on SDPA whose layers all attend causally runs without building a mask (see
+    UNMASKED_SDPA). Others are left as they are."""
+    cfg = base.config
+    if cfg._attn_implementation != "sdpa" or not causal_only(cfg):
+        yield
+        return
+    _register_unmasked_sdpa()
+    cfg._attn_implementation = UNMASKED_SDPA
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = "sdpa"
+
+
 def decoder_model(model: nn.Module) -> nn.Module:
     """The module holding embed_tokens, layers and norm, whose forward runs the decoder without the lm_head."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -410,8 +452,9 @@ class FeatureCapture:
     def run(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
             position_ids: Optional[torch.Tensor] = None) -> Features:
         """One target forward through the decoder only (no full-vocab logits), returning the features.
-        `attention_mask`: [B, T] (1 on real tokens), or a 4-D boolean [B, 1, T, T] (True = attend; packed
-        rows, see `document_mask`) with the per-conversation `position_ids`."""
+        `attention_mask`: None (each row attended causally over all of it: full or right-padded rows, whose
+        padding no real token sees), [B, T] (1 on real tokens), or a 4-D boolean [B, 1, T, T] (True = attend;
+        packed rows, see `document_mask`) with the per-conversation `position_ids`."""
         self._store.clear()
         base = decoder_model(self.model)
         if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
@@ -419,7 +462,8 @@ class FeatureCapture:
             dtype = base.embed_tokens.weight.dtype
             attention_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device) \
                 .masked_fill(~attention_mask, torch.finfo(dtype).min)
-        base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        with unmasked_sdpa(base) if attention_mask is None and position_ids is None else nullcontext():
+            base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         aux = torch.cat([self._store[j] for j in self.layer_ids], dim=-1)
         feats = Features(aux=aux, final=self._store["final"], prenorm=self._store["prenorm"])
         self._store.clear()

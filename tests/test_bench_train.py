@@ -43,3 +43,16 @@ def test_phase_table_gives_milliseconds_per_step():
     assert lines[0] == "| phase | matmul | element-wise / reduction | all |"
     assert lines[2] == "| target | 1.50 | 0.50 | 2.00 |"
     assert lines[3] == "| draft fwd+loss |  | 0.25 | 0.25 |"
+
+
+def test_idle_gaps_sum_the_waits_by_phase_of_the_kernel_that_ends_them():
+    kernels = [  # (name, start, duration) in microseconds, one step with its five marks
+        (M, 0, 1), ("nvjet_a", 1, 100), ("add_kernel", 101, 9),  # target: no gap
+        (M, 150, 1), ("soft_ce_fwd", 151, 10),  # 40 us before the mark opening the draft's phase
+        (M, 161, 1), ("nvjet_b", 170, 20), ("nvjet_c", 175, 5),  # 8 us; nvjet_c overlaps nvjet_b: no gap
+        ("copy_kernel", 290, 10),  # 100 us after the end of nvjet_b (190), not nvjet_c's (180)
+        (M, 300, 1), ("multi_tensor_apply_kernel<adam>", 301, 50), (M, 351, 1),
+    ]
+    idle, longest = bench_train.idle_gaps(list(reversed(kernels)), top=2)
+    assert dict(idle) == {"draft fwd+loss": 40, "backward": 108}
+    assert longest == [(100, "backward", "nvjet_c", "copy_kernel"), (40, "draft fwd+loss", "add_kernel", M)]

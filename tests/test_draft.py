@@ -86,6 +86,17 @@ def test_draft_forward_matches_reference(flags):
     torch.testing.assert_close(draft.carry(h), rms if flags else h, rtol=1e-12, atol=1e-12)
 
 
+def test_target_ids_follow_the_vocab_map_and_its_device():
+    """`target_ids()`: the target id of every draft id (here the evenly spaced ids tiny_draft maps to), equal to
+    `draft_to_target` of all draft ids, on d2t's device (the meta device stands in for a GPU)."""
+    draft = tiny_draft(tiny_target())
+    step = draft.config.vocab_size // 64
+    assert torch.equal(draft.target_ids(), torch.arange(64) * step)
+    assert torch.equal(draft.target_ids(), draft.draft_to_target(torch.arange(64)))
+    draft.d2t = draft.d2t.to("meta")
+    assert draft.target_ids().device.type == "meta"
+
+
 def test_embeddings_shared_and_frozen():
     target = tiny_target()
     draft = tiny_draft(target)

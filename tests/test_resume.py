@@ -21,6 +21,7 @@ from .conftest import tiny_target
 from .test_train import write_conversations
 
 STEPS = 9  # 12 training conversations in batches of 2: the run crosses an epoch boundary at step 6
+DEFER = "train.defer_reads=true"  # the GPU default, here with fused AdamW on the CPU
 
 
 @pytest.fixture(scope="module")
@@ -169,12 +170,13 @@ def nan_target_folder(tmp_path_factory, smol_tokenizer):
     return folder
 
 
-def test_nonfinite_steps_are_skipped_and_counted(tmp_path, nan_target_folder, data):
+@pytest.mark.parametrize("extra", [[], [DEFER]], ids=["host", "deferred"])
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, nan_target_folder, data, extra):
     out = tmp_path / "run"
     # 14 conversations, 2 about "a red fox", no held-out split, 7 batches of 2: one epoch.
     train(load_config(str(nan_target_folder), overrides=[
         f"out_dir={out}", f"data.train_path={data}", "data.eval_every=0", "train.batch_size=2",
-        "train.max_steps=7", "train.ttt_length=2", "target.draft.draft_vocab_size=512"]))
+        "train.max_steps=7", "train.ttt_length=2", "target.draft.draft_vocab_size=512", *extra]))
     metrics = json.loads((out / "metrics.json").read_text())
     bad = [x for x in metrics["train_losses"] if x != x]
     assert metrics["nonfinite_steps"] == len(bad) and 1 <= len(bad) <= 2
@@ -182,7 +184,10 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, nan_target_folder, da
     assert all(torch.isfinite(t.float()).all() for t in weights.values())
 
 
-def test_repeated_nonfinite_steps_stop_with_a_loadable_checkpoint(tmp_path, nan_target_folder):
+@pytest.mark.parametrize("extra,saved", [([], 3), ([DEFER], 4)], ids=["host", "deferred"])
+def test_repeated_nonfinite_steps_stop_with_a_loadable_checkpoint(tmp_path, nan_target_folder, extra, saved):
+    """Three non-finite steps in a row stop the run with a checkpoint of finite weights: at step 3 where the
+    host decides each step, at step 4 where it learns of step 3 after queueing step 4."""
     with open(tmp_path / "fox.jsonl", "w") as f:
         for i in range(8):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"Fox {i}?"},
@@ -190,13 +195,31 @@ def test_repeated_nonfinite_steps_stop_with_a_loadable_checkpoint(tmp_path, nan_
     out = tmp_path / "run"
     cfg = load_config(str(nan_target_folder), overrides=[
         f"out_dir={out}", f"data.train_path={tmp_path / 'fox.jsonl'}", "data.eval_every=0", "train.batch_size=2",
-        "train.max_steps=20", "train.ttt_length=2", "train.max_nonfinite=3", "target.draft.draft_vocab_size=512"])
-    with pytest.raises(SystemExit, match="3 non-finite steps in a row .*last good weights are in"):
+        "train.max_steps=20", "train.ttt_length=2", "train.max_nonfinite=3", "target.draft.draft_vocab_size=512",
+        *extra])
+    with pytest.raises(SystemExit, match=r"3 non-finite steps in a row \(up to step 3\).*last good weights are in"):
         train(cfg)
     (ckpt,) = step_folders(out / "checkpoints")
-    assert ckpt.name == "step_0000003"
+    assert ckpt.name == f"step_{saved:07d}"
     draft = load_draft(ckpt)
     assert all(torch.isfinite(p).all() for p in draft.parameters())
+
+
+def test_deferred_reads_resume_bitwise_and_train_as_the_host_path(tmp_path, tiny_target_folder, data, unbroken):
+    """Host reads one step late, updates skipped on the device where non-finite (fused AdamW's found_inf): a
+    run stopped at the epoch boundary and resumed equals the unbroken deferred run bit for bit, and both
+    train as the host-decided path does to within fused AdamW's roundings."""
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train(_cfg(tiny_target_folder, data, whole, DEFER))
+    train(_cfg(tiny_target_folder, data, part, DEFER, "train.stop_after=6"))
+    train(_cfg(tiny_target_folder, data, part, DEFER, "train.resume=latest"))
+    deferred = _result(whole)
+    _assert_same(_result(part), deferred)
+    host = unbroken["online"]
+    assert len(deferred[0]) == len(host[0]) == STEPS
+    torch.testing.assert_close(torch.tensor(deferred[0]), torch.tensor(host[0]), rtol=1e-5, atol=0)
+    for k in host[1]:
+        torch.testing.assert_close(deferred[1][k], host[1][k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_deterministic_switch_on_the_cpu_changes_no_bit(tmp_path, tiny_target_folder, data, unbroken):

@@ -180,3 +180,23 @@ def test_compile_defaults_resolve_by_device_and_mode():
     assert not compiles_draft(det, gpu) and not compiles_target(det, gpu)
     given = load_config("smollm2-135m", overrides=["train.compile=false", "train.compile_target=true"])
     assert not compiles_draft(given, gpu) and compiles_target(given, cpu)
+
+
+def test_defer_reads_resolves_by_device_and_processes():
+    """train.defer_reads unset: on for one process on a GPU (also under train.deterministic: it changes no
+    kernel), off on the CPU and with several processes; given true with several processes, a clear error."""
+    import torch
+
+    from specforge.eagle3.train import defers_reads
+    from specforge.parallel.mesh import Dist
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    cfg = load_config("smollm2-135m")
+    assert cfg.train.defer_reads is None
+    assert defers_reads(cfg, gpu) and defers_reads(cfg, gpu, Dist(1, 0, 0, 1, 1, 0, 0, gpu))
+    assert defers_reads(load_config("smollm2-135m", overrides=["train.deterministic=true"]), gpu)
+    assert not defers_reads(cfg, cpu) and not defers_reads(cfg, gpu, Dist(2, 0, 0, 2, 1, 0, 0, gpu))
+    on = load_config("smollm2-135m", overrides=["train.defer_reads=true"])
+    assert defers_reads(on, cpu)
+    with pytest.raises(SystemExit, match="train.defer_reads=true with several processes"):
+        defers_reads(on, gpu, Dist(2, 0, 0, 2, 1, 0, 0, gpu))

@@ -100,7 +100,7 @@ class SpecDecoder:
         self.dk = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.dv = torch.zeros(shape, dtype=w.dtype, device=w.device)
         self.device = w.device
-        self.draft_ids = torch.arange(draft.d2t.numel(), device=self.device) + draft.d2t
+        self.draft_ids = draft.target_ids().to(self.device)
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         if self.cuda_graphs and not self.target.capturable:
             say("decoder: this target's feed-forward routes tokens through the host (a sparse block of a layout "

@@ -172,6 +172,11 @@ class Eagle3Draft(nn.Module):
     def draft_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
 
+    def target_ids(self) -> torch.Tensor:
+        """The target vocab id of every draft id, in draft-id order, on d2t's device (the lm_head rows the
+        draft's own head takes from the target's, and what the decoder maps its picks through)."""
+        return torch.arange(self.d2t.numel(), device=self.d2t.device) + self.d2t
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """The target's embeddings in the dtype the draft computes in (autocast's, where on)."""
         return self.embed_tokens(token_ids).to(autocast_dtype(self.fc.weight))

@@ -9,7 +9,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -48,7 +48,7 @@ def build_draft(cfg: Config, head: TargetHead, aux_ids: list[int], d2t, t2d,
         draft.set_vocab(d2t, t2d)
         if cfg.train.init_head_from_target:
             with torch.no_grad():
-                draft_ids = (torch.arange(d2t.numel()) + d2t).to(head.lm_head_weight.device)
+                draft_ids = draft.target_ids().to(head.lm_head_weight.device)
                 draft.lm_head.weight.copy_(head.lm_head_weight[draft_ids].float())
                 draft.norm.weight.copy_(head.norm.weight.float())
         draft = draft.to(device, dtype=torch.float32)
@@ -115,7 +115,10 @@ class OnlineFeatures:
 
     def __call__(self, batch):
         if batch.doc_ids is None:
-            f = self.capture.run(batch.input_ids, batch.attention_mask)
+            # Rows are right-padded (collate): under causal attention no real token sees the padding, so no mask
+            # is passed; given one, transformers reads it on the host to see whether it can be dropped, a wait
+            # for the GPU that would drain its queue at every step.
+            f = self.capture.run(batch.input_ids)
         else:  # packed: each conversation attends only to itself, positions from 0
             f = self.capture.run(batch.input_ids, document_mask(batch.doc_ids), batch.position_ids)
         return f.aux, f.final
@@ -139,6 +142,45 @@ def compiles_draft(cfg: Config, device, dist: Optional[Dist] = None) -> bool:
     """train.compile: by default in one process only. Under FSDP (several processes) the compiled halves with
     sharded parameters have not run on GPUs."""
     return _compiles(cfg.train.compile, cfg, device, dist is None or dist.world == 1)
+
+
+def defers_reads(cfg: Config, device, dist: Optional[Dist] = None) -> bool:
+    """train.defer_reads: by default on a GPU in one process. Several processes sum their statistics on the
+    host at every step anyway, and found_inf with sharded parameters has not run."""
+    one = dist is None or dist.world == 1
+    if cfg.train.defer_reads is not None:
+        if cfg.train.defer_reads and not one:
+            raise SystemExit("train.defer_reads=true with several processes: not supported; leave it unset")
+        return cfg.train.defer_reads
+    return device.type == "cuda" and one
+
+
+def apply_update(opt, loss: torch.Tensor, grad_norm: torch.Tensor, defer: bool) -> torch.Tensor | bool:
+    """AdamW's step unless the loss or the gradient is non-finite (then the weights stay those of the last good
+    step); returns whether it was finite. Deferred: decided on the device through fused AdamW's found_inf
+    (weights and moments untouched where it is 1), so nothing waits for the GPU; else read on the host, which
+    waits for all queued work."""
+    if defer:
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        opt.found_inf = (~finite).float()
+        opt.step()
+        return finite
+    finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+    if finite:
+        opt.step()
+    return finite
+
+
+@dataclass
+class Launched:
+    """A training step queued on the device whose host reads (`settle` in `_train`) are still to come.
+    `finite` is a bool where the host decided at once, else a tensor on the device."""
+    step: int
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    stats: list
+    finite: torch.Tensor | bool
+    tokens: int
 
 
 def compiles_target(cfg: Config, device, dist: Optional[Dist] = None) -> bool:
@@ -391,12 +433,13 @@ def _train(cfg: Config) -> Path:
     vocab_size = head.embed.weight.shape[0]
     d2t, t2d = vocab_for(cfg, vocab_samples, vocab_size, min(cfg.target.draft.draft_vocab_size, vocab_size), dist)
     draft = shard_draft(build_draft(cfg, head, ids, d2t, t2d, dist), dist)
-    draft_ids = torch.arange(draft.d2t.numel(), device=draft.d2t.device) + draft.d2t
+    draft_ids = draft.target_ids()
 
     total = cfg.train.max_steps or source.steps_per_epoch() * cfg.train.epochs
     params = [p for p in draft.parameters() if p.requires_grad]
+    defer = defers_reads(cfg, device, dist)
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                            weight_decay=cfg.train.weight_decay, fused=device.type == "cuda")
+                            weight_decay=cfg.train.weight_decay, fused=device.type == "cuda" or defer)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
     # Where the run stands: everything a resumed run needs to continue bitwise where this one stopped.
     pos = {"step": 0, "epoch": 0, "batch": 0, "losses": [], "nonfinite": 0}
@@ -429,56 +472,80 @@ def _train(cfg: Config) -> Path:
     t_steps = time.perf_counter()
     bar = tqdm(total=total, initial=pos["step"], desc="train", unit="step", **({} if main else {"disable": True}))
     t_last, tokens_since, bad_run = time.perf_counter(), 0, 0
+    halt = None  # (non-finite steps in a row, step) once there are train.max_nonfinite of them
+
+    def launch(batch) -> Launched:
+        """Forward, backward, clip and update of one batch, queued. With `defer`, nothing here waits for the
+        GPU: a non-finite step's update is skipped by the optimizer on the device; else the host decides."""
+        tokens = batch.num_tokens
+        batch = dp_rows(batch, dist)  # run_batch moves it to the device
+        loss, stats = run_batch(cfg, draft, features, head, draft_ids, batch, device, dist=dist)
+        backward(loss, dist)
+        grad_norm = replicated(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip))  # global norm
+        loss, stats = global_stats(loss.detach(), stats, dist)  # the same on every rank
+        finite = apply_update(opt, loss, grad_norm, defer)
+        with warnings.catch_warnings():  # a skipped update still uses up its step of the schedule
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
+            sched.step()
+        opt.zero_grad(set_to_none=True)
+        pos["step"] += 1
+        pos["batch"] += 1
+        return Launched(pos["step"], loss, grad_norm, stats, finite, tokens)
+
+    def settle(s: Launched) -> None:
+        """A launched step's host reads: its loss into the record, the non-finite count, the log."""
+        nonlocal t_last, tokens_since, bad_run, halt
+        finite = bool(s.finite)
+        tokens_since += s.tokens
+        pos["losses"].append(s.loss.item())
+        if finite:
+            bad_run = 0
+        else:
+            pos["nonfinite"] += 1
+            bad_run += 1
+            writer.add_scalar("train/nonfinite_steps", pos["nonfinite"], s.step)
+            if main:
+                tqdm.write(f"train: step {s.step}: non-finite loss or gradient ({s.loss.item()}, grad "
+                           f"norm {float(s.grad_norm)}); update skipped ({pos['nonfinite']} so far)")
+            if bad_run >= cfg.train.max_nonfinite and halt is None:
+                halt = (bad_run, s.step)
+        if finite and (s.step % cfg.train.log_every == 0 or s.step == total):
+            now = time.perf_counter()
+            tps = tokens_since / (now - t_last)
+            t_last, tokens_since = now, 0
+            m = summarize([s.stats])
+            writer.add_scalar("train/loss", s.loss.item(), s.step)
+            for k in range(cfg.train.ttt_length):
+                writer.add_scalar(f"train/loss_{k}", m[f"loss_{k}"], s.step)
+                writer.add_scalar(f"train/acc_{k}", m[f"acc_{k}"], s.step)
+                writer.add_scalar(f"train/accept_{k}", m[f"accept_{k}"], s.step)
+            writer.add_scalar("train/lr", sched.get_last_lr()[0], s.step)
+            writer.add_scalar("train/grad_norm", float(s.grad_norm), s.step)
+            writer.add_scalar("train/tokens_per_s", tps, s.step)
+            bar.set_postfix(loss=f"{s.loss.item():.3f}", acc0=f"{m['acc_0']:.2f}", tok_s=f"{tps:.0f}")
+        bar.update(1)
+
+    pending = None  # with `defer`: the step launched last, settled after the next one is queued
     while pos["step"] < stop:
         for batch in source.train_batches(pos["epoch"], skip=pos["batch"]):
-            tokens_since += batch.num_tokens
-            batch = dp_rows(batch, dist)  # run_batch moves it to the device
-            loss, stats = run_batch(cfg, draft, features, head, draft_ids, batch, device, dist=dist)
-            backward(loss, dist)
-            grad_norm = replicated(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip))  # global norm
-            loss, stats = global_stats(loss.detach(), stats, dist)  # the same on every rank
-            finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
-            if finite:
-                opt.step()
-                bad_run = 0
-            else:  # skip the update: the weights stay those of the last good step
-                pos["nonfinite"] += 1
-                bad_run += 1
-                writer.add_scalar("train/nonfinite_steps", pos["nonfinite"], pos["step"] + 1)
-                if main:
-                    tqdm.write(f"train: step {pos['step'] + 1}: non-finite loss or gradient ({loss.item()}, grad "
-                               f"norm {float(grad_norm)}); update skipped ({pos['nonfinite']} so far)")
-            with warnings.catch_warnings():  # a skipped update still uses up its step of the schedule
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler")
-                sched.step()
-            opt.zero_grad(set_to_none=True)
-            pos["step"] += 1
-            pos["batch"] += 1
+            launched = launch(batch)
+            if pending is not None:
+                settle(pending)
+            pending = launched
             step = pos["step"]
-            pos["losses"].append(loss.item())
-            if bad_run >= cfg.train.max_nonfinite:
+            evals = bool(cfg.train.eval_interval and step % cfg.train.eval_interval == 0)
+            saves = bool(cfg.train.save_interval and step % cfg.train.save_interval == 0) or step == stop < total
+            if not defer or evals or saves or step >= stop or halt is not None:
+                settle(pending)  # what follows reads the record up to this step
+                pending = None
+            if halt is not None:
                 folder = checkpoint()
-                raise SystemExit(f"train: {bad_run} non-finite steps in a row (up to step {step}); stopping. The "
-                                 f"last good weights are in {folder}. Lower train.lr, or look for bad data or "
-                                 f"features; `--resume` continues from there.")
-            if finite and (step % cfg.train.log_every == 0 or step == total):
-                now = time.perf_counter()
-                tps = tokens_since / (now - t_last)
-                t_last, tokens_since = now, 0
-                m = summarize([stats])
-                writer.add_scalar("train/loss", loss.item(), step)
-                for k in range(cfg.train.ttt_length):
-                    writer.add_scalar(f"train/loss_{k}", m[f"loss_{k}"], step)
-                    writer.add_scalar(f"train/acc_{k}", m[f"acc_{k}"], step)
-                    writer.add_scalar(f"train/accept_{k}", m[f"accept_{k}"], step)
-                writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
-                writer.add_scalar("train/grad_norm", float(grad_norm), step)
-                writer.add_scalar("train/tokens_per_s", tps, step)
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc0=f"{m['acc_0']:.2f}", tok_s=f"{tps:.0f}")
-            bar.update(1)
-            if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+                raise SystemExit(f"train: {halt[0]} non-finite steps in a row (up to step {halt[1]}); stopping. "
+                                 f"The last good weights are in {folder}. Lower train.lr, or look for bad data "
+                                 f"or features; `--resume` continues from there.")
+            if evals:
                 _log_eval(writer, evaluate(cfg, draft, features, head, draft_ids, source, device, dist), step)
-            if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or step == stop < total:
+            if saves:
                 checkpoint()
             if step >= stop:
                 break
