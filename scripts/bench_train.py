@@ -215,10 +215,12 @@ def phase_split(kernels, phases=PHASES, mark: str = MARK):
     return out
 
 
-def idle_gaps(kernels, phases=PHASES, mark: str = MARK, top: int = 6):
+def idle_gaps(kernels, phases=PHASES, mark: str = MARK, top: int = 6, skip_steps: int = 0):
     """Where the GPU waits: `kernels` as for `phase_split` (one stream). Returns ({phase: idle us}, the `top`
     longest gaps as (us, phase, kernel before, kernel after)). A gap is the time between the end of all work
-    so far and the next kernel's start; it goes to the phase of that next kernel (whose launch came late)."""
+    so far and the next kernel's start; it goes to the phase of that next kernel (whose launch came late).
+    The first `skip_steps` steps are left out: a profile starts from an idle GPU, so its first step waits for
+    every launch, as no later step does."""
     idle = collections.Counter()
     gaps = []
     seen, end, before = 0, None, None
@@ -226,7 +228,7 @@ def idle_gaps(kernels, phases=PHASES, mark: str = MARK, top: int = 6):
         seen += mark in name  # a mark opens the next phase, and the wait for it belongs there
         slot = (seen - 1) % (len(phases) + 1)
         phase = "before" if seen == 0 else phases[slot] if slot < len(phases) else "between steps"
-        if end is not None and start > end:
+        if end is not None and start > end and seen > skip_steps * (len(phases) + 1):
             idle[phase] += start - end
             gaps.append((start - end, phase, before, name))
         end = start + dur if end is None else max(end, start + dur)
@@ -279,9 +281,10 @@ def profile_step(label, cfg, draft, features, head, draft_ids, samples, params, 
     timed = [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in prof.events()
              if e.device_type.name == "CUDA"]
     print(f"\nby phase, ms per step:\n{phase_table(phase_split(timed), steps)}")
-    idle, longest = idle_gaps(timed)
-    print(f"\nGPU idle between kernels, ms per step: {sum(idle.values()) / steps / 1e3:.2f} ("
-          + ", ".join(f"{p} {us / steps / 1e3:.2f}" for p, us in idle.most_common()) + "); longest gaps:")
+    idle, longest = idle_gaps(timed, skip_steps=1)
+    n = steps - 1
+    print(f"\nGPU idle between kernels, ms per step after the first: {sum(idle.values()) / n / 1e3:.2f} ("
+          + ", ".join(f"{p} {us / n / 1e3:.2f}" for p, us in idle.most_common()) + "); longest gaps:")
     for us, phase, before, after in longest:
         print(f"- {us / 1e3:.2f} ms in {phase}: after {(before or '')[:60]}, before {after[:60]}")
     print("\ncostliest kernels:")

@@ -56,3 +56,14 @@ def test_idle_gaps_sum_the_waits_by_phase_of_the_kernel_that_ends_them():
     idle, longest = bench_train.idle_gaps(list(reversed(kernels)), top=2)
     assert dict(idle) == {"draft fwd+loss": 40, "backward": 108}
     assert longest == [(100, "backward", "nvjet_c", "copy_kernel"), (40, "draft fwd+loss", "add_kernel", M)]
+
+
+def test_idle_gaps_can_leave_out_the_first_step():
+    """A profile starts from an idle GPU: its first step's waits are the host's start-up, not the steady state."""
+    step = [(M, 0, 1), ("nvjet_a", 50, 10), (M, 60, 1), ("soft_ce", 61, 5), (M, 66, 1), ("nvjet_b", 67, 5),
+            (M, 72, 1), ("adam", 73, 5), (M, 78, 1)]
+    second = [(n, t + 100, d) for n, t, d in step]  # 22 us after the first step's end, then 49 us in the target
+    idle, _ = bench_train.idle_gaps(step + second)
+    assert dict(idle) == {"target": 49 + 21 + 49}  # the second step's first mark opens its target phase
+    idle, longest = bench_train.idle_gaps(step + second, skip_steps=1)
+    assert dict(idle) == {"target": 21 + 49} and longest[0] == (49, "target", M, "nvjet_a")
