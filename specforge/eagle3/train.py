@@ -116,8 +116,7 @@ class OnlineFeatures:
     def __call__(self, batch):
         if batch.doc_ids is None:
             # Rows are right-padded (collate): under causal attention no real token sees the padding, so no mask
-            # is passed; given one, transformers reads it on the host to see whether it can be dropped, a wait
-            # for the GPU that would drain its queue at every step.
+            # is passed, and the target builds none and reads nothing on the host (`targets.unmasked_sdpa`).
             f = self.capture.run(batch.input_ids)
         else:  # packed: each conversation attends only to itself, positions from 0
             f = self.capture.run(batch.input_ids, document_mask(batch.doc_ids), batch.position_ids)
