@@ -184,10 +184,9 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, nan_target_folder, da
     assert all(torch.isfinite(t.float()).all() for t in weights.values())
 
 
-@pytest.mark.parametrize("extra,saved", [([], 3), ([DEFER], 4)], ids=["host", "deferred"])
-def test_repeated_nonfinite_steps_stop_with_a_loadable_checkpoint(tmp_path, nan_target_folder, extra, saved):
-    """Three non-finite steps in a row stop the run with a checkpoint of finite weights: at step 3 where the
-    host decides each step, at step 4 where it learns of step 3 after queueing step 4."""
+def stop_after_three_nonfinite(tmp_path, nan_target_folder, *extra):
+    """Train on the NaN target until train.max_nonfinite=3 stops the run (a clear SystemExit); returns its one
+    checkpoint folder. Also run on a GPU by tests/test_train_gpu.py."""
     with open(tmp_path / "fox.jsonl", "w") as f:
         for i in range(8):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"Fox {i}?"},
@@ -200,6 +199,14 @@ def test_repeated_nonfinite_steps_stop_with_a_loadable_checkpoint(tmp_path, nan_
     with pytest.raises(SystemExit, match=r"3 non-finite steps in a row \(up to step 3\).*last good weights are in"):
         train(cfg)
     (ckpt,) = step_folders(out / "checkpoints")
+    return ckpt
+
+
+@pytest.mark.parametrize("extra,saved", [([], 3), ([DEFER], 4)], ids=["host", "deferred"])
+def test_repeated_nonfinite_steps_stop_with_a_loadable_checkpoint(tmp_path, nan_target_folder, extra, saved):
+    """Three non-finite steps in a row stop the run with a checkpoint of finite weights: at step 3 where the
+    host decides each step, at step 4 where it learns of step 3 after queueing step 4."""
+    ckpt = stop_after_three_nonfinite(tmp_path, nan_target_folder, *extra)
     assert ckpt.name == f"step_{saved:07d}"
     draft = load_draft(ckpt)
     assert all(torch.isfinite(p).all() for p in draft.parameters())

@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from specforge.config import load_config
-from specforge.eagle3.checkpoint import load_draft, step_folders
+from specforge.eagle3.checkpoint import load_draft
 from specforge.eagle3.train import set_deterministic, train
 
-from .test_resume import _assert_same, _cfg, _result, data, nan_target_folder  # noqa: F401 (fixtures)
+from .test_resume import (_assert_same, _cfg, _result, data, nan_target_folder,  # noqa: F401 (fixtures)
+                          stop_after_three_nonfinite)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -45,18 +46,7 @@ def test_nonfinite_steps_skip_on_the_device(tmp_path, nan_target_folder, data): 
 
 
 def test_repeated_nonfinite_steps_stop_one_step_late(tmp_path, nan_target_folder):  # noqa: F811
-    with open(tmp_path / "fox.jsonl", "w") as f:
-        for i in range(8):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"Fox {i}?"},
-                                             {"role": "assistant", "content": "A red fox runs."}]}) + "\n")
-    out = tmp_path / "run"
-    cfg = load_config(str(nan_target_folder), overrides=[
-        f"out_dir={out}", f"data.train_path={tmp_path / 'fox.jsonl'}", "data.eval_every=0", "train.batch_size=2",
-        "train.max_steps=20", "train.ttt_length=2", "train.max_nonfinite=3", "target.draft.draft_vocab_size=512",
-        "device=cuda"])
-    with pytest.raises(SystemExit, match=r"3 non-finite steps in a row \(up to step 3\)"):
-        train(cfg)
-    (ckpt,) = step_folders(out / "checkpoints")
+    ckpt = stop_after_three_nonfinite(tmp_path, nan_target_folder, "device=cuda")
     assert ckpt.name == "step_0000004"
     assert all(torch.isfinite(p).all() for p in load_draft(ckpt).parameters())
 
