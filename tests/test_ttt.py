@@ -292,7 +292,8 @@ def test_unroll_weights_give_the_modules_outputs_and_gradients(checkpointing):
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     assert got_g.keys() == ref_g.keys() and len(got_g) == 15  # all but lm_head
     for n in ref_g:
-        torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-10, atol=1e-12, msg=n)
+        # float64 rounding relative to the largest entry: a small entry carries the error of the sums that made it
+        torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-10, atol=1e-13 * ref_g[n].abs().max().item(), msg=n)
 
     draft.float()
     aux = aux.float()
