@@ -283,6 +283,40 @@ def test_fused_soft_ce_triton_equals_torch_path_float32():
         torch.testing.assert_close(r[4], out[0][4], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_target_labels_kernel_equals_reference_at_llama_shape(dtype, monkeypatch):
+    """The soft labels' row kernel (specforge/kernels/target_labels.py) on the Llama-3 vocab (128,256; draft 32,000
+    ids), 1,024 rows: the draft-vocab logits and the argmax bit for bit against the op-by-op path (two equal
+    largest values in a row: the first index), the lse against float64; then `soft_labels` through it against
+    `soft_labels` through the reference, rows in a mask that leaves some out."""
+    from specforge.eagle3 import ttt
+    from specforge.kernels import target_labels as tl_
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    c, v, vd = 1024, 128256, 32000
+    full = (torch.randn(c, v, generator=gen, device="cuda") * 3).to(dtype)
+    full[5, 100] = full[5, 90000] = full[5].max() + 1
+    ids = torch.randperm(v, generator=gen, device="cuda")[:vd].sort().values
+    outs = []
+    for fn in (tl_.label_rows, tl_.label_rows_reference):
+        out = (torch.empty(c, vd, device="cuda"), torch.empty(c, device="cuda"),
+               torch.empty(c, dtype=torch.long, device="cuda"))
+        fn(full, ids, *out)
+        outs.append(out)
+    (got, got_lse, got_arg), (want, _, want_arg) = outs
+    assert torch.equal(got, want) and torch.equal(got_arg, want_arg) and got_arg[5].item() == 100
+    assert (got_lse.double() - torch.logsumexp(full.double(), -1)).abs().max().item() < 1e-4
+
+    final = torch.randn(2, 777, 256, generator=gen, device="cuda").to(dtype)
+    w = (torch.randn(v, 256, generator=gen, device="cuda") * 0.2).to(dtype)
+    needed = torch.rand(2, 777, generator=gen, device="cuda") > 0.3
+    fast = ttt.soft_labels(final, w, ids, needed, chunk=500)
+    monkeypatch.setattr(ttt, "label_rows", tl_.label_rows_reference)
+    slow = ttt.soft_labels(final, w, ids, needed, chunk=500)
+    assert torch.equal(fast.logits, slow.logits) and torch.equal(fast.argmax, slow.argmax)
+    torch.testing.assert_close(fast.lse, slow.lse, rtol=0, atol=1e-4)
+
+
 def test_shared_head_gradient_peak_memory_on_gpu():
     """Seven TTT-step calls at the Llama-8B draft shape (2,048 scored rows each, H=4096, Vd=32000, fp32 weight,
     bf16 autocast) hold one float32 [Vd, H] buffer until backward with a HeadGrad, seven without: what the

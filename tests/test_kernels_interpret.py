@@ -222,3 +222,32 @@ def test_ttt_diagonal_kernels_compile_for_sm90():
         kernel = ks.compile_sm90(fn, sig, {"BLOCK_T": td.BLOCK_T, "BLOCK_D": 128}, {"T": 2048, "D": 128}, 4, 3)
         profile = ks.sass_profile(kernel)
         assert profile["smem"] == 0 and 0 < profile["regs"] <= 128, (fn, profile)
+
+
+LABELS_CHECK = r'''
+import torch
+from specforge.kernels import target_labels as tl_
+
+torch.manual_seed(0)
+for c, v, vd, dt in [(5, 300, 40, torch.float32), (3, 9000, 700, torch.bfloat16), (4, 4096, 4096, torch.float16)]:
+    full = (torch.randn(c, v) * 4).to(dt)
+    full[1, 17] = full[1, v - 3] = full[1].max() + 1  # a tie for the largest value: the first index wins
+    ids = torch.randperm(v)[:vd].sort().values
+    got = (torch.empty(c, vd), torch.empty(c), torch.empty(c, dtype=torch.long))
+    tl_.label_rows_triton(full, ids, *got)
+    want = (torch.empty(c, vd), torch.empty(c), torch.empty(c, dtype=torch.long))
+    tl_.label_rows_reference(full, ids, *want)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2]), (c, v, "logits or argmax")
+    assert got[2][1].item() == 17
+    gold = torch.logsumexp(full.double(), -1)
+    assert (got[1].double() - gold).abs().max().item() < 1e-5, (c, v, "lse")
+print("ok")
+'''
+
+
+@old_interpreter
+def test_target_labels_kernel_interpreted():
+    """The soft labels' row kernel (specforge/kernels/target_labels.py) against the op-by-op reference: the
+    draft-vocab logits and the argmax (a tie: the first index) bit for bit, the lse against float64, in float32,
+    bf16 and fp16, vocab sizes below, across and at a multiple of the kernel's block."""
+    _interpreted(LABELS_CHECK)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.fused_loss import HeadGrad, SoftLabels, fused_soft_ce, soft_ce_reference
+from ..kernels.target_labels import label_rows
 from ..kernels.ttt_attention import IMPLS as TTT_ATTENTION_IMPLS
 from ..kernels.ttt_attention import ttt_attention
 from .draft import Eagle3Draft
@@ -53,24 +54,25 @@ def soft_labels(final_hidden: torch.Tensor, lm_head_weight: torch.Tensor, draft_
                 needed: torch.Tensor | Index | None = None, chunk: int = 1024) -> SoftLabels:
     """Target logits from its final (normed) hidden state at the `needed` positions (a mask, or its index
     pairs from `scored_index`; all if None; zeros elsewhere), chunked over tokens so full-vocab logits of at most
-    `chunk` positions exist at a time."""
+    `chunk` positions exist at a time; each chunk's lse, argmax and draft-vocab logits in one pass
+    (`kernels.target_labels.label_rows`)."""
     b, t, h = final_hidden.shape
     if needed is None:
         needed = torch.ones(b, t, dtype=torch.bool, device=final_hidden.device)
     rows = final_hidden[needed]
-    out_logits, out_lse, out_arg = [], [], []
-    for s in range(0, rows.shape[0], chunk):
-        full = rows[s:s + chunk] @ lm_head_weight.t()
-        full = full.to(torch.promote_types(full.dtype, torch.float32))
-        out_lse.append(torch.logsumexp(full, dim=-1))
-        out_arg.append(full.argmax(-1))
-        out_logits.append(full[:, draft_ids])
     dt = torch.promote_types(final_hidden.dtype, torch.float32)
-    logits = final_hidden.new_zeros(b, t, draft_ids.numel(), dtype=dt)
+    n, vd = rows.shape[0], draft_ids.numel()
+    row_logits = rows.new_empty(n, vd, dtype=dt)
+    row_lse = rows.new_empty(n, dtype=dt)
+    row_arg = torch.empty(n, dtype=torch.long, device=rows.device)
+    for s in range(0, n, chunk):
+        label_rows(rows[s:s + chunk] @ lm_head_weight.t(), draft_ids, row_logits[s:s + chunk], row_lse[s:s + chunk],
+                   row_arg[s:s + chunk])
+    logits = final_hidden.new_zeros(b, t, vd, dtype=dt)
     lse = final_hidden.new_zeros(b, t, dtype=dt)
     argmax = torch.zeros(b, t, dtype=torch.long, device=final_hidden.device)
-    if out_logits:
-        logits[needed], lse[needed], argmax[needed] = torch.cat(out_logits), torch.cat(out_lse), torch.cat(out_arg)
+    if n:
+        logits[needed], lse[needed], argmax[needed] = row_logits, row_lse, row_arg
     return SoftLabels(logits, lse, argmax)
 
 
