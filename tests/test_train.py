@@ -219,7 +219,8 @@ def test_sum_weight_grads_resolves_by_device_and_width():
 
 def test_clip_in_adamw_resolves_by_device_and_processes():
     """train.clip_in_adamw unset: on where AdamW is fused in one process (a GPU, or deferred reads on the CPU),
-    off under train.deterministic, off on the CPU's host-read path and with several processes."""
+    off under train.deterministic, off on the CPU's host-read path and with several processes; given true where
+    it cannot run, a clear error."""
     import torch
 
     from specforge.eagle3.train import clips_in_adamw
@@ -234,6 +235,8 @@ def test_clip_in_adamw_resolves_by_device_and_processes():
     on = load_config("smollm2-135m", overrides=["train.clip_in_adamw=true"])
     with pytest.raises(SystemExit, match="train.clip_in_adamw=true with several processes"):
         clips_in_adamw(on, gpu, Dist(2, 0, 0, 2, 1, 0, 0, gpu))
+    with pytest.raises(SystemExit, match="train.clip_in_adamw=true needs fused AdamW"):
+        clips_in_adamw(on, cpu)
 
 
 @pytest.mark.parametrize("scale", [3.0, 0.01], ids=["clipped", "under the limit"])

@@ -157,11 +157,13 @@ def defers_reads(cfg: Config, device, dist: Optional[Dist] = None) -> bool:
 def clips_in_adamw(cfg: Config, device, dist: Optional[Dist] = None) -> bool:
     """train.clip_in_adamw: by default where AdamW is fused (a GPU, or deferred reads) and the weights are whole
     (one process), unless train.deterministic (whose bits stay those of clip_grad_norm_)."""
+    fused = device.type == "cuda" or defers_reads(cfg, device, dist)  # as `_train` makes AdamW
     if cfg.train.clip_in_adamw is not None:
         if cfg.train.clip_in_adamw and not (dist is None or dist.world == 1):
             raise SystemExit("train.clip_in_adamw=true with several processes: not supported; leave it unset")
+        if cfg.train.clip_in_adamw and not fused:
+            raise SystemExit("train.clip_in_adamw=true needs fused AdamW: a GPU, or train.defer_reads=true")
         return cfg.train.clip_in_adamw
-    fused = device.type == "cuda" or defers_reads(cfg, device, dist)
     return fused and (dist is None or dist.world == 1) and not cfg.train.deterministic
 
 
