@@ -27,8 +27,8 @@ from specforge.config import load_config
 from specforge.data.batching import collate
 from specforge.data.template import Sample
 from specforge.data.vocab import build_vocab, count_tokens
-from specforge.eagle3.train import (OnlineFeatures, apply_update, build_draft, compiles_target, defers_reads, run_batch,
-                                   set_deterministic)
+from specforge.eagle3.train import (OnlineFeatures, apply_update, build_draft, clip_gradients, clips_in_adamw,
+                                   compiles_target, defers_reads, run_batch, set_deterministic)
 from specforge.files import write_text
 from specforge.kernels.batch_invariant import batch_invariant
 from specforge.model_shapes import random_target
@@ -148,7 +148,7 @@ def train_step(cfg, draft, features, head, draft_ids, batch, params, opt, dev, m
     mark()
     loss.backward()
     mark()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+    grad_norm = clip_gradients(opt, params, cfg.train.grad_clip, clips_in_adamw(cfg, dev))
     apply_update(opt, loss.detach(), grad_norm, defers_reads(cfg, dev))  # the loop's skip of a non-finite step
     opt.zero_grad(set_to_none=True)
     mark()
@@ -196,11 +196,11 @@ MARK = "spin_kernel("
 PHASES = ("target", "draft fwd+loss", "backward", "optimizer")
 
 
-def phase_split(kernels, phases=PHASES, mark: str = MARK):
+def phase_split(kernels, phases=PHASES, mark: str = MARK, key=kernel_kind):
     """`kernels`: (name, start, duration) of a profile's GPU kernels, the `mark` kernels included. Returns
-    {phase: {kind: [duration, count]}}: a kernel belongs to the phase whose mark came last before it; one after
-    a step's closing mark and before the next step's first goes to "between steps", one before any mark to
-    "before". The marks themselves are not counted."""
+    {phase: {key(name): [duration, count]}} (by default by kind of kernel): a kernel belongs to the phase whose
+    mark came last before it; one after a step's closing mark and before the next step's first goes to "between
+    steps", one before any mark to "before". The marks themselves are not counted."""
     out = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
     seen = 0
     for name, _, dur in sorted(kernels, key=lambda k: k[1]):
@@ -209,7 +209,7 @@ def phase_split(kernels, phases=PHASES, mark: str = MARK):
             continue
         slot = (seen - 1) % (len(phases) + 1)
         phase = "before" if seen == 0 else phases[slot] if slot < len(phases) else "between steps"
-        cell = out[phase][kernel_kind(name)]
+        cell = out[phase][key(name)]
         cell[0] += dur
         cell[1] += 1
     return out
@@ -291,6 +291,11 @@ def profile_step(label, cfg, draft, features, head, draft_ids, samples, params, 
     for e in sorted(kernels, key=lambda e: -e.device_time_total)[:15]:
         ms = e.device_time_total / steps / 1e3
         print(f"- {e.count / steps:.0f} x {e.key[:100]} ({kernel_kind(e.key)}): {ms:.2f} ms")
+    if args.profile_top:
+        for phase, names in phase_split(timed, key=str).items():
+            print(f"\ncostliest kernels in {phase}, per step:")
+            for name, (us, n) in sorted(names.items(), key=lambda kv: -kv[1][0])[:args.profile_top]:
+                print(f"- {n / steps:.0f} x {name[:110]} ({kernel_kind(name)}): {us / steps / 1e3:.3f} ms")
     print(flush=True)
 
 
@@ -313,6 +318,8 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="after the timed steps, GPU time and kernel count per kind of kernel (all, and per phase "
                     "of the step), and the costliest kernels")
+    ap.add_argument("--profile-top", type=int, default=0, metavar="N",
+                    help="with --profile: also the N costliest kernels of each phase")
     ap.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
                     help="a named set of train.* overrides; repeatable (default: the config's defaults)")
     args = ap.parse_args()

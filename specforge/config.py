@@ -202,6 +202,13 @@ class TrainConfig:
     # 2026-12-05). None = on a GPU, unless train.deterministic or tensor parallelism (neither is compiled).
     compile_target: Optional[bool] = None
     grad_checkpoint: bool = False  # recompute the draft layer's activations in backward (less memory)
+    # Sum the TTT steps' gradients of the draft layer's matrices in place, each step's matmul adding into one
+    # buffer (specforge/eagle3/grad_sums.py), instead of autograd's separate adds. None = on a GPU for drafts of
+    # hidden size 2048 or more (+2.5% on the 8B step; slower on the 135M one), unless train.deterministic.
+    sum_weight_grads: Optional[bool] = None
+    # Clip the gradients inside fused AdamW (its grad_scale) instead of a separate pass over them. None = where
+    # AdamW is fused (a GPU, or train.defer_reads) in one process, unless train.deterministic.
+    clip_in_adamw: Optional[bool] = None
     # Start from a draft checkpoint: ours or a published one, in SGLang's or the speculators layout.
     init_from: Optional[str] = None
     # Layout of the final draft (specforge/eagle3/layouts.py): sglang (<out_dir>/draft, served by SGLang),

@@ -34,6 +34,9 @@ def test_phase_split_puts_each_kernel_in_the_phase_after_the_last_mark():
     # the marks are not counted: everything else is, once
     total = sum(v[0] for by in split.values() for v in by.values())
     assert total == pytest.approx(sum(d for n, _, d in step + second if n != M))
+    by_name = bench_train.phase_split(step + second, key=str)  # --profile-top's listing: by kernel
+    assert dict(by_name["backward"]) == {"direct_copy_kernel_cuda": [10.0, 2],
+                                         "triton_tem_fused_flex_attention_backward_1": [24.0, 2]}
 
 
 def test_phase_table_gives_milliseconds_per_step():

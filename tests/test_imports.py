@@ -18,7 +18,7 @@ LAYERS = [
     ("target", ["specforge.targets", "specforge.static_target", "specforge.generate", "specforge.parallel.mesh",
                 "specforge.parallel.tensor_parallel", "specforge.parallel.data", "specforge.parallel.draft",
                 "specforge.model_shapes"]),
-    ("draft", ["specforge.eagle3.draft", "specforge.eagle3.ttt"]),
+    ("draft", ["specforge.eagle3.grad_sums", "specforge.eagle3.draft", "specforge.eagle3.ttt"]),
     ("checkpoint", ["specforge.eagle3.layouts", "specforge.eagle3.checkpoint", "specforge.parallel.checkpoint"]),
     ("commands", ["specforge.synthesize", "specforge.prepare", "specforge.dump", "specforge.eagle3.train"]),
     ("decoder", ["specforge.eagle3.decoder", "specforge.eagle3.acceptance", "specforge.bench"]),

@@ -463,6 +463,59 @@ def test_compiled_draft_halves_match_eager():
         torch.testing.assert_close(outs[1][1][n], g, rtol=1e-3, atol=1e-5, msg=n)
 
 
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_weight_sums_on_gpu(compiled):
+    """train.sum_weight_grads under bf16 autocast (the training setting), eager and with the compiled halves
+    (which break around the summing matmuls): the outputs of autograd's unroll, and each of the four summed
+    matrices' gradients no further from the float64 gradient than autograd's sums (the products are the same;
+    the in-place sum rounds once per step where autograd's rounds twice)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from specforge.config import DraftConfig
+    from specforge.eagle3.draft import Eagle3Draft, draft_config, init_draft_weights
+    from specforge.eagle3.ttt import ttt_unroll
+
+    torch.manual_seed(0)
+    tcfg = LlamaConfig(vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                       num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    embed = LlamaForCausalLM(tcfg).model.embed_tokens.cuda().requires_grad_(False)
+    draft = Eagle3Draft(draft_config(tcfg, DraftConfig(draft_vocab_size=1000), 1000, [1, 2, 3]), embed).cuda()
+    init_draft_weights(draft, seed=1, std=0.05)
+    gold = Eagle3Draft(draft_config(tcfg, DraftConfig(draft_vocab_size=1000), 1000, [1, 2, 3]),
+                       torch.nn.Embedding(1000, 512).cuda().double()).cuda().double()
+    gold.load_state_dict(draft.state_dict())
+    gold.embed_tokens.weight.data.copy_(embed.weight.double())
+    if compiled:
+        draft.compile_halves()
+    ids = torch.randint(0, 1000, (1, 512), device="cuda")
+    aux = torch.randn(1, 512, 3 * 512, device="cuda")
+    mix = torch.linspace(-1, 1, 512, device="cuda", dtype=torch.float64)
+    mats = ("midlayer.self_attn.q_proj.weight", "midlayer.self_attn.o_proj.weight",
+            "midlayer.mlp.gate_proj.weight", "midlayer.mlp.down_proj.weight")
+
+    def run(d, sums, autocast=True, attention="sdpa", x=aux):
+        d.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            outs = [h for _, h in ttt_unroll(d, ids, x, 7, attention=attention, sums=sums)]
+        sum((h.double() * mix).sin().sum() for h in outs).backward()
+        return torch.stack([h.double() for h in outs]).detach(), {n: d.get_parameter(n).grad.double() for n in mats}
+
+    _, want = run(gold, False, autocast=False, attention="reference", x=aux.double())
+    out_a, grads_a = run(draft, False)
+    out_s, grads_s = run(draft, True)
+    if compiled:
+        # the halves' fused kernels end at the matmuls now: bf16 rounding apart, not bits
+        assert (out_s - out_a).abs().max() <= 2 ** -6 * out_a.abs().max()
+    else:
+        assert torch.equal(out_s, out_a)
+    for n in mats:
+        err_s, err_a = (grads_s[n] - want[n]).norm(), (grads_a[n] - want[n]).norm()
+        # eager: the same products, so only the sums' rounding differs; compiled: the forwards round apart too
+        assert err_s <= (1.25 if compiled else 1.02) * err_a, (n, err_s.item(), err_a.item())
+        assert err_s <= 0.15 * want[n].norm(), n  # bf16 through seven steps: a few percent
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Skinny linear (specforge/kernels/skinny_linear.py): the kernel against a float64 F.linear, at the shapes of
 # the embedded default and Qwen2.5-1.5B, ragged ones, and the launch settings the benchmark sweeps.

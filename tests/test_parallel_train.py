@@ -109,6 +109,15 @@ def test_data_parallel_equals_one_process(single, dp2):
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1  # and alone writes TensorBoard
 
 
+def test_data_parallel_with_weight_sums_equals_one_process(tmp_path, tiny_target_folder, data, single):
+    """FSDP2 over two ranks with the TTT steps' weight gradients summed in place (train.sum_weight_grads, on by
+    default for wide drafts on GPUs, where FSDP shards them): the same losses and weights as one process with
+    autograd's sums, to float32 rounding. The sums reach the unsharded weights through autograd, as FSDP's
+    gradient reduction expects."""
+    _run(tiny_target_folder, data, tmp_path, "train.sum_weight_grads=true")
+    _assert_close(_result(tmp_path), single, rtol=1e-5, weights_atol=1e-5)
+
+
 def test_data_parallel_stop_and_resume_equals_unbroken(tmp_path, tiny_target_folder, data, dp2):
     """dp=2 stopped at step 3 (a sharded checkpoint) and resumed: bitwise the unbroken dp=2 run."""
     out = tmp_path / "run"

@@ -200,3 +200,72 @@ def test_defer_reads_resolves_by_device_and_processes():
     assert defers_reads(on, cpu)
     with pytest.raises(SystemExit, match="train.defer_reads=true with several processes"):
         defers_reads(on, gpu, Dist(2, 0, 0, 2, 1, 0, 0, gpu))
+
+
+def test_sum_weight_grads_resolves_by_device_and_width():
+    """train.sum_weight_grads unset: on a GPU for drafts of hidden size 2048 or more (the 8B shape's 4096), off for
+    narrower ones (the embedded default's 576), on the CPU and under train.deterministic; given, as given."""
+    import torch
+
+    from specforge.eagle3.train import sums_weight_grads
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    cfg = load_config("smollm2-135m")
+    assert sums_weight_grads(cfg, gpu, 4096) and sums_weight_grads(cfg, gpu, 2048)
+    assert not sums_weight_grads(cfg, gpu, 576) and not sums_weight_grads(cfg, cpu, 4096)
+    assert not sums_weight_grads(load_config("smollm2-135m", overrides=["train.deterministic=true"]), gpu, 4096)
+    assert sums_weight_grads(load_config("smollm2-135m", overrides=["train.sum_weight_grads=true"]), cpu, 576)
+
+
+def test_clip_in_adamw_resolves_by_device_and_processes():
+    """train.clip_in_adamw unset: on where AdamW is fused in one process (a GPU, or deferred reads on the CPU),
+    off under train.deterministic, off on the CPU's host-read path and with several processes; given true where
+    it cannot run, a clear error."""
+    import torch
+
+    from specforge.eagle3.train import clips_in_adamw
+    from specforge.parallel.mesh import Dist
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    cfg = load_config("smollm2-135m")
+    assert clips_in_adamw(cfg, gpu) and not clips_in_adamw(cfg, cpu)
+    assert clips_in_adamw(load_config("smollm2-135m", overrides=["train.defer_reads=true"]), cpu)
+    assert not clips_in_adamw(load_config("smollm2-135m", overrides=["train.deterministic=true"]), gpu)
+    assert not clips_in_adamw(cfg, gpu, Dist(2, 0, 0, 2, 1, 0, 0, gpu))
+    on = load_config("smollm2-135m", overrides=["train.clip_in_adamw=true"])
+    with pytest.raises(SystemExit, match="train.clip_in_adamw=true with several processes"):
+        clips_in_adamw(on, gpu, Dist(2, 0, 0, 2, 1, 0, 0, gpu))
+    with pytest.raises(SystemExit, match="train.clip_in_adamw=true needs fused AdamW"):
+        clips_in_adamw(on, cpu)
+
+
+@pytest.mark.parametrize("scale", [3.0, 0.01], ids=["clipped", "under the limit"])
+def test_clip_in_adamw_updates_as_clip_grad_norm(scale):
+    """Fused AdamW dividing the gradients by `grad_scale` (clip_gradients(in_adamw=True)) takes the step of
+    clip_grad_norm_ then AdamW: the same norm, float32 weights and moments equal to rounding when the norm is
+    clipped (the factor travels in float32, as fused AdamW reads it), bit for bit when it is under the limit (the
+    factor is 1 both ways)."""
+    import torch
+
+    from specforge.eagle3.train import clip_gradients
+
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen) for s in ((7, 5), (11,), (3, 4, 2))]
+    grads = [scale * torch.randn(p.shape, generator=gen) for p in init]
+    result = {}
+    for in_adamw in (False, True):
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.01, fused=True)
+        for _ in range(2):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            norm = clip_gradients(opt, params, 0.5, in_adamw)
+            opt.step()
+        result[in_adamw] = norm, [p.detach() for p in params], [opt.state[p]["exp_avg_sq"] for p in params]
+    (n0, p0, v0), (n1, p1, v1) = result[False], result[True]
+    assert torch.equal(n0, n1) and (n0 > 0.5) == (scale > 1)
+    for a, b in zip(p0 + v0, p1 + v1):
+        if scale > 1:
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)  # float32 rounding, through Adam's ratio
+        else:
+            assert torch.equal(a, b)

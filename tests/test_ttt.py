@@ -307,3 +307,53 @@ def test_unroll_weights_give_the_modules_outputs_and_gradients(checkpointing):
     for n in ref_g:
         scale = ref_g[n].abs().max()
         assert (got_g[n] - ref_g[n]).abs().max() <= 0.03 * scale, n
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["kept", "recomputed"])
+def test_weight_sums_in_place_give_autograd_gradients(checkpointing):
+    """train.sum_weight_grads: the steps' matmuls add their weight gradients into one buffer per matrix. In
+    float64 the outputs are the same bits as autograd's unroll and every parameter's gradient is equal to
+    float64 rounding, with activation checkpointing too (the halves recomputed in backward)."""
+    draft, ids, aux = unroll_inputs(2, 12, seed=5, fc_norm=True, norm_output=True)
+    draft.checkpointing = checkpointing
+
+    def run(sums):
+        draft.zero_grad(set_to_none=True)
+        outs = [h for _, h in ttt_unroll(draft, ids, aux, 4, sums=sums)]
+        loss = sum((h * torch.linspace(-1, 1, h.shape[-1], dtype=torch.float64)).sin().sum() for h in outs)
+        loss.backward()
+        return torch.stack(outs).detach(), {n: p.grad.clone() for n, p in draft.named_parameters()
+                                            if p.grad is not None}
+
+    got, got_g = run(True)
+    ref, ref_g = run(False)
+    assert torch.equal(got, ref)
+    assert got_g.keys() == ref_g.keys() and len(got_g) == 15  # all but lm_head
+    for n in ref_g:
+        torch.testing.assert_close(got_g[n], ref_g[n], rtol=1e-12, atol=1e-13 * ref_g[n].abs().max().item(), msg=n)
+    with torch.no_grad():  # no autograd: plain matmuls, nothing summed
+        assert not draft.unroll_weights(sums=True).sums
+
+
+def test_weight_sums_add_in_place_with_one_rounding_per_step():
+    """The bf16 sink: the first step's product becomes the buffer and later steps add into it in place (never
+    reallocated), and its sum of seven steps is closer to the float64 sum than autograd's (each product
+    rounded to bf16, then each add rounded again)."""
+    from specforge.eagle3.grad_sums import Sink
+
+    gen = torch.Generator().manual_seed(0)
+    gs = [torch.randn(96, 48, generator=gen).bfloat16() for _ in range(7)]
+    xs = [torch.randn(96, 80, generator=gen).bfloat16() for _ in range(7)]
+    sink, autograd_sum, ptrs = Sink(), None, set()
+    for g, x in zip(gs, xs):
+        sink.add(g, x)
+        ptrs.add(sink.total.data_ptr())
+        step = g.t().mm(x)
+        autograd_sum = step if autograd_sum is None else autograd_sum + step
+    exact = sum(g.double().t() @ x.double() for g, x in zip(gs, xs))
+    assert sink.total.dtype == torch.bfloat16 and sink.total.shape == (48, 80) and len(ptrs) == 1
+    err_sink, err_autograd = (sink.total.double() - exact).norm(), (autograd_sum.double() - exact).norm()
+    assert err_sink < 0.9 * err_autograd, (err_sink, err_autograd)
+    # each step's rounding is at most half a bf16 ulp of the running sum, which is at most the sum of |products|
+    bound = 7 * 2 ** -9 * sum((g.double().t() @ x.double()).abs() for g, x in zip(gs, xs))
+    assert ((sink.total.double() - exact).abs() <= bound).all()

@@ -17,6 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRotaryEmbedd
 from ..config import DraftConfig
 from ..kernels import batch_invariant, skinny_linear
 from ..layers import RMSNorm, apply_rope, autocast_dtype, rope_cos_sin
+from . import grad_sums
 
 # attend(q [B, heads, T, D], k, v [B, kv_heads, T, D]) -> [B, heads, T, D]
 AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -104,12 +105,18 @@ class UnrollWeights(NamedTuple):
     - each step casts no weight (autocast's cast cache does not reach into torch.compile'd halves, which cast
       every weight at every step and then summed seven float32 gradients per weight in backward);
     - a step runs four matmuls instead of seven forward and eight instead of fourteen backward, and sums three
-      fewer input gradients (q, k and v each gave their input one; gate and up too)."""
+      fewer input gradients (q, k and v each gave their input one; gate and up too).
+    `sums`: the four matrices come from `grad_sums.sunk`, and the steps' matmuls sum their weight gradients in
+    place (`grad_sums`)."""
     qkv: torch.Tensor
     widths: tuple[int, int, int]
     o: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
+    sums: bool = False
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return grad_sums.linear(x, w) if self.sums else F.linear(x, w)
 
 
 class DraftLayer(nn.Module):
@@ -224,7 +231,7 @@ class Eagle3Draft(nn.Module):
         x = torch.cat([m.input_layernorm(embeds), m.hidden_norm(hidden)], dim=-1)
         if w is None:
             return m.self_attn.qkv(x, cos, sin)
-        qkv = F.linear(x, w.qkv) if isinstance(w, UnrollWeights) else skinny_linear.linear(x, w.qkv)
+        qkv = w.linear(x, w.qkv) if isinstance(w, UnrollWeights) else skinny_linear.linear(x, w.qkv)
         return m.self_attn.heads(*qkv.split(w.widths, dim=-1), cos, sin)
 
     def _after_attention(self, hidden, o, w: Optional[DecodeWeights | UnrollWeights] = None):
@@ -233,9 +240,9 @@ class Eagle3Draft(nn.Module):
             h = hidden + m.self_attn.out(o)
             return h + m.mlp(m.post_attention_layernorm(h))
         if isinstance(w, UnrollWeights):
-            h = hidden + F.linear(m.self_attn.merge(o), w.o)
-            gate, up = F.linear(m.post_attention_layernorm(h), w.gate_up).chunk(2, dim=-1)
-            return h + F.linear(m.mlp.act_fn(gate) * up, w.down)
+            h = hidden + w.linear(m.self_attn.merge(o), w.o)
+            gate, up = w.linear(m.post_attention_layernorm(h), w.gate_up).chunk(2, dim=-1)
+            return h + w.linear(m.mlp.act_fn(gate) * up, w.down)
         # the residual add and the norm in the gate/up projection's launch where the kernel serves
         norm = m.post_attention_layernorm
         gate_up, h = skinny_linear.add_norm_linear(
@@ -258,13 +265,17 @@ class Eagle3Draft(nn.Module):
         with torch.no_grad():
             return DecodeWeights(*self._joined(self.midlayer.self_attn.q_proj.weight.dtype))
 
-    def unroll_weights(self) -> UnrollWeights:
+    def unroll_weights(self, sums: bool = False) -> UnrollWeights:
         """The TTT unroll's layout of the projections (see `UnrollWeights`): made per batch, in autograd, in the
-        dtype autocast would cast the weights to (theirs without autocast)."""
+        dtype autocast would cast the weights to (theirs without autocast). `sums`: the steps' weight gradients
+        summed in place (`grad_sums`), where autograd records and the weights learn."""
         a, f = self.midlayer.self_attn, self.midlayer.mlp
         dt = autocast_dtype(a.q_proj.weight)
         qkv, widths, gate_up = self._joined(dt)
-        return UnrollWeights(qkv, widths, a.o_proj.weight.to(dt), gate_up, f.down_proj.weight.to(dt))
+        mats = (qkv, a.o_proj.weight.to(dt), gate_up, f.down_proj.weight.to(dt))
+        sums = sums and torch.is_grad_enabled() and all(m.requires_grad for m in mats)
+        qkv, o, gate_up, down = (grad_sums.sunk(m) for m in mats) if sums else mats
+        return UnrollWeights(qkv, widths, o, gate_up, down, sums)
 
     def compile_halves(self) -> None:
         """torch.compile the two halves of `layer` (training: `train.compile`). Instance attributes, so the

@@ -154,6 +154,31 @@ def defers_reads(cfg: Config, device, dist: Optional[Dist] = None) -> bool:
     return device.type == "cuda" and one
 
 
+def clips_in_adamw(cfg: Config, device, dist: Optional[Dist] = None) -> bool:
+    """train.clip_in_adamw: by default where AdamW is fused (a GPU, or deferred reads) and the weights are whole
+    (one process), unless train.deterministic (whose bits stay those of clip_grad_norm_)."""
+    fused = device.type == "cuda" or defers_reads(cfg, device, dist)  # as `_train` makes AdamW
+    if cfg.train.clip_in_adamw is not None:
+        if cfg.train.clip_in_adamw and not (dist is None or dist.world == 1):
+            raise SystemExit("train.clip_in_adamw=true with several processes: not supported; leave it unset")
+        if cfg.train.clip_in_adamw and not fused:
+            raise SystemExit("train.clip_in_adamw=true needs fused AdamW: a GPU, or train.defer_reads=true")
+        return cfg.train.clip_in_adamw
+    return fused and (dist is None or dist.world == 1) and not cfg.train.deterministic
+
+
+def clip_gradients(opt, params: list, max_norm: float, in_adamw: bool) -> torch.Tensor:
+    """The gradients' global norm; the gradients scaled to norm `max_norm` where it is larger. `in_adamw`: by fused
+    AdamW as it reads them (it divides them by `opt.grad_scale`), which saves clip_grad_norm_'s separate pass
+    over them (a read and a write of 1.7 GB a step on the 8B shape); the same math, rounded apart (a division by
+    the inverse factor instead of a multiplication). Else in place (clip_grad_norm_)."""
+    if not in_adamw:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    opt.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0)  # 1 / clip_grad_norm_'s factor
+    return norm
+
+
 def apply_update(opt, loss: torch.Tensor, grad_norm: torch.Tensor, defer: bool) -> torch.Tensor | bool:
     """AdamW's step unless the loss or the gradient is non-finite (then the weights stay those of the last good
     step); returns whether it was finite. Deferred: decided on the device through fused AdamW's found_inf
@@ -180,6 +205,20 @@ class Launched:
     stats: list
     finite: torch.Tensor | bool
     tokens: int
+
+
+# Drafts at least this wide (hidden size) sum their weight gradients in place by default: the 8B shape's step
+# gains 2.5% (its matrices are 486 MB in bf16); the 135M shape's loses about 20% (its step waits on the host,
+# and each summing matmul breaks the compiled halves). H100, docs/benchmarks.md, 2026-12-06.
+SUM_WEIGHT_GRADS_MIN_WIDTH = 2048
+
+
+def sums_weight_grads(cfg: Config, device, width: int) -> bool:
+    """train.sum_weight_grads: by default on a GPU for drafts of hidden size `width` >= SUM_WEIGHT_GRADS_MIN_WIDTH,
+    unless train.deterministic (whose bits stay those of autograd's sums)."""
+    if cfg.train.sum_weight_grads is not None:
+        return cfg.train.sum_weight_grads
+    return device.type == "cuda" and not cfg.train.deterministic and width >= SUM_WEIGHT_GRADS_MIN_WIDTH
 
 
 def compiles_target(cfg: Config, device, dist: Optional[Dist] = None) -> bool:
@@ -282,7 +321,8 @@ def run_batch(cfg: Config, draft, features, head: TargetHead, draft_ids, batch, 
                      cfg.train.step_weight, cfg.train.mask_out_of_vocab, fused=cfg.train.fused_loss,
                      loss_chunk=cfg.train.loss_chunk, loss_recompute=cfg.train.loss_recompute,
                      attention=cfg.train.attention, denominators=denominators, doc_ids=batch.doc_ids,
-                     position_ids=batch.position_ids, tv_weight=cfg.train.tv_weight, index=index)
+                     position_ids=batch.position_ids, tv_weight=cfg.train.tv_weight, index=index,
+                     sum_weight_grads=sums_weight_grads(cfg, device, draft.config.hidden_size))
 
 
 def global_stats(loss: torch.Tensor, stats: list, dist: Optional[Dist]):
@@ -437,6 +477,7 @@ def _train(cfg: Config) -> Path:
     total = cfg.train.max_steps or source.steps_per_epoch() * cfg.train.epochs
     params = [p for p in draft.parameters() if p.requires_grad]
     defer = defers_reads(cfg, device, dist)
+    clip_in_adamw = clips_in_adamw(cfg, device, dist)
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
                             weight_decay=cfg.train.weight_decay, fused=device.type == "cuda" or defer)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total))
@@ -480,7 +521,7 @@ def _train(cfg: Config) -> Path:
         batch = dp_rows(batch, dist)  # run_batch moves it to the device
         loss, stats = run_batch(cfg, draft, features, head, draft_ids, batch, device, dist=dist)
         backward(loss, dist)
-        grad_norm = replicated(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip))  # global norm
+        grad_norm = replicated(clip_gradients(opt, params, cfg.train.grad_clip, clip_in_adamw))  # global norm
         loss, stats = global_stats(loss.detach(), stats, dist)  # the same on every rank
         finite = apply_update(opt, loss, grad_norm, defer)
         with warnings.catch_warnings():  # a skipped update still uses up its step of the schedule

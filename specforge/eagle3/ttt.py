@@ -123,14 +123,15 @@ class TTTAttention:
 
 def ttt_unroll(draft: Eagle3Draft, input_ids: torch.Tensor, aux_hidden: torch.Tensor, steps: int,
                attention: str = "auto", doc_ids: torch.Tensor | None = None,
-               position_ids: torch.Tensor | None = None):
+               position_ids: torch.Tensor | None = None, sums: bool = False):
     """Yields (k, hidden_k) for k = 0..steps-1; hidden_k[:, t] is the draft's state for the token it
     predicts at position t + 2 + k. Logits are `draft.logits(hidden_k)`. `attention`: the TTTAttention
     impl ("auto", "sdpa", "flex", "reference"). Packed rows pass `doc_ids` and the per-conversation
-    `position_ids` (rope position at step k: position_ids + k)."""
+    `position_ids` (rope position at step k: position_ids + k). `sums`: the steps' weight gradients summed in
+    place (`grad_sums`, train.sum_weight_grads)."""
     b, t = input_ids.shape
     hidden = draft.project(aux_hidden)
-    weights = draft.unroll_weights()  # cast and laid out once for all the steps
+    weights = draft.unroll_weights(sums)  # cast and laid out once for all the steps
     attend = TTTAttention(attention, doc_ids)
     positions = position_ids if position_ids is not None else \
         torch.arange(t, device=input_ids.device).unsqueeze(0).expand(b, t)
@@ -165,7 +166,7 @@ def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tenso
              fused: bool = True, loss_chunk: int | None = None, loss_recompute: bool = False,
              attention: str = "auto", denominators: torch.Tensor | None = None,
              doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-             tv_weight: float = 0.0, index: Scored | None = None):
+             tv_weight: float = 0.0, index: Scored | None = None, sum_weight_grads: bool = False):
     """Weighted TTT loss and per-step statistics.
 
     Position t at step k is scored when token t+2+k is an assistant token (loss_mask). Accuracy counts
@@ -183,7 +184,8 @@ def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tenso
     `tv_weight` > 0: each row's loss adds that times its total variation from the target (one minus its
     expected acceptance; `soft_ce_reference`), which only the unfused path computes, so it takes that path.
     `index`: the batch's `scored_index(loss_mask, doc_ids, steps)` on this device; without it each step finds its
-    positions with `nonzero` (the same positions, one host wait per step)."""
+    positions with `nonzero` (the same positions, one host wait per step). `sum_weight_grads`: see `ttt_unroll`'s
+    `sums`."""
     # The target at position p predicts token p+1: score p when token p+1 is in the loss mask.
     pred_mask = next_token_mask(loss_mask, doc_ids) if index is None else None
     in_vocab = draft.t2d[labels.argmax]
@@ -194,7 +196,8 @@ def ttt_loss(draft: Eagle3Draft, input_ids: torch.Tensor, loss_mask: torch.Tenso
     head_grad = HeadGrad(head) if share else None
     total = 0.0
     stats: list[StepStats] = []
-    for k, hidden in ttt_unroll(draft, input_ids, aux_hidden, steps, attention, doc_ids, position_ids):
+    for k, hidden in ttt_unroll(draft, input_ids, aux_hidden, steps, attention, doc_ids, position_ids,
+                                sum_weight_grads):
         # Only scored positions go through norm + lm_head: the [tokens, draft_vocab] logits are the
         # largest tensors of the step, and padding and prompt tokens need none.
         rows = index.steps[k] if index is not None else step_mask(pred_mask, k, doc_ids).nonzero(as_tuple=True)
