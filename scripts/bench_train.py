@@ -196,6 +196,13 @@ MARK = "spin_kernel("
 PHASES = ("target", "draft fwd+loss", "backward", "optimizer")
 
 
+def phase_after(seen: int, phases=PHASES) -> str:
+    """The phase a kernel belongs to after `seen` marks (of a step's len(phases) + 1): "before" any mark, the
+    phase whose mark came last, or "between steps" after a step's closing mark."""
+    slot = (seen - 1) % (len(phases) + 1)
+    return "before" if seen == 0 else phases[slot] if slot < len(phases) else "between steps"
+
+
 def phase_split(kernels, phases=PHASES, mark: str = MARK, key=kernel_kind):
     """`kernels`: (name, start, duration) of a profile's GPU kernels, the `mark` kernels included. Returns
     {phase: {key(name): [duration, count]}} (by default by kind of kernel): a kernel belongs to the phase whose
@@ -207,9 +214,7 @@ def phase_split(kernels, phases=PHASES, mark: str = MARK, key=kernel_kind):
         if mark in name:
             seen += 1
             continue
-        slot = (seen - 1) % (len(phases) + 1)
-        phase = "before" if seen == 0 else phases[slot] if slot < len(phases) else "between steps"
-        cell = out[phase][key(name)]
+        cell = out[phase_after(seen, phases)][key(name)]
         cell[0] += dur
         cell[1] += 1
     return out
@@ -226,8 +231,7 @@ def idle_gaps(kernels, phases=PHASES, mark: str = MARK, top: int = 6, skip_steps
     seen, end, before = 0, None, None
     for name, start, dur in sorted(kernels, key=lambda k: k[1]):
         seen += mark in name  # a mark opens the next phase, and the wait for it belongs there
-        slot = (seen - 1) % (len(phases) + 1)
-        phase = "before" if seen == 0 else phases[slot] if slot < len(phases) else "between steps"
+        phase = phase_after(seen, phases)
         if end is not None and start > end and seen > skip_steps * (len(phases) + 1):
             idle[phase] += start - end
             gaps.append((start - end, phase, before, name))

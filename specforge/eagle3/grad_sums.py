@@ -9,8 +9,8 @@ and one rounding per step. On the 8B shape the summed matrices are 243M entries 
 times a step.
 
 Two autograd functions carry it:
-- `sunk(w, sink)`, once per batch: `w` itself, whose backward hands on the sum that the steps left in
-  `sink` (it runs after every step's backward, as the steps all read its output);
+- `sunk(w)`, once per batch: `w` itself with a `Sink` attached, whose backward hands on the sum that the steps
+  left in the sink (it runs after every step's backward, as the steps all read its output);
 - `linear(x, w)`, per step: `F.linear`, whose backward adds its weight gradient to `w`'s sink and returns
   none for `w`.
 `linear` runs outside torch.compile (a graph break in the compiled halves): a compiled backward cannot
